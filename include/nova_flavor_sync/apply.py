@@ -1,0 +1,181 @@
+"""Carry out a Plan (or a restore) in batches of compare-and-swap writes; never prints.
+
+Each batch re-reads its rows, writes only those that still hold the exact bytes they were
+planned from, and is retried as a whole after a deadlock, lock wait timeout or lost
+connection. A retry is safe because it starts from a fresh read: a row that already has
+its new bytes (the lost COMMIT went through after all) counts as updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from nova_flavor_sync.db import NovaApiDb, SpecWrite, retryable_reason
+from nova_flavor_sync.errors import ApplyAbortedError
+from nova_flavor_sync.plan import Plan, RowChange
+from nova_flavor_sync.spec_json import SpecShapeError, rewrite_extra_specs, sha256_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RowTarget:
+    """A row to move from the bytes hashing to ``expected_sha256`` to those hashing to ``new_sha256``."""
+
+    id: int
+    expected_sha256: str
+    new_sha256: str
+    build: Callable[[str], str]  # current spec text -> new spec text
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a failing batch is tried again."""
+
+    attempts: int = 5
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.first_delay_s * 2 ** (attempt - 1), self.max_delay_s)
+
+
+@dataclass
+class ApplyResult:
+    """What happened to each row a run tried to write."""
+
+    updated: list[int] = field(default_factory=list)
+    already: list[int] = field(default_factory=list)  # had the new bytes before we wrote
+    conflicts: list[int] = field(default_factory=list)  # changed since planned: not written
+    gone: list[int] = field(default_factory=list)  # deleted since planned
+    errors: dict[int, str] = field(default_factory=dict)
+    batches: int = 0
+    retries: int = 0
+
+    def add(self, other: ApplyResult) -> None:
+        self.updated += other.updated
+        self.already += other.already
+        self.conflicts += other.conflicts
+        self.gone += other.gone
+        self.errors.update(other.errors)
+        self.batches += other.batches
+        self.retries += other.retries
+
+
+def sync_targets(changes: Iterable[RowChange]) -> list[RowTarget]:
+    """The writes a sync plan asks for: rebuild each row's text with its target extra specs."""
+    writers: dict[int, Callable[[str], str]] = {}  # one per shared SpecDiff
+    targets = []
+    for change in changes:
+        writer = writers.get(id(change.diff))
+        if writer is None:
+            writer = writers[id(change.diff)] = _extra_specs_writer(dict(change.diff.target_extra_specs))
+        targets.append(RowTarget(change.id, change.old_sha256, change.new_sha256, writer))
+    return targets
+
+
+def apply_plan(
+    db: NovaApiDb,
+    plan: Plan,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    exclude_ids: Iterable[int] = (),
+    progress: Callable[[ApplyResult, int], None] | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> ApplyResult:
+    """Write every change of the plan; rows in ``exclude_ids`` are reported as conflicts."""
+    excluded = set(exclude_ids)
+    changes = [c for c in plan.changes if c.id not in excluded]
+    batches = (sync_targets(changes[i : i + batch_size]) for i in range(0, len(changes), batch_size))
+    result = apply_batches(db, batches, total=len(changes), progress=progress, retry=retry)
+    result.conflicts = sorted(excluded & {c.id for c in plan.changes}) + result.conflicts
+    return result
+
+
+def apply_batches(
+    db: NovaApiDb,
+    batches: Iterable[Sequence[RowTarget]],
+    *,
+    total: int,
+    progress: Callable[[ApplyResult, int], None] | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> ApplyResult:
+    """Apply batch after batch, each one short transaction; ``total`` is for progress."""
+    result = ApplyResult()
+    for batch in batches:
+        result.add(apply_batch(db, batch, retry=retry))
+        if progress is not None:
+            progress(result, total)
+    return result
+
+
+def apply_batch(
+    db: NovaApiDb,
+    batch: Sequence[RowTarget],
+    *,
+    retry: RetryPolicy = RetryPolicy(),
+    sleep: Callable[[float], None] = time.sleep,
+) -> ApplyResult:
+    """Re-read, compare, write one batch; retry it whole on transient database errors."""
+    label = f"rows {batch[0].id}-{batch[-1].id}" if batch else "empty batch"
+    retries = 0
+    while True:
+        try:
+            outcome = _try_batch(db, batch)
+            outcome.batches, outcome.retries = 1, retries
+            return outcome
+        except Exception as exc:
+            reason = retryable_reason(exc)
+            if reason is None:
+                raise
+            retries += 1
+            if retries >= retry.attempts:
+                raise ApplyAbortedError(
+                    f"batch of {label} failed {retries} times ({reason}); stopped. Batches "
+                    "before it are written in full, this one and the rest not at all: "
+                    "run again to finish"
+                ) from None
+            delay = retry.delay(retries)
+            log.warning("Batch of %s: %s; retry %d of %d in %.1f s", label, reason, retries, retry.attempts - 1, delay)
+            sleep(delay)
+            db.reopen_quietly()
+
+
+def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget]) -> ApplyResult:
+    outcome = ApplyResult()
+    current = db.read_specs([t.id for t in batch])
+    writes: list[SpecWrite] = []
+    for target in batch:
+        if target.id not in current:
+            outcome.gone.append(target.id)
+            continue
+        text = current[target.id][1]
+        sha = sha256_text(text)
+        if sha == target.new_sha256:
+            outcome.already.append(target.id)
+        elif sha != target.expected_sha256:
+            outcome.conflicts.append(target.id)
+        else:
+            try:
+                new_text = target.build(text)
+            except SpecShapeError as exc:
+                outcome.errors[target.id] = str(exc)
+                continue
+            if sha256_text(new_text) != target.new_sha256:
+                # Same input bytes, same target: only a changed flavor target could do this.
+                outcome.errors[target.id] = "rebuilt spec differs from the planned one; not written"
+                continue
+            writes.append(SpecWrite(target.id, sha, new_text, target.new_sha256))
+    written = db.write_specs(writes)
+    for write in writes:
+        (outcome.updated if write.id in written else outcome.conflicts).append(write.id)
+    return outcome
+
+
+def _extra_specs_writer(target: dict[str, str]) -> Callable[[str], str]:
+    return lambda text: rewrite_extra_specs(text, target)

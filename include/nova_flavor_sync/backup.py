@@ -1,0 +1,278 @@
+"""Backup files: written atomically before the first write, checked before a restore.
+
+A backup is one JSON document, written as a stream so memory does not grow with it::
+
+    {"format": "nova-flavor-sync-backup", "format_version": 1, "created_at": ..., "database": {...},
+     "plan_digest": ..., "scope": {...}, "records": [
+    {"id": 7, "instance_uuid": ..., "spec": ..., "updated_at": ..., "sha256": ..., "new_sha256": ...},
+    ...
+    ], "record_count": 2, "checksum": "sha256:<hex>"}
+
+``checksum`` is the sha256 of every byte of the file before ``, "checksum"``. Each record's
+``sha256`` is that of its ``spec``; ``new_sha256`` is what the sync planned to write there
+(null for a row it does not change), so a restore can tell "still as the sync left it".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from nova_flavor_sync.errors import BackupError
+from nova_flavor_sync.spec_json import sha256_text
+
+FORMAT = "nova-flavor-sync-backup"
+FORMAT_VERSION = 1
+DEFAULT_BACKUP_DIR = Path("~/.nova-flavor-fixes/backups")
+FILE_PREFIX = "request_specs_"
+_RECORDS_OPEN = b', "records": [\n'
+_CHECKSUM_KEY = b', "checksum": "'
+
+
+@dataclass(frozen=True, slots=True)
+class BackupRecord:
+    """One request_specs row as it was before the sync."""
+
+    id: int
+    instance_uuid: str
+    spec: str
+    updated_at: str | None  # "YYYY-mm-dd HH:MM:SS" (UTC, as stored) or None
+    sha256: str
+    new_sha256: str | None  # what the sync writes over it; None if the plan leaves it
+
+    @classmethod
+    def of_row(
+        cls, row_id: int, instance_uuid: str, spec: str, updated_at: datetime | None, new_sha256: str | None
+    ) -> BackupRecord:
+        stamp = updated_at.strftime("%Y-%m-%d %H:%M:%S") if updated_at else None
+        return cls(row_id, instance_uuid, spec, stamp, sha256_text(spec), new_sha256)
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    """A backup's header and trailer: what ``--list-backups`` shows."""
+
+    path: Path
+    created_at: str
+    database: dict[str, Any]
+    plan_digest: str
+    scope: dict[str, Any]
+    record_count: int
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A backup file that passed every check, with its records."""
+
+    info: BackupInfo
+    records: list[BackupRecord]
+
+
+def private_dir(directory: Path) -> Path:
+    """Create ``directory`` (mode 0700) or check that an existing one is private."""
+    directory = directory.expanduser()
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    try:
+        for path in reversed(missing):
+            path.mkdir(mode=0o700)
+    except OSError as exc:
+        raise BackupError(f"cannot create backup directory {directory}: {exc.strerror}") from None
+    mode = directory.stat().st_mode
+    if not stat.S_ISDIR(mode):
+        raise BackupError(f"backup directory {directory} is not a directory")
+    if mode & 0o077:
+        raise BackupError(
+            f"backup directory {directory} can be read by others (mode {stat.S_IMODE(mode):04o}); "
+            f"backups hold every instance's request spec: use a private one (chmod 700 {directory})"
+        )
+    return directory
+
+
+def write_backup(
+    directory: Path,
+    records: Iterable[BackupRecord],
+    *,
+    database: Mapping[str, Any],
+    plan_digest: str,
+    scope: Mapping[str, Any],
+    now: datetime | None = None,
+) -> BackupInfo:
+    """Write records to a new backup file atomically: temp file, fsync, rename, fsync dir."""
+    directory = private_dir(directory)
+    now = now or datetime.now(timezone.utc)
+    path = _unused_path(directory, now)
+    tmp = path.with_name(f".{path.name}.tmp")
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "database": dict(database),
+        "plan_digest": plan_digest,
+        "scope": dict(scope),
+    }
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            count = _write_document(out, header, records)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BackupError(f"cannot write backup {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return BackupInfo(path, header["created_at"], header["database"], plan_digest, header["scope"], count)
+
+
+def load_backup(path: Path) -> Backup:
+    """Read a backup and check all of it; raise BackupError saying what is wrong."""
+    data = _read(path)
+    try:
+        document = json.loads(data)
+    except ValueError:
+        raise BackupError(f"backup {path} is damaged or truncated: not valid JSON") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise BackupError(f"{path} is not a nova-flavor-sync backup")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise BackupError(
+            f"backup {path} has format version {document.get('format_version')!r}; "
+            f"this tool reads version {FORMAT_VERSION}"
+        )
+    cut = data.rfind(_CHECKSUM_KEY)
+    expected = "sha256:" + hashlib.sha256(data[:cut]).hexdigest()
+    if cut < 0 or document.get("checksum") != expected:
+        raise BackupError(f"backup {path} fails its checksum: it was changed or damaged after it was written")
+    records = [_record(path, i, raw) for i, raw in enumerate(_list(path, document, "records"))]
+    if document.get("record_count") != len(records):
+        raise BackupError(f"backup {path} says {document.get('record_count')} records but holds {len(records)}")
+    return Backup(_info(path, document, len(records)), records)
+
+
+def check_same_database(info: BackupInfo, current: Mapping[str, Any]) -> None:
+    """Refuse a backup taken from another database (host names may differ: a VIP, a node)."""
+    taken = info.database
+    if taken.get("schema") != current.get("schema"):
+        raise BackupError(
+            f"backup {info.path.name} is of schema {taken.get('schema')!r}, this is {current.get('schema')!r}"
+        )
+    for keys in (("galera_cluster_uuid",), ("server_uuid",), ("server_hostname", "server_port", "server_id")):
+        theirs, ours = [taken.get(k) for k in keys], [current.get(k) for k in keys]
+        if all(v is not None for v in theirs + ours):
+            if theirs != ours:
+                raise BackupError(
+                    f"backup {info.path.name} was taken on another server "
+                    f"({', '.join(f'{k}={v}' for k, v in zip(keys, theirs))}); this is "
+                    f"{', '.join(f'{k}={v}' for k, v in zip(keys, ours))}"
+                )
+            return
+    raise BackupError(f"backup {info.path.name} does not say which server it was taken on")
+
+
+def list_backups(directory: Path) -> list[BackupInfo | tuple[Path, str]]:
+    """Every backup in the directory, newest last; a damaged one as ``(path, problem)``."""
+    directory = directory.expanduser()
+    if not directory.is_dir():
+        return []
+    found: list[BackupInfo | tuple[Path, str]] = []
+    for path in sorted(directory.glob(f"{FILE_PREFIX}*.json")):
+        try:
+            found.append(read_backup_info(path))
+        except BackupError as exc:
+            found.append((path, str(exc)))
+    return found
+
+
+def read_backup_info(path: Path) -> BackupInfo:
+    """Header and record count from the first and last lines, without reading the records."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline()
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 256))
+            last = handle.read().splitlines()[-1]
+        header = json.loads(first.removesuffix(b"\n").removesuffix(_RECORDS_OPEN.rstrip(b"\n")) + b"}")
+        trailer = json.loads(b"{" + last.removeprefix(b"], "))
+    except (OSError, ValueError, IndexError):
+        raise BackupError(f"{path.name}: damaged or not a backup") from None
+    if header.get("format") != FORMAT:
+        raise BackupError(f"{path.name}: not a nova-flavor-sync backup")
+    return _info(path, {**header, **trailer}, trailer.get("record_count", 0))
+
+
+def _write_document(out: BinaryIO, header: dict[str, Any], records: Iterable[BackupRecord]) -> int:
+    digest = hashlib.sha256()
+
+    def emit(chunk: bytes) -> None:
+        digest.update(chunk)
+        out.write(chunk)
+
+    emit(json.dumps(header).encode()[:-1] + _RECORDS_OPEN)
+    count = 0
+    for record in records:
+        emit((b",\n" if count else b"") + json.dumps(asdict(record)).encode())
+        count += 1
+    emit(f'\n], "record_count": {count}'.encode())
+    out.write(_CHECKSUM_KEY + f'sha256:{digest.hexdigest()}"}}\n'.encode())
+    return count
+
+
+def _unused_path(directory: Path, now: datetime) -> Path:
+    stem = f"{FILE_PREFIX}{now.strftime('%Y%m%d_%H%M%S')}"
+    path, n = directory / f"{stem}.json", 1
+    while path.exists():  # two runs in one second: never overwrite a backup
+        path, n = directory / f"{stem}_{n}.json", n + 1
+    return path
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BackupError(f"backup {path} does not exist") from None
+    except IsADirectoryError:
+        raise BackupError(f"backup {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise BackupError(f"cannot read backup {path}: {exc.strerror}") from None
+
+
+def _list(path: Path, document: dict[str, Any], key: str) -> list[Any]:
+    value = document.get(key)
+    if not isinstance(value, list):
+        raise BackupError(f"backup {path} has no {key} list")
+    return value
+
+
+def _record(path: Path, index: int, raw: Any) -> BackupRecord:
+    fields = {"id": int, "instance_uuid": str, "spec": str, "sha256": str}
+    if not isinstance(raw, dict) or any(not isinstance(raw.get(k), t) for k, t in fields.items()):
+        raise BackupError(f"backup {path}: record {index} is malformed")
+    if sha256_text(raw["spec"]) != raw["sha256"]:
+        raise BackupError(f"backup {path}: record {index} (id {raw['id']}) does not match its sha256")
+    return BackupRecord(
+        raw["id"], raw["instance_uuid"], raw["spec"], raw.get("updated_at"), raw["sha256"], raw.get("new_sha256")
+    )
+
+
+def _info(path: Path, document: dict[str, Any], count: int) -> BackupInfo:
+    return BackupInfo(
+        path=Path(path),
+        created_at=str(document.get("created_at", "")),
+        database=dict(document.get("database") or {}),
+        plan_digest=str(document.get("plan_digest", "")),
+        scope=dict(document.get("scope") or {}),
+        record_count=count,
+    )
+

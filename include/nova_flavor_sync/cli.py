@@ -1,0 +1,281 @@
+"""nova-flavor-sync: find and fix stale flavor extra specs in Nova's RequestSpecs.
+
+Dry run by default: nothing is written without ``--run``.
+
+Return codes (the same for every mode):
+
+* 0: in sync, or applied and verified
+* 1: unexpected error (the log file has the trace)
+* 2: bad usage (flags or flag values)
+* 3: changes pending (dry run, ``--verify``, restore without ``--run``)
+* 4: refused before writing (connection, schema, bad or foreign backup, plan changed)
+* 5: done, but with conflicts, row errors or a stop partway: run again
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nova_flavor_sync import report, service
+from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE, ApplyResult
+from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, list_backups, private_dir
+from nova_flavor_sync.db import NovaApiDb
+from nova_flavor_sync.dburl import redact_url, resolve_db_params
+from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError
+from nova_flavor_sync.plan import Plan
+
+PROG = "nova-flavor-sync"
+DEFAULT_LOG_FILE = Path("~/.nova-flavor-fixes/nova-flavor-sync.log")
+log = logging.getLogger("nova_flavor_sync")
+
+
+class PlanChangedError(NovaFlavorSyncError):
+    """--plan-digest names a plan that is no longer what the database holds."""
+
+    exit_code = ExitCode.REFUSED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Find request specs whose flavor copy is stale and rewrite only their extra_specs. "
+        "Dry run unless --run is given.",
+        epilog="Return codes: 0 in sync/done, 1 unexpected error, 2 bad usage, 3 changes pending, "
+        "4 refused before writing, 5 conflicts or row errors (run again).",
+    )
+    where = parser.add_argument_group("database (one of; default /etc/nova/nova.conf)")
+    where.add_argument("--db-url", help="mysql+pymysql://user:pass@host:port/nova_api (or env NOVA_API_DB_URL)")
+    where.add_argument("--nova-conf", metavar="FILE", help="read [api_database] connection from this nova.conf")
+
+    mode = parser.add_argument_group("what to do (default: dry run)")
+    mode.add_argument("--run", action="store_true", help="write the changes (with --restore: restore)")
+    mode.add_argument("--verify", action="store_true", help="only check for drift; minimal output")
+    mode.add_argument("--restore", metavar="FILE", type=Path, help="put back the rows saved in this backup")
+    mode.add_argument("--list-backups", action="store_true", help="list backups in --backup-dir")
+    mode.add_argument("--force", action="store_true", help="with --restore: also restore rows changed since the sync")
+    mode.add_argument("--plan-digest", metavar="DIGEST", help="with --run: refuse unless the plan is still this one")
+
+    scope = parser.add_argument_group("scope (repeatable; default everything)")
+    scope.add_argument("--flavor", action="append", default=[], metavar="FLAVOR",
+                       help="flavor id, name or flavorid (or id:N, name:X, flavorid:X)")
+    scope.add_argument("--instance", action="append", default=[], metavar="UUID", help="instance UUID")
+    scope.add_argument("--key-prefix", action="append", default=[], metavar="PREFIX",
+                       help="only extra spec keys starting with PREFIX")
+    scope.add_argument("--all-keys", action="store_true",
+                       help="also sync keys that change placement allocations or NUMA/PCI topology")
+
+    options = parser.add_argument_group("options")
+    options.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE,
+                         help=f"rows per write transaction (1-{service.MAX_BATCH_SIZE}, default {DEFAULT_BATCH_SIZE})")
+    options.add_argument("--backup-dir", type=Path, default=DEFAULT_BACKUP_DIR, help="default %(default)s")
+    options.add_argument("--no-backup", action="store_true", help="write without a backup file first")
+    options.add_argument("--backup-all", action="store_true", help="back up every row read, not only changed ones")
+    options.add_argument("--log-file", type=Path, default=DEFAULT_LOG_FILE, help="default %(default)s")
+    options.add_argument("--verbose", "-v", action="store_true", help="show every instance's changes and progress")
+    options.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and refuse flag combinations before anything is opened (exit 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    modes = [name for name in ("verify", "restore", "list_backups") if getattr(args, name)]
+    scoped = args.flavor or args.instance or args.key_prefix or args.all_keys
+    problems = [
+        (len(modes) > 1, "use only one of --verify, --restore and --list-backups"),
+        (args.run and (args.verify or args.list_backups), "--run cannot be used with --verify or --list-backups"),
+        (args.force and not args.restore, "--force is only for --restore"),
+        (args.plan_digest and (not args.run or args.restore), "--plan-digest goes with --run (not --restore)"),
+        (bool(scoped) and bool(args.restore or args.list_backups),
+         "--flavor, --instance, --key-prefix and --all-keys do not apply to --restore or --list-backups"),
+        (args.no_backup and args.backup_all, "--no-backup and --backup-all contradict each other"),
+        (args.db_url is not None and args.nova_conf is not None, "use one of --db-url and --nova-conf"),
+    ]
+    for failed, message in problems:
+        if failed:
+            parser.error(message)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        _set_up_logging(args.log_file.expanduser(), verbose=args.verbose)
+    except ConfigError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        return _run(args, argv)
+    except NovaFlavorSyncError as exc:
+        log.debug("Stopped", exc_info=True)
+        log.error("%s", exc)
+        return exc.exit_code
+    except Exception:
+        if args.debug:
+            raise
+        log.debug("Unexpected error", exc_info=True)
+        log.error("Unexpected error, see %s for the full trace", args.log_file)
+        return ExitCode.UNEXPECTED
+    finally:
+        logging.shutdown()
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.list_backups:
+        for line in report.backup_list_lines(list_backups(args.backup_dir), args.backup_dir.expanduser()):
+            log.info("%s", line)
+        return ExitCode.OK
+    params, source = resolve_db_params(args.db_url, args.nova_conf, os.environ)
+    log.debug("Database %s (from %s)", params.safe_url(), source)
+    with service.connect(params) as db:
+        if args.restore:
+            return _restore(db, args)
+        return _sync(db, args, argv)
+
+
+def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
+    flavors, scope = service.resolve_scope(
+        db,
+        flavor_selectors=args.flavor,
+        instance_uuids=args.instance,
+        key_prefixes=args.key_prefix,
+        all_keys=args.all_keys,
+    )
+    if args.run and not args.no_backup:
+        private_dir(args.backup_dir)  # refuse a bad backup directory before reading everything
+    plan = service.make_plan(db, scope, flavors=flavors)
+    if args.verify:
+        _log_lines(report.summary_lines(plan)[:1])
+        _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
+        return _pending_code(plan)
+
+    _log_lines(report.plan_lines(plan, verbose=args.verbose))
+    _log_lines(report.summary_lines(plan))
+    if not args.run:
+        _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
+        if plan.changes:
+            log.info("DRY RUN: nothing was written. To apply exactly this plan:")
+            log.info("  %s", _command_line(argv, "--run", "--plan-digest", plan.digest))
+        else:
+            log.info("DRY RUN: nothing to change.")
+        return _pending_code(plan)
+
+    if args.plan_digest and args.plan_digest != plan.digest:
+        raise PlanChangedError(
+            f"the plan is no longer {args.plan_digest} (now {plan.digest}): the data changed since "
+            "that dry run. Nothing was written; run the dry run again and check it"
+        )
+    if not plan.changes:
+        _log_lines([report.summary_line(0, plan.skipped, len(plan.errors))])
+        return ExitCode.INCOMPLETE if plan.errors else ExitCode.OK
+
+    excluded: list[int] = []
+    if args.no_backup:
+        log.warning("--no-backup: writing without a backup file")
+    else:
+        backup = service.back_up(db, plan, args.backup_dir, backup_all=args.backup_all)
+        excluded = backup.diverged
+    result = service.apply_plan(
+        db, plan, batch_size=args.batch_size, exclude_ids=excluded, progress=_progress if args.verbose else None
+    )
+    conflicts = service.explain_conflicts(db, plan, result.conflicts)
+    _log_lines(report.apply_lines(result, conflicts))
+
+    after = service.verify(db, scope)
+    log.info("Verify: %d request specs still out of sync in scope", len(after.changes))
+    if after.changes and not result.conflicts:
+        log.error("Drift remains although no conflicts were seen: run --verify --verbose and report it")
+    errors = len(plan.errors) + len(result.errors)
+    written = len(result.updated) + len(result.already)
+    _log_lines([report.summary_line(written, plan.rows_read - written - errors, errors)])
+    if result.conflicts or errors or after.changes:
+        return ExitCode.INCOMPLETE
+    return ExitCode.OK
+
+
+def _restore(db: NovaApiDb, args: argparse.Namespace) -> int:
+    result = service.restore(db, args.restore, run=args.run, force=args.force, batch_size=args.batch_size)
+    _log_lines(report.restore_lines(result, verbose=args.verbose))
+    if not args.run:
+        log.info("DRY RUN: nothing was written. To restore: %s", _command_line(argv, "--run"))
+        return ExitCode.DRIFT if result.restored else ExitCode.OK
+    if result.errors or result.not_verified:
+        return ExitCode.INCOMPLETE
+    return ExitCode.OK
+
+
+def _pending_code(plan: Plan) -> int:
+    if plan.changes:
+        return ExitCode.DRIFT
+    return ExitCode.INCOMPLETE if plan.errors else ExitCode.OK
+
+
+def _command_line(argv: list[str], *more: str) -> str:
+    """This command with ``more`` arguments added, any password masked, ready to paste."""
+    shown, mask_next = [], False
+    for arg in argv:
+        if mask_next:
+            arg, mask_next = redact_url(arg), False
+        elif arg == "--db-url":
+            mask_next = True
+        elif arg.startswith("--db-url="):
+            arg = "--db-url=" + redact_url(arg.split("=", 1)[1])
+        shown.append(arg)
+    return shlex.join([PROG, *shown, *more])
+
+
+def _progress(result: ApplyResult, total: int) -> None:
+    done = len(result.updated) + len(result.already) + len(result.conflicts) + len(result.gone) + len(result.errors)
+    log.info("Progress: %d/%d rows (%d updated)", done, total, len(result.updated))
+
+
+def _log_lines(lines: Sequence[str]) -> None:
+    for line in lines:
+        log.info("%s", line)
+
+
+def _batch_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= size <= service.MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {service.MAX_BATCH_SIZE}")
+    return size
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _set_up_logging(log_file: Path, *, verbose: bool) -> None:
+    """INFO and WARNING to stdout, ERROR to stderr, everything to the log file."""
+    try:
+        if not log_file.parent.exists():
+            private_dir(log_file.parent)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # new log: 0600
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    except (OSError, NovaFlavorSyncError) as exc:
+        raise ConfigError(f"cannot write the log file {log_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    formatter = logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_BelowError())
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.ERROR)
+    file_handler.setLevel(logging.DEBUG)
+    out.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.handlers.clear()
+    for handler in (out, err, file_handler):
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False

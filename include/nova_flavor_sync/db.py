@@ -1,0 +1,332 @@
+"""All of the engine's SQL: connect, check the schema, read in keyset pages, CAS writes.
+
+Reads run in autocommit mode, so no read holds a snapshot (or an InnoDB purge back) while
+the run goes on. Each write batch is one short transaction of compare-and-swap UPDATEs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pymysql
+from pymysql.constants import ER
+
+from nova_flavor_sync.dburl import DbParams
+from nova_flavor_sync.errors import DatabaseUnavailableError, SchemaError
+from nova_flavor_sync.plan import Flavor, SpecRow
+
+log = logging.getLogger(__name__)
+
+# What the tool reads and writes; anything missing means this is not a nova_api database.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "request_specs": ("id", "instance_uuid", "spec", "created_at", "updated_at"),
+    "flavors": ("id", "flavorid", "name"),
+    "flavor_extra_specs": ("flavor_id", "key", "value"),
+    "instance_mappings": ("instance_uuid", "queued_for_delete"),
+}
+
+# Errors after which the same batch can simply be tried again.
+RETRYABLE_ERRORS = {
+    ER.LOCK_DEADLOCK: "deadlock",
+    ER.LOCK_WAIT_TIMEOUT: "lock wait timeout",
+    2003: "cannot reach the server",
+    2006: "server has gone away",
+    2013: "lost connection to the server",
+    1927: "connection was killed",
+}
+
+DEFAULT_PAGE_SIZE = 1000
+# Our row locks must not keep Nova waiting long: give up (and retry later) after this.
+LOCK_WAIT_TIMEOUT_S = 5
+# Leave room under max_allowed_packet for the statement around the spec texts.
+PACKET_HEADROOM = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SpecWrite:
+    """One compare-and-swap: set ``new_spec`` only where the row still hashes to ``expected_sha256``."""
+
+    id: int
+    expected_sha256: str
+    new_spec: str
+    new_sha256: str
+
+
+def retryable_reason(exc: BaseException) -> str | None:
+    """Why a batch may be retried after ``exc``, or None if it may not."""
+    if isinstance(exc, DatabaseUnavailableError):
+        return "cannot reach the server"
+    if isinstance(exc, pymysql.err.InterfaceError):
+        return "connection closed"
+    if isinstance(exc, pymysql.err.OperationalError) and exc.args:
+        return RETRYABLE_ERRORS.get(exc.args[0])
+    return None
+
+
+def utcnow() -> datetime:
+    """What Nova's ORM writes into updated_at: naive UTC, whole seconds."""
+    return datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+
+
+class NovaApiDb:
+    """A connection to one nova_api database, re-opened after a lost connection."""
+
+    def __init__(self, params: DbParams, *, connect_timeout: int = 10) -> None:
+        self.params = params
+        self.connect_timeout = connect_timeout
+        self._conn: pymysql.connections.Connection | None = None
+        self._max_packet = 0
+
+    # -- connecting ---------------------------------------------------------------------
+
+    def open(self) -> NovaApiDb:
+        """Connect, or raise DatabaseUnavailableError with a message free of secrets."""
+        self.close()
+        try:
+            self._conn = pymysql.connect(
+                **self.params.connect_kwargs(),
+                autocommit=True,
+                connect_timeout=self.connect_timeout,
+                init_command=f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_S}",
+            )
+        except pymysql.err.MySQLError as exc:
+            raise DatabaseUnavailableError(
+                f"cannot connect to {self.params.safe_url()}: {_error_text(exc)}"
+            ) from None
+        self._max_packet = int(self._scalar("SELECT @@max_allowed_packet"))
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except pymysql.err.Error:
+                pass  # already gone: nothing to close
+            self._conn = None
+
+    def reopen(self) -> None:
+        """After a lost connection: drop whatever is left and connect again."""
+        self.close()
+        self.open()
+
+    def reopen_quietly(self) -> None:
+        """Reconnect before a retry; if the server is still away, the retry will say so."""
+        try:
+            self.reopen()
+        except DatabaseUnavailableError as exc:
+            log.warning("Reconnecting failed: %s", exc)
+
+    def __enter__(self) -> NovaApiDb:
+        return self.open() if self._conn is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def conn(self) -> pymysql.connections.Connection:
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        return self._conn
+
+    # -- checking -----------------------------------------------------------------------
+
+    def check_schema(self) -> None:
+        """Raise SchemaError naming every required table or column that is missing."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN %s",
+                (tuple(REQUIRED_COLUMNS),),
+            )
+            present = {(t.lower(), c.lower()) for t, c in cur.fetchall()}
+        missing_tables = [t for t in REQUIRED_COLUMNS if not any(p[0] == t for p in present)]
+        missing_columns = [
+            f"{t}.{c}"
+            for t, cols in REQUIRED_COLUMNS.items()
+            if t not in missing_tables
+            for c in cols
+            if (t, c) not in present
+        ]
+        if missing_tables or missing_columns:
+            what = [f"table {t}" for t in missing_tables] + [f"column {c}" for c in missing_columns]
+            raise SchemaError(
+                f"{self.params.database} is not a nova_api database this tool can use: "
+                f"missing {', '.join(what)}"
+            )
+
+    def server_identity(self) -> dict[str, Any]:
+        """Which server and schema this is, recorded in backups and checked on restore."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SHOW GLOBAL VARIABLES WHERE Variable_name IN "
+                "('server_uuid', 'hostname', 'port', 'server_id', 'wsrep_on')"
+            )
+            variables = dict(cur.fetchall())
+            galera_uuid = None
+            if str(variables.get("wsrep_on", "OFF")).upper() == "ON":
+                cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep_cluster_state_uuid'")
+                row = cur.fetchone()
+                galera_uuid = row[1] if row else None
+            cur.execute("SELECT DATABASE()")
+            schema = cur.fetchone()[0]
+        return {
+            "host": self.params.host,
+            "port": self.params.port,
+            "schema": schema,
+            # MySQL has a server_uuid; MariaDB has none, so hostname, port and server_id
+            # stand in for it, and a Galera cluster is known by its state uuid.
+            "server_uuid": variables.get("server_uuid"),
+            "server_hostname": variables.get("hostname"),
+            "server_port": int(variables["port"]) if variables.get("port") else None,
+            "server_id": int(variables["server_id"]) if variables.get("server_id") else None,
+            "galera_cluster_uuid": galera_uuid,
+        }
+
+    # -- reading ------------------------------------------------------------------------
+
+    def load_flavors(self) -> dict[int, Flavor]:
+        """Every flavor with its extra specs, read once per run."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT id, flavorid, name FROM flavors ORDER BY id")
+            rows = cur.fetchall()
+            cur.execute("SELECT flavor_id, `key`, value FROM flavor_extra_specs ORDER BY flavor_id, `key`")
+            specs: dict[int, dict[str, str | None]] = {}
+            for flavor_id, key, value in cur.fetchall():
+                specs.setdefault(flavor_id, {})[key] = value
+        return {fid: Flavor(fid, flavorid, name, specs.get(fid, {})) for fid, flavorid, name in rows}
+
+    def iter_spec_rows(
+        self,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        instance_uuids: Sequence[str] | None = None,
+    ) -> Iterator[SpecRow]:
+        """Yield request_specs rows in id order, one keyset page in memory at a time."""
+        where = ""
+        extra: tuple[Any, ...] = ()
+        if instance_uuids is not None:
+            if not instance_uuids:
+                return
+            where = "AND rs.instance_uuid IN %s "
+            extra = (tuple(instance_uuids),)
+        sql = (
+            "SELECT rs.id, rs.instance_uuid, rs.spec, rs.updated_at, im.queued_for_delete "
+            "FROM request_specs rs "
+            "LEFT JOIN instance_mappings im ON im.instance_uuid = rs.instance_uuid "
+            f"WHERE rs.id > %s {where}ORDER BY rs.id LIMIT %s"
+        )
+        last_id = 0
+        while True:
+            with self.conn.cursor() as cur:
+                cur.execute(sql, (last_id, *extra, page_size))
+                page = cur.fetchall()
+            for row_id, uuid, spec, updated_at, queued in page:
+                yield SpecRow(row_id, uuid, spec, updated_at, bool(queued))
+            if len(page) < page_size:
+                return
+            last_id = page[-1][0]
+
+    def read_specs(self, ids: Sequence[int]) -> dict[int, tuple[str, str, datetime | None]]:
+        """Current ``(instance_uuid, spec, updated_at)`` of the given rows; gone rows are absent."""
+        if not ids:
+            return {}
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT id, instance_uuid, spec, updated_at FROM request_specs WHERE id IN %s",
+                (tuple(ids),),
+            )
+            return {row_id: (uuid, spec, updated_at) for row_id, uuid, spec, updated_at in cur.fetchall()}
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write_specs(self, writes: Sequence[SpecWrite]) -> set[int]:
+        """Compare-and-swap the rows in one transaction; return the ids that were written.
+
+        A row is written only if its spec still hashes to ``expected_sha256``, so nothing
+        Nova wrote after we read is ever overwritten. One multi-row UPDATE per chunk; the
+        rows are re-read only when the affected-row count says some lost the compare.
+        """
+        if not writes:
+            return set()
+        now = utcnow()
+        written: set[int] = set()
+        conn = self.conn
+        conn.begin()
+        try:
+            with conn.cursor() as cur:
+                for chunk in self._chunks(writes):
+                    affected = cur.execute(*_cas_update(chunk, now))
+                    if affected == len(chunk):
+                        written.update(w.id for w in chunk)
+                        continue
+                    cur.execute(
+                        "SELECT id, SHA2(spec, 256) FROM request_specs WHERE id IN %s",
+                        (tuple(w.id for w in chunk),),
+                    )
+                    now_there = dict(cur.fetchall())
+                    written.update(w.id for w in chunk if now_there.get(w.id) == w.new_sha256)
+            conn.commit()
+        except BaseException:
+            _rollback_quietly(conn)
+            raise
+        return written
+
+    def _chunks(self, writes: Sequence[SpecWrite]) -> Iterator[Sequence[SpecWrite]]:
+        """Split writes so no statement exceeds the server's max_allowed_packet."""
+        budget = max(self._max_packet // 2 - PACKET_HEADROOM, 1)
+        chunk: list[SpecWrite] = []
+        size = 0
+        for write in writes:
+            cost = 2 * len(write.new_spec.encode("utf-8")) + 200  # escaping can double it
+            if chunk and size + cost > budget:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(write)
+            size += cost
+        if chunk:
+            yield chunk
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _scalar(self, sql: str) -> Any:
+        with self.conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()[0]
+
+
+def _cas_update(writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[Any]]:
+    """One UPDATE for many rows, each guarded by the hash of the bytes it was planned from.
+
+    SHA2 compares bytes; ``spec = %s`` would compare with the table's case-insensitive,
+    pad-space collation and could match text that is not what we read.
+    """
+    whens = " ".join("WHEN %s THEN %s" for _ in writes)
+    sql = (
+        f"UPDATE request_specs SET spec = CASE id {whens} END, updated_at = %s "
+        f"WHERE id IN ({', '.join('%s' for _ in writes)}) "
+        f"AND SHA2(spec, 256) = CASE id {whens} END"
+    )
+    params: list[Any] = [v for w in writes for v in (w.id, w.new_spec)]
+    params.append(now)
+    params.extend(w.id for w in writes)
+    params.extend(v for w in writes for v in (w.id, w.expected_sha256))
+    return sql, params
+
+
+def _rollback_quietly(conn: pymysql.connections.Connection) -> None:
+    try:
+        conn.rollback()
+    except pymysql.err.Error:
+        pass  # the connection is gone; the server rolls the transaction back itself
+
+
+def _error_text(exc: pymysql.err.MySQLError) -> str:
+    """The server's message without the driver's tuple form (never holds the password)."""
+    if len(exc.args) >= 2:
+        return f"({exc.args[0]}) {exc.args[1]}"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,139 @@
+"""Text for people: the lines the CLI prints and the DAG tasks log (pure, no I/O)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from nova_flavor_sync.backup import BackupInfo
+from nova_flavor_sync.plan import KeyChange, Plan, RowChange, RowNote
+from nova_flavor_sync.policy import RiskClass
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from nova_flavor_sync.apply import ApplyResult
+    from nova_flavor_sync.service import RestoreResult
+
+BRIEF_LIMIT = 10  # rows listed per kind without --verbose
+
+
+def key_changes(changes: Sequence[KeyChange]) -> str:
+    """``{"key": [old, new], ...}``; null stands for a key that is absent on that side."""
+    return json.dumps({c.key: [c.old, c.new] for c in changes}, ensure_ascii=False)
+
+
+def change_lines(change: RowChange) -> list[str]:
+    lines = [
+        f"Mismatch: {change.instance_uuid} (Flavor: {change.diff.flavorid})",
+        f"Changes: {key_changes(change.diff.applied)}",
+    ]
+    if change.diff.held_back:
+        lines.append(f"Held back (risky, see --all-keys): {key_changes(change.diff.held_back)}")
+    return lines
+
+
+def plan_lines(plan: Plan, *, verbose: bool) -> list[str]:
+    """Every row the plan changes (verbose) and every row it will not touch, and why."""
+    lines: list[str] = []
+    if verbose:
+        for change in plan.changes:
+            lines += change_lines(change)
+        for note in plan.held_back:
+            assert note.diff is not None
+            lines.append(
+                f"Held back: {note.instance_uuid} (Flavor: {note.diff.flavorid}) "
+                f"risky changes only: {key_changes(note.diff.held_back)}"
+            )
+    lines += _notes("Error", plan.errors, verbose=True)
+    lines += _notes("Orphan", plan.orphans, verbose=verbose)
+    lines += _notes("Queued for delete", plan.queued_for_delete, verbose=verbose)
+    return lines
+
+
+def summary_lines(plan: Plan) -> list[str]:
+    """Counts by flavor, key and risk class, and the digest that identifies the plan."""
+    summary = plan.summary()
+    lines = [
+        f"Read {plan.rows_read} request specs: {len(plan.changes)} to update, {plan.in_sync} in sync, "
+        f"{len(plan.held_back)} with only risky changes (held back), {len(plan.orphans)} orphans, "
+        f"{len(plan.queued_for_delete)} queued for delete, {len(plan.errors)} errors"
+        + (f", {plan.out_of_scope} out of scope" if plan.out_of_scope else "")
+    ]
+    if summary["by_flavor"]:
+        lines.append("To update by flavor: " + _counts(summary["by_flavor"]))
+    if summary["by_key"]:
+        lines.append("Key changes by key: " + _counts(summary["by_key"]))
+    if summary["by_risk"]:
+        lines.append("Key changes by risk class: " + _counts(summary["by_risk"]))
+    if summary["held_back_by_key"]:
+        lines.append(
+            f"Held back ({RiskClass.PLACEMENT.value} keys; --all-keys syncs them): "
+            + _counts(summary["held_back_by_key"])
+        )
+    lines.append(f"Plan digest: {plan.digest}")
+    return lines
+
+
+def summary_line(updated: int, skipped: int, errors: int) -> str:
+    return f"Summary: Updated={updated}, Skipped={skipped}, Errors={errors}"
+
+
+def apply_lines(result: ApplyResult, conflicts: Sequence[RowNote]) -> list[str]:
+    lines = [
+        f"Applied in {result.batches} batches ({result.retries} retries): {len(result.updated)} updated, "
+        f"{len(result.already)} already up to date, {len(result.conflicts)} conflicts, "
+        f"{len(result.gone)} deleted meanwhile, {len(result.errors)} errors"
+    ]
+    lines += _notes("Conflict", conflicts, verbose=True)
+    lines += [f"Error: row {row_id}: {reason}" for row_id, reason in sorted(result.errors.items())]
+    return lines
+
+
+def restore_lines(result: RestoreResult, *, verbose: bool) -> list[str]:
+    info = result.backup
+    lines = [
+        f"Backup {info.path} ({info.record_count} records, taken {info.created_at}, "
+        f"plan digest {info.plan_digest}) is intact and belongs to this database"
+    ]
+    lines += _notes("Skipped", result.skipped, verbose=verbose)
+    lines += [f"Error: row {row_id}: {reason}" for row_id, reason in sorted(result.errors.items())]
+    if result.not_verified:
+        lines.append(f"Read back different from the backup: rows {_ids(result.not_verified)}")
+    verb = "Restored" if result.run else "Would restore"
+    lines.append(f"Summary: {verb}={len(result.restored)}, Skipped={len(result.skipped)}, Errors={len(result.errors)}")
+    return lines
+
+
+def backup_list_lines(found: Sequence[BackupInfo | tuple[Path, str]], directory: Path) -> list[str]:
+    if not found:
+        return [f"No backups in {directory}"]
+    lines = [f"Backups in {directory}:"]
+    for entry in found:
+        if isinstance(entry, BackupInfo):
+            lines.append(
+                f"{entry.path.name}  records={entry.record_count}  taken={entry.created_at}  "
+                f"schema={entry.database.get('schema')}  plan={entry.plan_digest[:12]}"
+            )
+        else:
+            lines.append(f"{entry[0].name}  UNREADABLE: {entry[1]}")
+    return lines
+
+
+def _notes(kind: str, notes: Sequence[RowNote], *, verbose: bool) -> list[str]:
+    shown = notes if verbose else notes[:BRIEF_LIMIT]
+    lines = [
+        f"{kind}: row {n.id} ({n.instance_uuid}){' ' + n.flavor if n.flavor else ''}: {n.reason}" for n in shown
+    ]
+    if len(notes) > len(shown):
+        lines.append(f"... and {len(notes) - len(shown)} more {kind.lower()} rows (--verbose lists all)")
+    return lines
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name}={count}" for name, count in counts.items())
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return ", ".join(str(i) for i in ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")

@@ -1,0 +1,221 @@
+"""The verbs the CLI and the DAGs call: connect, plan, back up, apply, verify, restore.
+
+Each verb is one call with plain arguments and a plain result; none prints. Callers render
+results with ``report`` and turn exceptions into exit codes or failed tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nova_flavor_sync import apply as apply_mod
+from nova_flavor_sync.apply import ApplyResult
+from nova_flavor_sync.backup import (
+    BackupInfo,
+    BackupRecord,
+    check_same_database,
+    load_backup,
+    write_backup,
+)
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb
+from nova_flavor_sync.dburl import DbParams
+from nova_flavor_sync.diff import IN_SYNC, RowPlanner
+from nova_flavor_sync.diff import make_plan as diff_make_plan
+from nova_flavor_sync.plan import Flavor, Plan, RowChange, RowNote, SpecRow
+from nova_flavor_sync.restore import plan_restore
+from nova_flavor_sync.scope import Scope, build_scope
+from nova_flavor_sync.spec_json import sha256_text
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE = 5000
+
+
+def connect(params: DbParams) -> NovaApiDb:
+    """Open the database and check it has what the tool needs; nothing is written."""
+    db = NovaApiDb(params).open()
+    try:
+        db.check_schema()
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def resolve_scope(
+    db: NovaApiDb,
+    *,
+    flavor_selectors: Iterable[str] = (),
+    instance_uuids: Iterable[str] = (),
+    key_prefixes: Iterable[str] = (),
+    all_keys: bool = False,
+) -> tuple[dict[int, Flavor], Scope]:
+    """Load the flavors once and turn the operator's selectors into a Scope."""
+    flavors = db.load_flavors()
+    scope = build_scope(
+        flavors,
+        flavor_selectors=flavor_selectors,
+        instance_uuids=instance_uuids,
+        key_prefixes=key_prefixes,
+        all_keys=all_keys,
+    )
+    return flavors, scope
+
+
+def make_plan(
+    db: NovaApiDb, scope: Scope, *, flavors: dict[int, Flavor] | None = None, page_size: int = DEFAULT_PAGE_SIZE
+) -> Plan:
+    """Read every request spec in scope, page by page, and plan what to change."""
+    flavors = db.load_flavors() if flavors is None else flavors
+    return diff_make_plan(flavors, _rows_in_scope(db, scope, page_size), scope)
+
+
+def verify(db: NovaApiDb, scope: Scope, *, page_size: int = DEFAULT_PAGE_SIZE) -> Plan:
+    """Read everything again with fresh flavors; the plan's changes are the drift left."""
+    return make_plan(db, scope, page_size=page_size)
+
+
+@dataclass
+class BackupResult:
+    info: BackupInfo
+    diverged: list[int] = field(default_factory=list)  # changed since planning: apply skips them
+
+
+def back_up(
+    db: NovaApiDb,
+    plan: Plan,
+    directory: Path,
+    *,
+    backup_all: bool = False,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> BackupResult:
+    """Write the rows the plan changes (or every row in scope) to a new backup file.
+
+    A row whose bytes are no longer those planned is still backed up as it is now, and
+    listed in ``diverged``: applying it could overwrite bytes the backup does not hold.
+    """
+    planned = {c.id: c for c in plan.changes}
+    diverged: list[int] = []
+
+    def records() -> Iterator[BackupRecord]:
+        if backup_all:
+            rows = ((r.id, r.instance_uuid, r.spec, r.updated_at) for r in _rows_in_scope(db, plan.scope, page_size))
+        else:
+            rows = _read_rows(db, list(planned), page_size)
+        for row_id, uuid, spec, updated_at in rows:
+            change = planned.get(row_id)
+            record = BackupRecord.of_row(row_id, uuid, spec, updated_at, change.new_sha256 if change else None)
+            if change is not None and record.sha256 != change.old_sha256:
+                diverged.append(row_id)
+            yield record
+
+    info = write_backup(
+        directory,
+        records(),
+        database=db.server_identity(),
+        plan_digest=plan.digest,
+        scope=plan.scope.as_dict(),
+    )
+    log.info("Backup written: %s (%d records)", info.path, info.record_count)
+    return BackupResult(info, diverged)
+
+
+def apply_plan(
+    db: NovaApiDb,
+    plan: Plan,
+    *,
+    batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
+    exclude_ids: Iterable[int] = (),
+    progress: Callable[[ApplyResult, int], None] | None = None,
+) -> ApplyResult:
+    """Write the plan's changes in compare-and-swap batches."""
+    return apply_mod.apply_plan(db, plan, batch_size=batch_size, exclude_ids=exclude_ids, progress=progress)
+
+
+def explain_conflicts(db: NovaApiDb, plan: Plan, ids: Sequence[int]) -> list[RowNote]:
+    """Re-read and re-plan rows that changed under us: are they in sync now, or still stale?"""
+    planner = RowPlanner(db.load_flavors(), plan.scope)
+    current = db.read_specs(ids)
+    uuids = {c.id: c.instance_uuid for c in plan.changes}
+    notes = []
+    for row_id in ids:
+        if row_id not in current:
+            notes.append(RowNote(row_id, uuids.get(row_id, ""), "changed since planned: row deleted"))
+            continue
+        uuid, spec, updated_at = current[row_id]
+        outcome = planner.plan_row(SpecRow(row_id, uuid, spec, updated_at))
+        state = (
+            "now in sync" if outcome == IN_SYNC
+            else "still out of sync: run again" if isinstance(outcome, RowChange)
+            else f"now {outcome[1].reason}" if isinstance(outcome, tuple)
+            else "now out of scope"
+        )
+        notes.append(RowNote(row_id, uuid, f"changed since planned, not overwritten; {state}"))
+    return notes
+
+
+@dataclass
+class RestoreResult:
+    backup: BackupInfo
+    run: bool
+    restored: list[int] = field(default_factory=list)  # with run=False: would be restored
+    skipped: list[RowNote] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+    not_verified: list[int] = field(default_factory=list)  # restored, but read back different
+
+
+def restore(
+    db: NovaApiDb,
+    path: Path,
+    *,
+    run: bool = False,
+    force: bool = False,
+    batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
+) -> RestoreResult:
+    """Check a backup belongs here, then put its bytes back (or say what would be put back)."""
+    backup = load_backup(path)
+    check_same_database(backup.info, db.server_identity())
+    result = RestoreResult(backup.info, run)
+    expected: dict[int, str] = {}
+    for start in range(0, len(backup.records), batch_size):
+        records = backup.records[start : start + batch_size]
+        restore_plan = plan_restore(records, db.read_specs([r.id for r in records]), force=force)
+        result.skipped += restore_plan.skipped
+        if not run:
+            result.restored += [t.id for t in restore_plan.targets]
+            continue
+        outcome = apply_mod.apply_batch(db, restore_plan.targets)
+        result.restored += outcome.updated + outcome.already
+        result.errors.update(outcome.errors)
+        by_id = {r.id: r for r in records}
+        for row_id in outcome.conflicts:
+            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid, "changed while restoring"))
+        for row_id in outcome.gone:
+            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid, "row no longer exists"))
+        expected.update((i, by_id[i].sha256) for i in outcome.updated + outcome.already)
+    if run:
+        ids = sorted(expected)
+        for start in range(0, len(ids), DEFAULT_PAGE_SIZE):
+            current = db.read_specs(ids[start : start + DEFAULT_PAGE_SIZE])
+            result.not_verified += [
+                i for i in ids[start : start + DEFAULT_PAGE_SIZE]
+                if i not in current or sha256_text(current[i][1]) != expected[i]
+            ]
+    return result
+
+
+def _rows_in_scope(db: NovaApiDb, scope: Scope, page_size: int) -> Iterator[SpecRow]:
+    uuids = sorted(scope.instance_uuids) if scope.instance_uuids is not None else None
+    return db.iter_spec_rows(page_size=page_size, instance_uuids=uuids)
+
+
+def _read_rows(db: NovaApiDb, ids: list[int], page_size: int) -> Iterator[tuple]:
+    for start in range(0, len(ids), page_size):
+        chunk = ids[start : start + page_size]
+        current = db.read_specs(chunk)
+        for row_id in chunk:
+            if row_id in current:
+                yield (row_id, *current[row_id])
