@@ -97,6 +97,13 @@ class NovaApiDb:
             raise DatabaseUnavailableError(
                 f"cannot connect to {self.params.safe_url()}: {_error_text(exc)}"
             ) from None
+        if self.params.requires_tls() and not self._scalar("SHOW SESSION STATUS LIKE 'Ssl_cipher'", column=1):
+            # PyMySQL quietly goes on in clear text when the server offers no TLS.
+            self.close()
+            raise DatabaseUnavailableError(
+                f"the connection to {self.params.safe_url()} is not encrypted, but its "
+                "settings ask for TLS: refusing to send anything over it"
+            )
         self._max_packet = int(self._scalar("SELECT @@max_allowed_packet"))
         return self
 
@@ -293,10 +300,11 @@ class NovaApiDb:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _scalar(self, sql: str) -> Any:
+    def _scalar(self, sql: str, column: int = 0) -> Any:
         with self.conn.cursor() as cur:
             cur.execute(sql)
-            return cur.fetchone()[0]
+            row = cur.fetchone()
+            return row[column] if row else None
 
 
 def _cas_update(writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[Any]]:
