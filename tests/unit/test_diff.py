@@ -1,0 +1,192 @@
+"""make_plan: the pure comparison of flavor copies with flavors."""
+
+from __future__ import annotations
+
+import json
+
+from nova_flavor_sync.demo import load_sample_specs
+from nova_flavor_sync.diff import make_plan
+from nova_flavor_sync.plan import Flavor, SpecRow
+from nova_flavor_sync.scope import Scope
+from nova_flavor_sync.spec_json import read_embedded_flavor, rewrite_extra_specs, sha256_text
+
+# Row 20 of the real sample: flavor id 1, flavorid "24", name gp2.small.
+BASE = next(r for r in load_sample_specs() if r["id"] == 20)
+COPY = read_embedded_flavor(BASE["spec"])
+UUID = BASE["instance_uuid"]
+
+
+def spec_with(extra_specs: dict[str, str]) -> str:
+    return rewrite_extra_specs(BASE["spec"], extra_specs)
+
+
+def row(row_id: int = 1, extra_specs: dict[str, str] | None = None, **kwargs) -> SpecRow:
+    spec = spec_with(extra_specs) if extra_specs is not None else BASE["spec"]
+    return SpecRow(row_id, kwargs.pop("uuid", f"00000000-0000-0000-0000-{row_id:012d}"), spec, **kwargs)
+
+
+def flavors(extra_specs: dict[str, str | None] | None = None) -> dict[int, Flavor]:
+    """The row's flavor as it is now in the database, with these extra specs."""
+    flavor = Flavor(COPY.id, COPY.flavorid, COPY.name, dict(COPY.extra_specs if extra_specs is None else extra_specs))
+    return {flavor.id: flavor}
+
+
+def test_a_row_equal_to_its_flavor_is_in_sync_and_costs_nothing():
+    plan = make_plan(flavors(), [row()], Scope())
+    assert (plan.rows_read, plan.in_sync, plan.changes) == (1, 1, [])
+
+
+def test_key_order_alone_is_not_drift():
+    reordered = dict(reversed(list(COPY.extra_specs.items())))
+    assert list(reordered) != list(COPY.extra_specs)
+    assert make_plan(flavors(reordered), [row()], Scope()).in_sync == 1
+
+
+def test_changed_added_and_removed_safe_keys_are_planned_with_the_exact_new_bytes():
+    wanted = dict(COPY.extra_specs)
+    wanted["aggregate_instance_extra_specs:storage_type"] = "ceph"  # changed (was nvme)
+    wanted["quota:vif_inbound_average"] = "1000"  # added
+    del wanted["quota:disk_read_iops_sec"]  # removed
+
+    plan = make_plan(flavors(wanted), [row()], Scope())
+
+    (change,) = plan.changes
+    assert {(c.key, c.kind, c.old, c.new) for c in change.diff.applied} == {
+        ("aggregate_instance_extra_specs:storage_type", "changed", "nvme", "ceph"),
+        ("quota:vif_inbound_average", "added", None, "1000"),
+        ("quota:disk_read_iops_sec", "removed", "500", None),
+    }
+    assert change.old_sha256 == sha256_text(BASE["spec"])
+    assert change.new_sha256 == sha256_text(spec_with(wanted))
+    assert change.diff.held_back == ()
+
+
+def test_risky_keys_are_held_back_by_default_and_synced_with_all_keys():
+    wanted = {**COPY.extra_specs, "hw:cpu_policy": "dedicated", "resources:VCPU": "0"}
+
+    default = make_plan(flavors(wanted), [row()], Scope())
+    everything = make_plan(flavors(wanted), [row()], Scope(all_keys=True))
+
+    assert default.changes == [] and len(default.held_back) == 1
+    assert {c.key for c in default.held_back[0].diff.held_back} == {"hw:cpu_policy", "resources:VCPU"}
+    (change,) = everything.changes
+    assert change.new_sha256 == sha256_text(spec_with(wanted))
+
+
+def test_a_mixed_row_syncs_the_safe_keys_and_keeps_the_old_risky_values():
+    wanted = {**COPY.extra_specs, "hw:cpu_policy": "dedicated", "aggregate_instance_extra_specs:storage_type": "ceph"}
+
+    (change,) = make_plan(flavors(wanted), [row()], Scope()).changes
+
+    expected = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}  # cpu_policy stays shared
+    assert dict(change.diff.target_extra_specs) == expected
+    assert change.new_sha256 == sha256_text(spec_with(expected))
+    assert [c.key for c in change.diff.held_back] == ["hw:cpu_policy"]
+
+
+def test_a_deleted_flavor_makes_an_orphan_that_is_never_touched():
+    other = Flavor(COPY.id + 100, "other", "other", {})
+    plan = make_plan({other.id: other}, [row()], Scope(all_keys=True))
+    assert plan.changes == [] and "no longer exists" in plan.orphans[0].reason
+
+
+def test_a_recreated_flavor_with_the_same_flavorid_makes_an_orphan():
+    recreated = Flavor(COPY.id + 100, COPY.flavorid, COPY.name, {"aggregate_instance_extra_specs:storage_type": "ceph"})
+    plan = make_plan({recreated.id: recreated}, [row()], Scope(all_keys=True))
+    assert plan.changes == []
+    assert plan.orphans[0].reason == (
+        f"flavor id {COPY.id} was deleted; flavorid {COPY.flavorid} was re-created as id {recreated.id}"
+    )
+
+
+def test_an_id_that_now_has_another_flavorid_makes_an_orphan():
+    reused = Flavor(COPY.id, "not-" + COPY.flavorid, "reused", {})
+    plan = make_plan({reused.id: reused}, [row()], Scope(all_keys=True))
+    assert plan.changes == [] and "now has flavorid" in plan.orphans[0].reason
+
+
+def test_an_instance_queued_for_delete_is_skipped_and_reported():
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    plan = make_plan(flavors(wanted), [row(queued_for_delete=True)], Scope())
+    assert plan.changes == [] and len(plan.queued_for_delete) == 1
+
+
+def test_a_malformed_row_is_an_error_entry_and_the_run_goes_on():
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    bad = SpecRow(1, "00000000-0000-0000-0000-000000000001", "{oops")
+    plan = make_plan(flavors(wanted), [bad, row(2)], Scope())
+    assert [(e.id, "not valid JSON" in e.reason) for e in plan.errors] == [(1, True)]
+    assert [c.id for c in plan.changes] == [2]
+
+
+def test_a_null_value_in_the_flavor_is_an_error_not_a_guess():
+    plan = make_plan(flavors({**COPY.extra_specs, "quota:cpu_shares": None}), [row()], Scope())
+    assert plan.changes == [] and "NULL" in plan.errors[0].reason
+
+
+def test_key_prefix_limits_the_keys_and_others_are_neither_synced_nor_held_back():
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph",
+              "quota:disk_read_iops_sec": "1", "hw:cpu_policy": "dedicated"}
+    plan = make_plan(flavors(wanted), [row()], Scope(key_prefixes=("aggregate_instance_extra_specs:",)))
+    (change,) = plan.changes
+    assert [c.key for c in change.diff.applied] == ["aggregate_instance_extra_specs:storage_type"]
+    assert change.diff.held_back == ()
+    assert dict(change.diff.target_extra_specs)["quota:disk_read_iops_sec"] == "500"
+
+
+def test_a_key_prefix_with_no_drift_leaves_the_row_in_sync():
+    wanted = {**COPY.extra_specs, "quota:disk_read_iops_sec": "1"}
+    plan = make_plan(flavors(wanted), [row()], Scope(key_prefixes=("aggregate_instance_extra_specs:",)))
+    assert plan.in_sync == 1 and plan.changes == []
+
+
+def test_flavor_and_instance_scope_leave_other_rows_out():
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    rows = [row(1), row(2)]
+    by_instance = make_plan(flavors(wanted), rows, Scope(instance_uuids=frozenset({rows[1].instance_uuid})))
+    by_flavor = make_plan(flavors(wanted), rows, Scope(flavor_ids=frozenset({999}), flavorids=frozenset({"x"})))
+    assert [c.id for c in by_instance.changes] == [2] and by_instance.out_of_scope == 1
+    assert by_flavor.changes == [] and by_flavor.out_of_scope == 2
+
+
+def test_rows_with_the_same_copy_share_one_diff():
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    plan = make_plan(flavors(wanted), [row(1), row(2)], Scope())
+    assert plan.changes[0].diff is plan.changes[1].diff
+
+
+def test_the_digest_binds_rows_bytes_and_scope():
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    base = make_plan(flavors(wanted), [row(1), row(2)], Scope()).digest
+    assert make_plan(flavors(wanted), [row(1), row(2)], Scope()).digest == base
+    assert make_plan(flavors(wanted), [row(1)], Scope()).digest != base
+    assert make_plan(flavors(wanted), [row(1), row(2)], Scope(all_keys=True)).digest != base
+    other_target = {**wanted, "quota:disk_read_iops_sec": "7"}
+    assert make_plan(flavors(other_target), [row(1), row(2)], Scope()).digest != base
+    drifted = [row(1), row(2, {**COPY.extra_specs, "quota:cpu_shares": "1"})]
+    assert make_plan(flavors(wanted), drifted, Scope()).digest != base
+
+
+def test_summary_counts_by_flavor_key_and_risk():
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph",
+              "quota:disk_read_iops_sec": "1", "hw:cpu_policy": "dedicated"}
+    plan = make_plan(flavors(wanted), [row(1), row(2), SpecRow(3, "u", "bad")], Scope())
+    summary = plan.summary()
+    assert summary["by_flavor"] == {COPY.name: 2}
+    assert summary["by_key"] == {"aggregate_instance_extra_specs:storage_type": 2, "quota:disk_read_iops_sec": 2}
+    assert summary["by_risk"] == {"guest": 2, "scheduling": 2}
+    assert summary["held_back_by_key"] == {"hw:cpu_policy": 2}
+    assert (summary["to_update"], summary["errors"], summary["skipped"]) == (2, 1, 0)
+    json.dumps(summary)  # goes to XCom as is
+
+
+def test_every_real_sample_row_plans_cleanly():
+    samples = load_sample_specs()
+    all_flavors = {}
+    rows = []
+    for sample in samples:
+        copy = read_embedded_flavor(sample["spec"])
+        all_flavors[copy.id] = Flavor(copy.id, copy.flavorid, copy.name, {**copy.extra_specs, "aggregate_instance_extra_specs:x": "y"})
+        rows.append(SpecRow(sample["id"], sample["instance_uuid"], sample["spec"]))
+    plan = make_plan(all_flavors, rows, Scope())
+    assert len(plan.changes) == len(samples) and plan.errors == []
