@@ -107,8 +107,8 @@ def write_backup(
     """Write records to a new backup file atomically: temp file, fsync, rename, fsync dir."""
     directory = private_dir(directory)
     now = now or datetime.now(timezone.utc)
-    path = _unused_path(directory, now)
-    tmp = path.with_name(f".{path.name}.tmp")
+    stem = f"{FILE_PREFIX}{now.strftime('%Y%m%d_%H%M%S')}"
+    tmp = directory / f".{stem}.{os.getpid()}.tmp"
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -123,7 +123,8 @@ def write_backup(
             count = _write_document(out, header, records)
             out.flush()
             os.fsync(out.fileno())
-        os.rename(tmp, path)
+        path = _link_unused_name(tmp, directory, stem)
+        tmp.unlink()
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -131,7 +132,7 @@ def write_backup(
             os.close(dir_fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise BackupError(f"cannot write backup {path}: {exc.strerror or exc}") from None
+        raise BackupError(f"cannot write a backup in {directory}: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -153,8 +154,8 @@ def load_backup(path: Path) -> Backup:
             f"this tool reads version {FORMAT_VERSION}"
         )
     cut = data.rfind(_CHECKSUM_KEY)
-    expected = "sha256:" + hashlib.sha256(data[:cut]).hexdigest()
-    if cut < 0 or document.get("checksum") != expected:
+    trailer = _CHECKSUM_KEY + f'sha256:{hashlib.sha256(data[:cut]).hexdigest()}"}}\n'.encode()
+    if cut < 0 or data[cut:] != trailer:  # nothing may follow the checksum either
         raise BackupError(f"backup {path} fails its checksum: it was changed or damaged after it was written")
     records = [_record(path, i, raw) for i, raw in enumerate(_list(path, document, "records"))]
     if document.get("record_count") != len(records):
@@ -229,12 +230,15 @@ def _write_document(out: BinaryIO, header: dict[str, Any], records: Iterable[Bac
     return count
 
 
-def _unused_path(directory: Path, now: datetime) -> Path:
-    stem = f"{FILE_PREFIX}{now.strftime('%Y%m%d_%H%M%S')}"
+def _link_unused_name(tmp: Path, directory: Path, stem: str) -> Path:
+    """Give the finished file its name; link() fails rather than replace another backup."""
     path, n = directory / f"{stem}.json", 1
-    while path.exists():  # two runs in one second: never overwrite a backup
-        path, n = directory / f"{stem}_{n}.json", n + 1
-    return path
+    while True:
+        try:
+            os.link(tmp, path)
+            return path
+        except FileExistsError:  # another run in the same second
+            path, n = directory / f"{stem}_{n}.json", n + 1
 
 
 def _read(path: Path) -> bytes:
@@ -256,8 +260,14 @@ def _list(path: Path, document: dict[str, Any], key: str) -> list[Any]:
 
 
 def _record(path: Path, index: int, raw: Any) -> BackupRecord:
-    fields = {"id": int, "instance_uuid": str, "spec": str, "sha256": str}
-    if not isinstance(raw, dict) or any(not isinstance(raw.get(k), t) for k, t in fields.items()):
+    fields = {"id": int, "instance_uuid": str, "spec": str, "sha256": str, "updated_at": (str, type(None)),
+              "new_sha256": (str, type(None))}
+    if (
+        not isinstance(raw, dict)
+        or set(raw) != set(fields)
+        or any(not isinstance(raw[k], t) for k, t in fields.items())
+        or isinstance(raw["id"], bool)
+    ):
         raise BackupError(f"backup {path}: record {index} is malformed")
     if sha256_text(raw["spec"]) != raw["sha256"]:
         raise BackupError(f"backup {path}: record {index} (id {raw['id']}) does not match its sha256")
