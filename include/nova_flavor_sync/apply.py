@@ -166,6 +166,12 @@ def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget]) -> ApplyResult:
             except SpecShapeError as exc:
                 outcome.errors[target.id] = str(exc)
                 continue
+            if not db.fits_in_one_statement(new_text):
+                outcome.errors[target.id] = (
+                    f"new spec of {len(new_text)} bytes is too large for the server's "
+                    "max_allowed_packet; not written"
+                )
+                continue
             if sha256_text(new_text) != target.new_sha256:
                 # Same input bytes, same target: only a changed flavor target could do this.
                 outcome.errors[target.id] = "rebuilt spec differs from the planned one; not written"

@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     log.debug("Database %s (from %s)", params.safe_url(), source)
     with service.connect(params) as db:
         if args.restore:
-            return _restore(db, args)
+            return _restore(db, args, argv)
         return _sync(db, args, argv)
 
 
@@ -201,7 +201,7 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     return ExitCode.OK
 
 
-def _restore(db: NovaApiDb, args: argparse.Namespace) -> int:
+def _restore(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     result = service.restore(db, args.restore, run=args.run, force=args.force, batch_size=args.batch_size)
     _log_lines(report.restore_lines(result, verbose=args.verbose))
     if not args.run:

@@ -75,9 +75,12 @@ def utcnow() -> datetime:
 class NovaApiDb:
     """A connection to one nova_api database, re-opened after a lost connection."""
 
-    def __init__(self, params: DbParams, *, connect_timeout: int = 10) -> None:
+    def __init__(
+        self, params: DbParams, *, connect_timeout: int = 10, lock_wait_timeout: int = LOCK_WAIT_TIMEOUT_S
+    ) -> None:
         self.params = params
         self.connect_timeout = connect_timeout
+        self.lock_wait_timeout = lock_wait_timeout
         self._conn: pymysql.connections.Connection | None = None
         self._max_packet = 0
 
@@ -91,7 +94,7 @@ class NovaApiDb:
                 **self.params.connect_kwargs(),
                 autocommit=True,
                 connect_timeout=self.connect_timeout,
-                init_command=f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_S}",
+                init_command=f"SET SESSION innodb_lock_wait_timeout = {int(self.lock_wait_timeout)}",
             )
         except pymysql.err.MySQLError as exc:
             raise DatabaseUnavailableError(
@@ -283,13 +286,20 @@ class NovaApiDb:
             raise
         return written
 
+    def fits_in_one_statement(self, spec: str) -> bool:
+        """Whether a spec this long can be sent at all under the server's max_allowed_packet."""
+        return _statement_cost(spec) <= self._statement_budget()
+
+    def _statement_budget(self) -> int:
+        return max(self._max_packet // 2 - PACKET_HEADROOM, 1)
+
     def _chunks(self, writes: Sequence[SpecWrite]) -> Iterator[Sequence[SpecWrite]]:
         """Split writes so no statement exceeds the server's max_allowed_packet."""
-        budget = max(self._max_packet // 2 - PACKET_HEADROOM, 1)
+        budget = self._statement_budget()
         chunk: list[SpecWrite] = []
         size = 0
         for write in writes:
-            cost = 2 * len(write.new_spec.encode("utf-8")) + 200  # escaping can double it
+            cost = _statement_cost(write.new_spec)
             if chunk and size + cost > budget:
                 yield chunk
                 chunk, size = [], 0
@@ -324,6 +334,10 @@ def _cas_update(writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[A
     params.extend(w.id for w in writes)
     params.extend(v for w in writes for v in (w.id, w.expected_sha256))
     return sql, params
+
+
+def _statement_cost(spec: str) -> int:
+    return 2 * len(spec.encode("utf-8")) + 200  # escaping can double the text
 
 
 def _rollback_quietly(conn: pymysql.connections.Connection) -> None:

@@ -1,0 +1,67 @@
+# nova-flavor-sync developer tasks. CI runs `bash .ci/run`, which is `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DB_HOST ?= 127.0.0.1
+DB_PORT ?= 3306
+DB_USER ?= root
+DEMO_DB_URL ?= mysql+pymysql://$(DB_USER)@$(DB_HOST):$(DB_PORT)/nova_api_demo
+# The demo keeps its log and backups inside the checkout, not in ~/.nova-flavor-fixes.
+DEMO_FLAGS := --log-file .demo/nova-flavor-sync.log --backup-dir .demo/backups
+export DB_HOST DB_PORT DB_USER
+
+# Extra arguments for pytest, e.g. make test PYTEST_ARGS="tests/db -x"
+PYTEST_ARGS ?=
+# Extra arguments for pip-compile, e.g. make lock LOCK_ARGS=--upgrade
+LOCK_ARGS ?=
+LOCK_VENV ?= /tmp/nova-flavor-sync-lock-venv
+
+.PHONY: install db-up test demo lock clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when the lock or the project metadata changed.
+$(STAMP): requirements.lock pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+db-up:
+	bash scripts/ensure-mariadb
+
+test: install db-up
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A dry run against a fresh copy of the demo cloud. Exit 3 ("drift found") is the
+# expected outcome here, so only other non-zero codes fail the target.
+demo: install db-up
+	mkdir -p .demo
+	$(PY) -m nova_flavor_sync.demo --db-url '$(DEMO_DB_URL)' --replace
+	@rc=0; $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) || rc=$$?; \
+	if [[ $$rc -ne 0 && $$rc -ne 3 ]]; then echo "demo: nova-flavor-sync failed (exit $$rc)" >&2; exit $$rc; fi
+	@echo
+	@echo "Nothing was written. Next steps on the demo database:"
+	@echo "  apply the plan above:   the command the dry run printed, after: source .venv/bin/activate"
+	@echo "  sync risky keys too:    $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) --run --all-keys"
+	@echo "  list backups:           $(VENV)/bin/nova-flavor-sync $(DEMO_FLAGS) --list-backups"
+	@echo "  restore one:            $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) --restore .demo/backups/<file> --run"
+
+# pip-tools lives in a throwaway venv outside the repo; the machine's pip config
+# (extra indexes, find-links) is ignored so the lock only points at the default index.
+lock:
+	[[ -x $(LOCK_VENV)/bin/pip-compile ]] || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet "pip-tools>=7.4,<8"; }
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make lock" \
+	    $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --extra dev --strip-extras --allow-unsafe --no-emit-index-url \
+	    --output-file requirements.lock $(LOCK_ARGS) pyproject.toml
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache build dist include/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

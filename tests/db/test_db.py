@@ -1,0 +1,84 @@
+"""db.py against the real schema: schema check, connection errors, keyset reading."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from dbtools import connect
+
+from nova_flavor_sync import service
+from nova_flavor_sync.db import NovaApiDb
+from nova_flavor_sync.errors import DatabaseUnavailableError, ExitCode, SchemaError
+
+pytestmark = pytest.mark.db
+
+
+def test_the_real_nova_api_schema_passes_the_check(nova_db):
+    with service.connect(nova_db) as db:
+        assert db.load_flavors() == {}
+
+
+@pytest.mark.parametrize(
+    ("ddl", "missing"),
+    [
+        ("DROP TABLE request_specs", "table request_specs"),
+        ("DROP TABLE instance_mappings", "table instance_mappings"),
+        ("ALTER TABLE request_specs DROP COLUMN updated_at", "column request_specs.updated_at"),
+        ("ALTER TABLE flavor_extra_specs DROP COLUMN value", "column flavor_extra_specs.value"),
+    ],
+    ids=["no-request_specs", "no-instance_mappings", "no-updated_at", "no-extra-spec-value"],
+)
+def test_a_missing_table_or_column_is_refused_by_name(nova_db, ddl, missing):
+    with connect(nova_db) as conn, conn.cursor() as cur:
+        cur.execute("SET FOREIGN_KEY_CHECKS = 0")
+        cur.execute(ddl)
+    with pytest.raises(SchemaError, match=f"not a nova_api database.*missing.*{missing}") as caught:
+        service.connect(nova_db)
+    assert caught.value.exit_code == ExitCode.REFUSED
+
+
+def test_a_wrong_password_is_refused_without_showing_it(nova_db):
+    secret = "S3cret-pass-do-not-print"
+    bad = dataclasses.replace(nova_db, user="nfs_nobody", password=secret)
+    with pytest.raises(DatabaseUnavailableError, match="cannot connect to .*nfs_nobody:\\*\\*\\*@") as caught:
+        service.connect(bad)
+    assert secret not in str(caught.value) and secret not in repr(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_an_unknown_database_and_a_closed_port_are_refused(nova_db):
+    with pytest.raises(DatabaseUnavailableError, match="Unknown database"):
+        service.connect(dataclasses.replace(nova_db, database="nfs_no_such_db"))
+    with pytest.raises(DatabaseUnavailableError, match="cannot connect to .*:1/"):
+        NovaApiDb(dataclasses.replace(nova_db, host="127.0.0.1", port=1), connect_timeout=2).open()
+
+
+def test_keyset_pages_read_every_row_once_in_id_order(demo_db):
+    with service.connect(demo_db) as db:
+        small = [(r.id, r.spec) for r in db.iter_spec_rows(page_size=7)]
+        large = [(r.id, r.spec) for r in db.iter_spec_rows(page_size=5000)]
+    assert small == large and len(small) == 1500
+    assert [i for i, _ in small] == sorted({i for i, _ in small})
+
+
+def test_rows_carry_queued_for_delete_from_instance_mappings(demo_db):
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT instance_uuid FROM request_specs ORDER BY id LIMIT 2")
+        (queued,), (kept,) = cur.fetchall()
+        cur.execute(
+            "INSERT INTO instance_mappings (instance_uuid, project_id, queued_for_delete) VALUES (%s, 'p', 1), (%s, 'p', 0)",
+            (queued, kept),
+        )
+    with service.connect(demo_db) as db:
+        flags = {r.instance_uuid: r.queued_for_delete for r in db.iter_spec_rows(page_size=2)}
+    assert flags[queued] is True and flags[kept] is False
+
+
+def test_flavors_are_loaded_with_their_extra_specs(demo_db):
+    with service.connect(demo_db) as db:
+        flavors = db.load_flavors()
+        identity = db.server_identity()
+    assert len(flavors) == 23
+    assert sum(len(f.extra_specs) for f in flavors.values()) == 157
+    assert identity["schema"] == demo_db.database and identity["server_hostname"]

@@ -1,0 +1,88 @@
+"""Back up, sync, restore against the real MariaDB: the original bytes come back."""
+
+from __future__ import annotations
+
+import pytest
+from dbtools import connect, table_hash
+
+from nova_flavor_sync import service
+from nova_flavor_sync.backup import load_backup
+from nova_flavor_sync.errors import BackupError
+
+pytestmark = pytest.mark.db
+
+
+def sync_with_backup(params, backup_dir, **backup_kwargs):
+    with service.connect(params) as db:
+        flavors, scope = service.resolve_scope(db, all_keys=True)
+        plan = service.make_plan(db, scope, flavors=flavors)
+        backup = service.back_up(db, plan, backup_dir, **backup_kwargs)
+        service.apply_plan(db, plan)
+    return plan, backup
+
+
+def specs(params):
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, spec FROM request_specs")
+        return dict(cur.fetchall())
+
+
+def test_restore_brings_back_every_original_byte(demo_db, tmp_path):
+    original = table_hash(demo_db, columns="id, instance_uuid, spec")
+    plan, backup = sync_with_backup(demo_db, tmp_path)
+    assert table_hash(demo_db, columns="id, instance_uuid, spec") != original
+
+    with service.connect(demo_db) as db:
+        dry = service.restore(db, backup.info.path)
+        assert len(dry.restored) == len(plan.changes)
+        assert table_hash(demo_db, columns="id, instance_uuid, spec") != original  # dry run wrote nothing
+        done = service.restore(db, backup.info.path, run=True)
+
+    assert sorted(done.restored) == sorted(c.id for c in plan.changes)
+    assert done.skipped == [] and done.errors == {} and done.not_verified == []
+    assert table_hash(demo_db, columns="id, instance_uuid, spec") == original
+
+
+def test_the_backup_holds_exactly_the_rows_the_plan_changes(demo_db, tmp_path):
+    before = specs(demo_db)
+    plan, backup = sync_with_backup(demo_db, tmp_path)
+    loaded = load_backup(backup.info.path)
+    assert loaded.info.plan_digest == plan.digest and backup.diverged == []
+    assert {r.id: r.spec for r in loaded.records} == {c.id: before[c.id] for c in plan.changes}
+    assert all(r.new_sha256 == c.new_sha256 for r, c in zip(loaded.records, plan.changes))
+
+
+def test_backup_all_saves_every_row_and_restore_skips_the_unchanged_ones(demo_db, tmp_path):
+    plan, backup = sync_with_backup(demo_db, tmp_path, backup_all=True)
+    assert backup.info.record_count == 1500
+    with service.connect(demo_db) as db:
+        done = service.restore(db, backup.info.path, run=True)
+    assert len(done.restored) == len(plan.changes)
+    assert len(done.skipped) == 1500 - len(plan.changes)
+    assert {n.reason for n in done.skipped} == {"already holds the backed-up spec"}
+
+
+def test_a_row_changed_after_the_sync_is_skipped_unless_forced(demo_db, tmp_path):
+    plan, backup = sync_with_backup(demo_db, tmp_path)
+    changed_later = plan.changes[0].id
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE request_specs SET spec = REPLACE(spec, '\"az-', '\"zone-') WHERE id = %s", (changed_later,))
+    nova_version = specs(demo_db)[changed_later]
+
+    with service.connect(demo_db) as db:
+        careful = service.restore(db, backup.info.path, run=True)
+        assert specs(demo_db)[changed_later] == nova_version
+        forced = service.restore(db, backup.info.path, run=True, force=True)
+
+    assert [n.id for n in careful.skipped] == [changed_later]
+    assert "changed since the sync" in careful.skipped[0].reason
+    assert forced.restored == [changed_later]
+    assert specs(demo_db)[changed_later] == next(r.spec for r in load_backup(backup.info.path).records if r.id == changed_later)
+
+
+def test_a_backup_of_another_database_is_refused_and_nothing_changes(demo_db, other_demo_db, tmp_path):
+    _, backup = sync_with_backup(demo_db, tmp_path)
+    untouched = table_hash(other_demo_db)
+    with service.connect(other_demo_db) as db, pytest.raises(BackupError, match="is of schema"):
+        service.restore(db, backup.info.path, run=True)
+    assert table_hash(other_demo_db) == untouched

@@ -1,0 +1,77 @@
+"""Plain helpers for tests that use the real MariaDB (the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from typing import Any
+
+import pymysql
+
+from nova_flavor_sync.dburl import DbParams
+
+DEFAULT_HASH_COLUMNS = "id, instance_uuid, spec, created_at, updated_at"
+
+
+def server_kwargs_from_env() -> dict[str, Any]:
+    """PyMySQL keyword arguments for the test server, without a database."""
+    return {
+        "host": os.environ.get("NFS_TEST_DB_HOST", "127.0.0.1"),
+        "port": int(os.environ.get("NFS_TEST_DB_PORT", "3306")),
+        "user": os.environ.get("NFS_TEST_DB_USER", "root"),
+        "password": os.environ.get("NFS_TEST_DB_PASSWORD", ""),
+    }
+
+
+def new_database_name(prefix: str = "nfs_test") -> str:
+    """A database name no other test (or concurrent test run) is using."""
+    return f"{prefix}_{secrets.token_hex(6)}"
+
+
+def db_params(server_kwargs: dict[str, Any], database: str) -> DbParams:
+    return DbParams(database=database, **server_kwargs)
+
+
+def connect(params: DbParams, **overrides: Any) -> pymysql.connections.Connection:
+    """A PyMySQL connection to ``params`` (autocommit on unless overridden); use ``with``."""
+    return pymysql.connect(**{**params.connect_kwargs(), "autocommit": True, **overrides})
+
+
+def table_hash(params: DbParams, table: str = "request_specs", columns: str = DEFAULT_HASH_COLUMNS) -> str:
+    """sha256 over ``columns`` of every row of ``table`` in id order: equal hashes = no row changed."""
+    if not re.fullmatch(r"\w+", table):
+        raise ValueError(f"bad table name {table!r}")
+    digest = hashlib.sha256()
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT {columns} FROM `{table}` ORDER BY id")
+        for row in cur.fetchall():
+            digest.update(repr(row).encode() + b"\n")  # repr keeps None vs 'None' apart
+    return digest.hexdigest()
+
+
+def tables_with_rows(server_kwargs: dict[str, Any], database: str) -> list[str]:
+    """The tables of ``database`` that hold at least one row."""
+    with connect(db_params(server_kwargs, database)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (database,),
+        )
+        names = [name for (name,) in cur.fetchall()]
+        found = []
+        for name in names:
+            cur.execute(f"SELECT EXISTS (SELECT 1 FROM `{name}`)")
+            if cur.fetchone()[0]:
+                found.append(name)
+        return found
+
+
+def copy_rows(server_kwargs: dict[str, Any], source: str, target: str, tables: list[str]) -> None:
+    """Copy every row of ``tables`` from database ``source`` into the same (empty) tables of ``target``."""
+    with connect(db_params(server_kwargs, target), autocommit=False) as conn, conn.cursor() as cur:
+        # As the dump does: parents and children in any order, and an id of 0 kept as 0.
+        cur.execute("SET SESSION foreign_key_checks = 0, sql_mode = 'NO_AUTO_VALUE_ON_ZERO'")
+        for name in tables:
+            cur.execute(f"INSERT INTO `{target}`.`{name}` SELECT * FROM `{source}`.`{name}`")
+        conn.commit()
