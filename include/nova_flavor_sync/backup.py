@@ -21,7 +21,7 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -106,7 +106,7 @@ def write_backup(
 ) -> BackupInfo:
     """Write records to a new backup file atomically: temp file, fsync, rename, fsync dir."""
     directory = private_dir(directory)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     stem = f"{FILE_PREFIX}{now.strftime('%Y%m%d_%H%M%S')}"
     tmp = directory / f".{stem}.{os.getpid()}.tmp"
     header = {
@@ -176,8 +176,8 @@ def check_same_database(info: BackupInfo, current: Mapping[str, Any]) -> None:
             if theirs != ours:
                 raise BackupError(
                     f"backup {info.path.name} was taken on another server "
-                    f"({', '.join(f'{k}={v}' for k, v in zip(keys, theirs))}); this is "
-                    f"{', '.join(f'{k}={v}' for k, v in zip(keys, ours))}"
+                    f"({', '.join(f'{k}={v}' for k, v in zip(keys, theirs, strict=True))}); this is "
+                    f"{', '.join(f'{k}={v}' for k, v in zip(keys, ours, strict=True))}"
                 )
             return
     raise BackupError(f"backup {info.path.name} does not say which server it was taken on")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pymysql
@@ -69,7 +69,7 @@ def retryable_reason(exc: BaseException) -> str | None:
 
 def utcnow() -> datetime:
     """What Nova's ORM writes into updated_at: naive UTC, whole seconds."""
-    return datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
 
 
 class NovaApiDb:

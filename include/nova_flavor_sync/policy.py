@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 
 
-class RiskClass(str, enum.Enum):
+class RiskClass(enum.StrEnum):
     """How risky it is to change a key in an existing instance's RequestSpec."""
 
     SCHEDULING = "scheduling"  # only steers host selection by filters: safe to sync

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from dbtools import connect
 
+from dbtools import connect
 from nova_flavor_sync import service
 from nova_flavor_sync.apply import RetryPolicy, apply_plan
 from nova_flavor_sync.db import NovaApiDb
@@ -46,7 +46,7 @@ def test_a_sync_rewrites_only_extra_specs_and_sets_updated_at(demo_db):
     before = rows(demo_db)
     with service.connect(demo_db) as db:
         plan = plan_all_keys(db)
-        started = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+        started = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
         result = apply_plan(db, plan, batch_size=100)
         remaining = service.verify(db, plan.scope)
     after = rows(demo_db)

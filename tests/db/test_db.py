@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from dbtools import connect
 
+from dbtools import connect
 from nova_flavor_sync import service
 from nova_flavor_sync.db import NovaApiDb
 from nova_flavor_sync.errors import DatabaseUnavailableError, ExitCode, SchemaError
@@ -67,7 +67,8 @@ def test_rows_carry_queued_for_delete_from_instance_mappings(demo_db):
         cur.execute("SELECT instance_uuid FROM request_specs ORDER BY id LIMIT 2")
         (queued,), (kept,) = cur.fetchall()
         cur.execute(
-            "INSERT INTO instance_mappings (instance_uuid, project_id, queued_for_delete) VALUES (%s, 'p', 1), (%s, 'p', 0)",
+            "INSERT INTO instance_mappings (instance_uuid, project_id, queued_for_delete) "
+            "VALUES (%s, 'p', 1), (%s, 'p', 0)",
             (queued, kept),
         )
     with service.connect(demo_db) as db:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from dbtools import connect, table_hash
 
+from dbtools import connect, table_hash
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import load_backup
 from nova_flavor_sync.errors import BackupError
@@ -49,7 +49,7 @@ def test_the_backup_holds_exactly_the_rows_the_plan_changes(demo_db, tmp_path):
     loaded = load_backup(backup.info.path)
     assert loaded.info.plan_digest == plan.digest and backup.diverged == []
     assert {r.id: r.spec for r in loaded.records} == {c.id: before[c.id] for c in plan.changes}
-    assert all(r.new_sha256 == c.new_sha256 for r, c in zip(loaded.records, plan.changes))
+    assert all(r.new_sha256 == c.new_sha256 for r, c in zip(loaded.records, plan.changes, strict=True))
 
 
 def test_backup_all_saves_every_row_and_restore_skips_the_unchanged_ones(demo_db, tmp_path):
@@ -77,7 +77,8 @@ def test_a_row_changed_after_the_sync_is_skipped_unless_forced(demo_db, tmp_path
     assert [n.id for n in careful.skipped] == [changed_later]
     assert "changed since the sync" in careful.skipped[0].reason
     assert forced.restored == [changed_later]
-    assert specs(demo_db)[changed_later] == next(r.spec for r in load_backup(backup.info.path).records if r.id == changed_later)
+    backed_up = {r.id: r.spec for r in load_backup(backup.info.path).records}
+    assert specs(demo_db)[changed_later] == backed_up[changed_later]
 
 
 def test_a_backup_of_another_database_is_refused_and_nothing_changes(demo_db, other_demo_db, tmp_path):

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from nova_flavor_sync.backup import (
 from nova_flavor_sync.errors import BackupError, ExitCode
 from nova_flavor_sync.spec_json import sha256_text
 
-NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
 PLAN_DIGEST = "plan-digest-0123456789abcdef"
 SCOPE = {"flavors": ["m1.large"], "instances": None}
 
@@ -334,7 +334,7 @@ def test_a_resealed_but_unchanged_file_still_loads(tmp_path):
 
 
 def test_list_backups_shows_each_backup_in_name_order_and_reports_damaged_ones(tmp_path):
-    later = backup(tmp_path, records=RECORDS, now=datetime(2026, 3, 15, tzinfo=timezone.utc))
+    later = backup(tmp_path, records=RECORDS, now=datetime(2026, 3, 15, tzinfo=UTC))
     earlier = backup(tmp_path, records=[], now=NOW)  # written second, listed first
     damaged = tmp_path / "request_specs_20260101_000000.json"
     damaged.write_bytes(b"\x00garbage, not a backup\n")

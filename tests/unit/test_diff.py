@@ -186,7 +186,8 @@ def test_every_real_sample_row_plans_cleanly():
     rows = []
     for sample in samples:
         copy = read_embedded_flavor(sample["spec"])
-        all_flavors[copy.id] = Flavor(copy.id, copy.flavorid, copy.name, {**copy.extra_specs, "aggregate_instance_extra_specs:x": "y"})
+        changed = {**copy.extra_specs, "aggregate_instance_extra_specs:x": "y"}
+        all_flavors[copy.id] = Flavor(copy.id, copy.flavorid, copy.name, changed)
         rows.append(SpecRow(sample["id"], sample["instance_uuid"], sample["spec"]))
     plan = make_plan(all_flavors, rows, Scope())
     assert len(plan.changes) == len(samples) and plan.errors == []

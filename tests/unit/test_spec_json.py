@@ -73,7 +73,7 @@ def test_nova_object_changes_and_versions_are_kept():
 
 
 def test_sha256_is_of_the_utf8_bytes():
-    assert sha256_text("z\u00fcrich") == hashlib.sha256("zürich".encode("utf-8")).hexdigest()
+    assert sha256_text("z\u00fcrich") == hashlib.sha256("zürich".encode()).hexdigest()
 
 
 def _mutated(change) -> str:
@@ -135,7 +135,7 @@ def test_unreadable_specs_are_refused_with_the_reason(spec, message):
 
 def test_a_spec_not_in_novas_format_is_read_but_never_rewritten():
     compact = json.dumps(json.loads(SAMPLES[0]["spec"]), separators=(",", ":"))
-    assert read_embedded_flavor(compact).id == json.loads(compact)["nova_object.data"]["flavor"]["nova_object.data"]["id"]
+    assert read_embedded_flavor(compact) == read_embedded_flavor(SAMPLES[0]["spec"])
     with pytest.raises(SpecShapeError, match="not in Nova's serialization format"):
         rewrite_extra_specs(compact, {})
 
