@@ -189,7 +189,7 @@ def parse_db_url(url: str, *, source: str = "database URL") -> DbParams:
         password=unquote(m["password"] or ""),
         unix_socket=unix_socket,
         charset=charset,
-        ssl=_ssl_kwargs(query, fail),
+        ssl=ssl_kwargs(query, fail),
     )
 
 
@@ -226,7 +226,7 @@ def _query(text: str, fail: Callable[[str], NoReturn]) -> dict[str, str]:
     return out
 
 
-def _ssl_kwargs(query: dict[str, str], fail: Callable[[str], NoReturn]) -> dict[str, Any]:
+def ssl_kwargs(query: dict[str, str], fail: Callable[[str], NoReturn]) -> dict[str, Any]:
     """PyMySQL's TLS keyword arguments for the ssl query parameters.
 
     Two PyMySQL 1.1 habits are evened out so the URL means what Nova (SQLAlchemy) makes
