@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE, ApplyResult
@@ -41,8 +43,24 @@ class PlanChangedError(NovaFlavorSyncError):
     exit_code = ExitCode.REFUSED
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a URL quoted in a usage error (a mistyped flag) has its password masked."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(" ".join(_redact_word(word) for word in message.split(" ")))
+
+
+def _redact_word(word: str) -> str:
+    if "://" not in word:
+        return word
+    flag, eq, value = word.partition("=")
+    if not eq or "://" in flag:
+        return redact_url(word)
+    return f"{flag}={redact_url(value)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Find request specs whose flavor copy is stale and rewrite only their extra_specs. "
         "Dry run unless --run is given.",
@@ -59,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--restore", metavar="FILE", type=Path, help="put back the rows saved in this backup")
     mode.add_argument("--list-backups", action="store_true", help="list backups in --backup-dir")
     mode.add_argument("--force", action="store_true", help="with --restore: also restore rows changed since the sync")
-    mode.add_argument("--plan-digest", metavar="DIGEST", help="with --run: refuse unless the plan is still this one")
+    mode.add_argument("--plan-digest", metavar="DIGEST", type=_digest,
+                      help="with --run: refuse unless the plan is still this one")
 
     scope = parser.add_argument_group("scope (repeatable; default everything)")
     scope.add_argument("--flavor", action="append", default=[], metavar="FLAVOR",
@@ -242,6 +261,12 @@ def _log_lines(lines: Sequence[str]) -> None:
         log.info("%s", line)
 
 
+def _digest(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise argparse.ArgumentTypeError("a plan digest is 64 hex digits, as a dry run prints it")
+    return value
+
+
 def _batch_size(value: str) -> int:
     try:
         size = int(value)
@@ -260,12 +285,11 @@ class _BelowError(logging.Filter):
 def _set_up_logging(log_file: Path, *, verbose: bool) -> None:
     """INFO and WARNING to stdout, ERROR to stderr, everything to the log file."""
     try:
-        if not log_file.parent.exists():
-            private_dir(log_file.parent)
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # new log: 0600
         file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-    except (OSError, NovaFlavorSyncError) as exc:
-        raise ConfigError(f"cannot write the log file {log_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the log file {log_file}: {exc.strerror or exc}") from None
     formatter = logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
     out = logging.StreamHandler(sys.stdout)
     out.addFilter(_BelowError())
