@@ -30,7 +30,7 @@ class RowTarget:
     id: int
     expected_sha256: str
     new_sha256: str
-    build: Callable[[str], str]  # current spec text -> new spec text
+    build: Callable[[str], str | None]  # current spec text -> new text; None: not any more
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,9 @@ def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget]) -> ApplyResult:
                 new_text = target.build(text)
             except SpecShapeError as exc:
                 outcome.errors[target.id] = str(exc)
+                continue
+            if new_text is None:  # what was approved no longer applies to this row
+                outcome.conflicts.append(target.id)
                 continue
             if not db.fits_in_one_statement(new_text):
                 outcome.errors[target.id] = (

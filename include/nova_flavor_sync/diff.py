@@ -47,7 +47,7 @@ def make_plan(flavors: Mapping[int, Flavor], rows: Iterable[SpecRow], scope: Sco
             plan.out_of_scope += 1
         elif isinstance(outcome, RowChange):
             plan.changes.append(outcome)
-            digest.add(outcome)
+            digest.add(outcome.id, outcome.old_sha256, outcome.new_sha256)
         else:
             kind, note = outcome
             getattr(plan, kind).append(note)

@@ -157,8 +157,8 @@ class PlanDigest:
         self._hash = hashlib.sha256(PLAN_DIGEST_VERSION.encode())
         self._hash.update(json.dumps(scope.as_dict(), sort_keys=True).encode() + b"\n")
 
-    def add(self, change: RowChange) -> None:
-        self._hash.update(f"{change.id} {change.old_sha256} {change.new_sha256}\n".encode())
+    def add(self, row_id: int, old_sha256: str, new_sha256: str) -> None:
+        self._hash.update(f"{row_id} {old_sha256} {new_sha256}\n".encode())
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

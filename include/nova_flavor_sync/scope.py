@@ -36,6 +36,7 @@ class Scope:
         """A stable, JSON-ready form (for the digest, backups and reports)."""
         return {
             "flavor_ids": sorted(self.flavor_ids) if self.flavor_ids is not None else None,
+            "flavorids": sorted(self.flavorids) if self.flavorids is not None else None,
             "instance_uuids": sorted(self.instance_uuids) if self.instance_uuids is not None else None,
             "key_prefixes": sorted(self.key_prefixes),
             "all_keys": self.all_keys,

@@ -25,9 +25,10 @@ from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
 from nova_flavor_sync.plan import Flavor, Plan, RowChange, RowNote, SpecRow
+from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
 from nova_flavor_sync.restore import plan_restore
 from nova_flavor_sync.scope import Scope, build_scope
-from nova_flavor_sync.spec_json import sha256_text
+from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class BackupResult:
 
 def back_up(
     db: NovaApiDb,
-    plan: Plan,
+    plan: Plan | SavedPlan,
     directory: Path,
     *,
     backup_all: bool = False,
@@ -133,6 +134,47 @@ def apply_plan(
 ) -> ApplyResult:
     """Write the plan's changes in compare-and-swap batches."""
     return apply_mod.apply_plan(db, plan, batch_size=batch_size, exclude_ids=exclude_ids, progress=progress)
+
+
+def apply_saved_plan(
+    db: NovaApiDb,
+    saved: SavedPlan,
+    *,
+    first_id: int,
+    last_id: int,
+    exclude_ids: Iterable[int] = (),
+    batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
+) -> ApplyResult:
+    """Apply the approved plan's rows with ids in [first_id, last_id] (one Airflow mapped task).
+
+    Each row is planned again from what the database holds now, with the current flavors,
+    and written only if that gives exactly the approved bytes-before and bytes-after: a row
+    Nova saved or a flavor changed since the approval is a conflict, never overwritten.
+    """
+    excluded = set(exclude_ids)
+    rows = [r for r in saved.changes if first_id <= r.id <= last_id]
+    planner = RowPlanner(db.load_flavors(), saved.scope)
+    targets = [
+        apply_mod.RowTarget(r.id, r.old_sha256, r.new_sha256, _approved_rewrite(planner, r))
+        for r in rows
+        if r.id not in excluded
+    ]
+    batches = (targets[i : i + batch_size] for i in range(0, len(targets), batch_size))
+    result = apply_mod.apply_batches(db, batches, total=len(targets))
+    result.conflicts = [r.id for r in rows if r.id in excluded] + result.conflicts
+    return result
+
+
+def _approved_rewrite(planner: RowPlanner, row: PlannedRow) -> Callable[[str], str | None]:
+    """Rebuild a row from its current text, or None if that no longer gives the approved bytes."""
+
+    def rewrite(text: str) -> str | None:
+        fresh = planner.plan_row(SpecRow(row.id, row.instance_uuid, text))
+        if not isinstance(fresh, RowChange) or fresh.new_sha256 != row.new_sha256:
+            return None  # the flavor (or the row's scope) changed since the approval
+        return rewrite_extra_specs(text, dict(fresh.diff.target_extra_specs))
+
+    return rewrite
 
 
 def explain_conflicts(db: NovaApiDb, plan: Plan, ids: Sequence[int]) -> list[RowNote]:
