@@ -21,18 +21,46 @@ PYTEST_ARGS ?=
 LOCK_ARGS ?=
 LOCK_VENV ?= /tmp/nova-flavor-sync-lock-venv
 
-.PHONY: install db-up test demo lock clean
+# Debian packages that building mysqlclient (apache-airflow-providers-mysql) needs, besides
+# a C compiler and Python's headers. PyPI has no Linux wheel of mysqlclient: pip compiles it.
+SYSTEM_DEPS ?= libmariadb-dev pkg-config
+
+.PHONY: install system-deps db-up test demo lock clean
 
 install: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs only when the lock or the project metadata changed.
+# Re-installs only when the lock or the project metadata changed (so the system check below
+# runs only then, too).
 $(STAMP): requirements.lock pyproject.toml | $(PY)
+	@$(MAKE) --no-print-directory system-deps
 	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# Installs SYSTEM_DEPS with apt-get when one is missing (as root; otherwise says what to run),
+# then checks for a C compiler and Python's headers, which mysqlclient's build needs too.
+system-deps:
+	@if ! dpkg -s $(SYSTEM_DEPS) >/dev/null 2>&1; then \
+	    if [[ $$(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then \
+	        echo "system-deps: missing Debian packages for building mysqlclient; as root, run:" >&2; \
+	        echo "    apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_DEPS)" >&2; \
+	        echo "(elsewhere: MariaDB's or MySQL's client headers and pkg-config)" >&2; \
+	        exit 1; \
+	    fi; \
+	    echo "system-deps: installing $(SYSTEM_DEPS)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes \
+	        apt-get install -y -qq --no-install-recommends $(SYSTEM_DEPS) >/dev/null; \
+	fi
+	@cc=$$($(PYTHON) -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])'); \
+	command -v "$${CC:-$$cc}" >/dev/null 2>&1 || { \
+	    echo "system-deps: no C compiler ($${CC:-$$cc}) to build mysqlclient: apt-get install gcc" >&2; exit 1; }
+	@inc=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	[[ -f "$$inc/Python.h" ]] || { \
+	    echo "system-deps: $(PYTHON) has no headers ($$inc/Python.h) to build mysqlclient:" \
+	         "apt-get install python3-dev (Debian's python3), or a Python built with its headers" >&2; exit 1; }
 
 db-up:
 	bash scripts/ensure-mariadb
@@ -56,10 +84,11 @@ demo: install db-up
 
 # pip-tools lives in a throwaway venv outside the repo; the machine's pip config
 # (extra indexes, find-links) is ignored so the lock only points at the default index.
-lock:
+# Resolving needs mysqlclient's metadata, which its setup.py gets from pkg-config: system-deps.
+lock: system-deps
 	[[ -x $(LOCK_VENV)/bin/pip-compile ]] || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet "pip-tools>=7.4,<8"; }
 	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make lock" \
-	    $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --extra dev --strip-extras --allow-unsafe --no-emit-index-url \
+	    $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --extra dev --extra airflow --strip-extras --allow-unsafe --no-emit-index-url \
 	    --output-file requirements.lock $(LOCK_ARGS) pyproject.toml
 
 clean:
