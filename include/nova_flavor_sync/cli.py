@@ -205,7 +205,7 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     result = service.apply_plan(
         db, plan, batch_size=args.batch_size, exclude_ids=excluded, progress=_progress if args.verbose else None
     )
-    conflicts = service.explain_conflicts(db, plan, result.conflicts)
+    conflicts = service.explain_conflicts(db, plan.scope, result.conflicts)
     _log_lines(report.apply_lines(result, conflicts))
 
     after = service.verify(db, scope)

@@ -144,6 +144,7 @@ def apply_saved_plan(
     last_id: int,
     exclude_ids: Iterable[int] = (),
     batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
+    progress: Callable[[ApplyResult, int], None] | None = None,
 ) -> ApplyResult:
     """Apply the approved plan's rows with ids in [first_id, last_id] (one Airflow mapped task).
 
@@ -160,7 +161,7 @@ def apply_saved_plan(
         if r.id not in excluded
     ]
     batches = (targets[i : i + batch_size] for i in range(0, len(targets), batch_size))
-    result = apply_mod.apply_batches(db, batches, total=len(targets))
+    result = apply_mod.apply_batches(db, batches, total=len(targets), progress=progress)
     result.conflicts = [r.id for r in rows if r.id in excluded] + result.conflicts
     return result
 
@@ -177,15 +178,14 @@ def _approved_rewrite(planner: RowPlanner, row: PlannedRow) -> Callable[[str], s
     return rewrite
 
 
-def explain_conflicts(db: NovaApiDb, plan: Plan, ids: Sequence[int]) -> list[RowNote]:
+def explain_conflicts(db: NovaApiDb, scope: Scope, ids: Sequence[int]) -> list[RowNote]:
     """Re-read and re-plan rows that changed under us: are they in sync now, or still stale?"""
-    planner = RowPlanner(db.load_flavors(), plan.scope)
+    planner = RowPlanner(db.load_flavors(), scope)
     current = db.read_specs(ids)
-    uuids = {c.id: c.instance_uuid for c in plan.changes}
     notes = []
     for row_id in ids:
         if row_id not in current:
-            notes.append(RowNote(row_id, uuids.get(row_id, ""), "changed since planned: row deleted"))
+            notes.append(RowNote(row_id, "", "changed since planned: row deleted"))
             continue
         uuid, spec, updated_at = current[row_id]
         outcome = planner.plan_row(SpecRow(row_id, uuid, spec, updated_at))

@@ -71,7 +71,7 @@ def test_a_row_nova_saved_after_planning_is_a_conflict_and_keeps_novas_bytes(dem
         raced = plan.changes[3].id
         novas_text = nova_saves(demo_db, raced)
         result = apply_plan(db, plan)
-        (note,) = service.explain_conflicts(db, plan, result.conflicts)
+        (note,) = service.explain_conflicts(db, plan.scope, result.conflicts)
 
     assert result.conflicts == [raced] and raced not in result.updated
     assert rows(demo_db)[raced][0] == novas_text

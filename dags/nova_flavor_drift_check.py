@@ -1,0 +1,39 @@
+"""
+### nova_flavor_drift_check
+
+Nightly: are Nova's RequestSpecs still in sync with their flavors? Reads only, never
+writes. The run fails when drift is found; its log lists every stale instance and its
+key changes, and the summary by flavor and key is in XCom (and in the failure message).
+Sync them with the `nova_flavor_sync` DAG.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+from nova_flavor_sync_airflow import NovaApiDbHook
+
+from nova_flavor_sync import pipeline
+
+
+@task
+def check_drift(params=None):
+    return pipeline.check_drift(NovaApiDbHook(params["conn_id"]).get_db_params(), all_keys=params["all_keys"])
+
+
+with DAG(
+    dag_id="nova_flavor_drift_check",
+    description="Nightly, read-only: fail when RequestSpecs have drifted from their flavors",
+    doc_md=__doc__,
+    schedule="30 2 * * *",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["nova", "flavor"],
+    params={
+        "conn_id": Param("nova_api_db", type="string", minLength=1, description="Airflow Connection (type mysql)"),
+        "all_keys": Param(False, type="boolean",
+                          description="Count drift in placement/topology keys too (held back by a default sync)"),
+    },
+) as dag:
+    check_drift()

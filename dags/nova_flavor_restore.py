@@ -1,0 +1,74 @@
+"""
+### nova_flavor_restore
+
+Put back the RequestSpecs saved in a nova_flavor_sync backup. The backup is checked first
+(checksum, format, same database); a dry run (the default) shows what would be restored.
+Otherwise an approval is asked for, then rows are restored with compare-and-swap (only rows
+still as the sync left them, unless `force`) and read back to check their bytes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+from nova_flavor_sync_airflow import NovaApiDbHook, RecordedApprovalOperator
+
+from nova_flavor_sync import pipeline
+from nova_flavor_sync.service import MAX_BATCH_SIZE
+
+
+def db_params(params):
+    return NovaApiDbHook(params["conn_id"]).get_db_params()
+
+
+@task
+def check_backup(params=None):
+    return pipeline.restore_backup(db_params(params), params["backup_path"], run=False, force=params["force"])
+
+
+@task.short_circuit
+def should_restore(checked, params=None):
+    if params["dry_run"]:
+        print(f"DRY RUN: {checked['would_restore']} rows would be restored; nothing was written.")
+        return False
+    return checked["would_restore"] > 0
+
+
+@task
+def restore(params=None):
+    return pipeline.restore_backup(
+        db_params(params), params["backup_path"], run=True, force=params["force"], batch_size=params["batch_size"]
+    )
+
+
+with DAG(
+    dag_id="nova_flavor_restore",
+    description="Restore RequestSpecs from a nova_flavor_sync backup, after approval",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["nova", "flavor"],
+    params={
+        "conn_id": Param("nova_api_db", type="string", minLength=1, description="Airflow Connection (type mysql)"),
+        "backup_path": Param(type="string", minLength=1, description="Backup file (see the Backups page)"),
+        "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),
+        "force": Param(False, type="boolean", description="Also restore rows changed since the sync"),
+        "batch_size": Param(500, type="integer", minimum=1, maximum=MAX_BATCH_SIZE),
+    },
+) as dag:
+    checked = check_backup()
+    approve = RecordedApprovalOperator(
+        task_id="approve",
+        subject="Restore {{ ti.xcom_pull(task_ids='check_backup')['would_restore'] }} RequestSpecs "
+        "from {{ params.backup_path }}?",
+        body="Backup `{{ params.backup_path }}` (plan `{{ ti.xcom_pull(task_ids='check_backup')['plan_digest'] }}`): "
+        "{{ ti.xcom_pull(task_ids='check_backup')['would_restore'] }} rows would be restored, "
+        "{{ ti.xcom_pull(task_ids='check_backup')['skipped'] }} skipped.",
+        defaults="Reject",
+        response_timeout=timedelta(hours=24),
+    )
+    checked >> should_restore(checked) >> approve >> restore()

@@ -1,0 +1,272 @@
+"""One call per Airflow task: each takes plain values, returns a small JSON-ready dict.
+
+The DAGs in ``dags/`` fetch the Airflow Connection, turn it into DbParams
+(``airflow_conn``) and call one function here. The plan travels between tasks as a file
+in ``work_dir`` (``plan_file``); XCom carries only its path, digest and counts. With more
+than one worker (Celery, Kubernetes), ``work_dir`` and the backup directory must be on
+storage every worker sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nova_flavor_sync import report, service
+from nova_flavor_sync.apply import ApplyResult
+from nova_flavor_sync.backup import list_backups
+from nova_flavor_sync.dburl import DbParams
+from nova_flavor_sync.errors import NovaFlavorSyncError
+from nova_flavor_sync.plan import Plan
+from nova_flavor_sync.plan_file import load_plan, save_plan
+
+log = logging.getLogger(__name__)
+
+# Where the DAGs keep plans and backups; shared storage when several workers run tasks.
+DATA_DIR_ENV = "NOVA_FLAVOR_SYNC_DIR"
+DEFAULT_DATA_DIR = "~/.nova-flavor-fixes"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def plans_dir() -> Path:
+    return data_dir() / "plans"
+
+
+def backups_dir() -> Path:
+    return data_dir() / "backups"
+
+
+# Airflow creates at most core.max_map_length (1024 by default) mapped tasks: stay below.
+MAX_APPLY_TASKS = 1000
+
+
+class DriftFoundError(NovaFlavorSyncError):
+    """Verify found RequestSpecs still out of sync in scope: fails the task."""
+
+
+def check_database(params: DbParams) -> dict[str, Any]:
+    """Connect and check the schema; return the server identity."""
+    with service.connect(params) as db:
+        identity = db.server_identity()
+    log.info("Connected to %s: nova_api schema checked", params.safe_url())
+    return identity
+
+
+def plan_to_file(
+    params: DbParams,
+    work_dir: Path,
+    *,
+    flavors: Sequence[str] = (),
+    instances: Sequence[str] = (),
+    key_prefixes: Sequence[str] = (),
+    all_keys: bool = False,
+) -> dict[str, Any]:
+    """Plan, log every changed instance and its key changes, save the plan to a file."""
+    with service.connect(params) as db:
+        found, scope = service.resolve_scope(
+            db, flavor_selectors=flavors, instance_uuids=instances, key_prefixes=key_prefixes, all_keys=all_keys
+        )
+        plan = service.make_plan(db, scope, flavors=found)
+    for line in report.plan_lines(plan, verbose=True) + report.summary_lines(plan):
+        log.info("%s", line)
+    path = save_plan(plan, work_dir)
+    log.info("Plan %s saved to %s", plan.digest, path)
+    return {"plan_path": str(path), "summary": plan.summary(), "approval_body": approval_body(plan)}
+
+
+def back_up_plan(params: DbParams, plan_path: str, backup_dir: Path, *, backup_all: bool = False) -> dict[str, Any]:
+    """Back up the rows the saved plan changes; return the file and the rows that moved on."""
+    saved = load_plan(Path(plan_path))
+    with service.connect(params) as db:
+        result = service.back_up(db, saved, backup_dir, backup_all=backup_all)
+    return {
+        "backup_path": str(result.info.path),
+        "records": result.info.record_count,
+        "diverged": result.diverged,
+    }
+
+
+def apply_ranges(plan_path: str, batch_size: int) -> list[dict[str, Any]]:
+    """Split the plan's rows into id ranges, one per mapped apply task (at most MAX_APPLY_TASKS)."""
+    ids = [row.id for row in load_plan(Path(plan_path)).changes]
+    per_task = max(batch_size, math.ceil(len(ids) / MAX_APPLY_TASKS))
+    return [
+        {"first_id": chunk[0], "last_id": chunk[-1], "rows": len(chunk)}
+        for chunk in (ids[i : i + per_task] for i in range(0, len(ids), per_task))
+    ]
+
+
+def apply_range(
+    params: DbParams,
+    plan_path: str,
+    approved_digest: str,
+    *,
+    first_id: int,
+    last_id: int,
+    exclude_ids: Sequence[int] = (),
+    batch_size: int,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Apply the approved plan's rows in [first_id, last_id]; conflicts are reported, not written."""
+    saved = load_plan(Path(plan_path), expected_digest=approved_digest)
+    with service.connect(params) as db:
+        result = service.apply_saved_plan(
+            db, saved, first_id=first_id, last_id=last_id, exclude_ids=exclude_ids, batch_size=batch_size,
+            progress=_log_progress if verbose else None,
+        )
+        conflicts = service.explain_conflicts(db, saved.scope, result.conflicts)
+    for line in report.apply_lines(result, conflicts):
+        log.info("%s", line)
+    return _counts(result)
+
+
+def verify(params: DbParams, plan_path: str) -> dict[str, Any]:
+    """Read everything in the plan's scope again; raise DriftFoundError if drift remains."""
+    return check_drift(params, scope_from=plan_path)
+
+
+def check_drift(
+    params: DbParams, *, scope_from: str | None = None, all_keys: bool = False
+) -> dict[str, Any]:
+    """The drift check: plan, log the summary, raise DriftFoundError on drift; never writes."""
+    with service.connect(params) as db:
+        if scope_from is not None:
+            scope = load_plan(Path(scope_from)).scope
+            plan = service.verify(db, scope)
+        else:
+            found, scope = service.resolve_scope(db, all_keys=all_keys)
+            plan = service.make_plan(db, scope, flavors=found)
+    for line in report.plan_lines(plan, verbose=True) + report.summary_lines(plan):
+        log.info("%s", line)
+    summary = plan.summary()
+    if plan.changes:
+        raise DriftFoundError(
+            f"{len(plan.changes)} request specs are out of sync with their flavors "
+            f"(by flavor: {summary['by_flavor']}; by key: {summary['by_key']})"
+        )
+    return summary
+
+
+def restore_backup(
+    params: DbParams, backup_path: str, *, run: bool, force: bool = False, batch_size: int = 500
+) -> dict[str, Any]:
+    """Check a backup and restore it (``run``) or say what it would restore."""
+    with service.connect(params) as db:
+        result = service.restore(db, Path(backup_path), run=run, force=force, batch_size=batch_size)
+    for line in report.restore_lines(result, verbose=True):
+        log.info("%s", line)
+    if run and (result.errors or result.not_verified):
+        raise NovaFlavorSyncError(
+            f"restore incomplete: {len(result.errors)} errors, {len(result.not_verified)} rows read back different"
+        )
+    return {
+        "backup_path": backup_path,
+        "restored" if run else "would_restore": len(result.restored),
+        "skipped": len(result.skipped),
+        "errors": len(result.errors),
+        "plan_digest": result.backup.plan_digest,
+    }
+
+
+def backups(backup_dir: Path) -> list[dict[str, Any]]:
+    """The backups in a directory, for the UI listing."""
+    rows = []
+    for entry in list_backups(backup_dir):
+        if isinstance(entry, tuple):
+            rows.append({"file": entry[0].name, "problem": entry[1]})
+        else:
+            rows.append({
+                "file": entry.path.name, "path": str(entry.path), "records": entry.record_count,
+                "created_at": entry.created_at, "plan_digest": entry.plan_digest,
+                "schema": entry.database.get("schema"),
+            })
+    return rows
+
+
+def sync_outcome(
+    plan: dict[str, Any],
+    *,
+    dry_run: bool,
+    answer: dict[str, Any] | None,
+    applied: Sequence[dict[str, Any]] | None,
+    verified: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What a nova_flavor_sync run did, in one unmistakable line (logged and returned)."""
+    summary = plan["summary"]
+    counts: dict[str, int] = {}
+    for result in applied or ():
+        for key, value in result.items():
+            counts[key] = counts.get(key, 0) + value
+    if dry_run:
+        outcome, line = "dry_run", f"DRY RUN: {summary['to_update']} RequestSpecs would be rewritten; nothing was written"
+    elif not summary["to_update"]:
+        outcome, line = "in_sync", "NOTHING TO DO: every RequestSpec in scope is in sync"
+    elif answer is None:
+        outcome, line = "not_approved", "NOT APPROVED: the run stopped before an answer; nothing was written"
+    elif answer["choice"] != "Approve":
+        outcome, line = "rejected", f"REJECTED by {answer['by']} at {answer['at']}: nothing was written"
+    elif verified is None:
+        outcome, line = "failed", (
+            f"APPROVED by {answer['by']} at {answer['at']}, but applying or verifying failed: "
+            f"{counts.get('updated', 0)} rows written; see the failed task's log, then run again"
+        )
+    else:
+        outcome, line = "applied", (
+            f"APPLIED plan {summary['digest']} approved by {answer['by']} at {answer['at']}: "
+            f"{counts.get('updated', 0)} rewritten, {counts.get('already', 0)} already done, "
+            f"{counts.get('conflicts', 0)} conflicts, {counts.get('errors', 0)} errors; verify found no drift"
+        )
+    log.info("%s", line)
+    return {"outcome": outcome, "message": line, "digest": summary["digest"], **counts}
+
+
+def approval_body(plan: Plan) -> str:
+    """Markdown for the approval page: what will change, what is held back, the digest."""
+    summary = plan.summary()
+    lines = [
+        f"**{len(plan.changes)} RequestSpecs will be rewritten** (only their flavor's extra_specs).",
+        "",
+        f"Plan digest: `{plan.digest}`",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| read | {plan.rows_read} |",
+        f"| to update | {len(plan.changes)} |",
+        f"| in sync | {plan.in_sync} |",
+        f"| held back (risky keys only) | {len(plan.held_back)} |",
+        f"| orphans (flavor deleted or re-created) | {len(plan.orphans)} |",
+        f"| unreadable rows | {len(plan.errors)} |",
+        f"| queued for delete | {len(plan.queued_for_delete)} |",
+    ]
+    for title, counts in (
+        ("To update by flavor", summary["by_flavor"]),
+        ("Key changes by key", summary["by_key"]),
+        ("Key changes by risk class", summary["by_risk"]),
+        ("Held back (placement/topology keys; not written)", summary["held_back_by_key"]),
+    ):
+        if counts:
+            lines += ["", f"**{title}**", ""] + [f"- `{name}`: {count}" for name, count in counts.items()]
+    lines += ["", "Approve writes these rows in compare-and-swap batches; Reject writes nothing."]
+    return "\n".join(lines)
+
+
+def _log_progress(result: ApplyResult, total: int) -> None:
+    log.info("Progress: %d of %d rows written", len(result.updated), total)
+
+
+def _counts(result: ApplyResult) -> dict[str, Any]:
+    return {
+        "updated": len(result.updated),
+        "already": len(result.already),
+        "conflicts": len(result.conflicts),
+        "gone": len(result.gone),
+        "errors": len(result.errors),
+        "retries": result.retries,
+    }
