@@ -194,6 +194,8 @@ def list_backups(directory: Path) -> list[BackupInfo | tuple[Path, str]]:
             found.append(read_backup_info(path))
         except BackupError as exc:
             found.append((path, str(exc)))
+    for path in sorted(directory.glob(f".{FILE_PREFIX}*.tmp")):  # a run killed while writing
+        found.append((path, "incomplete: its run stopped while writing it; not a backup, safe to delete"))
     return found
 
 

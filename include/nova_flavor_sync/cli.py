@@ -211,7 +211,10 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     after = service.verify(db, scope)
     log.info("Verify: %d request specs still out of sync in scope", len(after.changes))
     if after.changes and not result.conflicts:
-        log.error("Drift remains although no conflicts were seen: run --verify --verbose and report it")
+        log.warning(
+            "Drift remains although no conflicts were seen: Nova may have saved some rows from a copy it "
+            "read just before this run wrote them. Run again; if drift stays, run --verify --verbose"
+        )
     errors = len(plan.errors) + len(result.errors)
     written = len(result.updated) + len(result.already)
     _log_lines([report.summary_line(written, plan.rows_read - written - errors, errors)])

@@ -432,3 +432,14 @@ def test_another_database_is_refused(taken, current, match):
         check_same_database(info_of(taken), current)
 
     assert caught.value.exit_code == ExitCode.REFUSED
+
+
+def test_a_backup_left_half_written_by_a_killed_run_is_listed_as_incomplete(tmp_path):
+    good = backup(tmp_path).path
+    leftover = tmp_path / ".request_specs_20260101_000000.4242.tmp"
+    leftover.write_bytes(b'{"format": "nova-flavor-sync-backup", "records": [\n{"id": 1')
+
+    listed = list_backups(tmp_path)
+
+    assert [getattr(e, "path", None) for e in listed[:1]] == [good]
+    assert listed[1][0] == leftover and "incomplete" in listed[1][1] and "safe to delete" in listed[1][1]
