@@ -205,7 +205,8 @@ def sync_outcome(
         for key, value in result.items():
             counts[key] = counts.get(key, 0) + value
     if dry_run:
-        outcome, line = "dry_run", f"DRY RUN: {summary['to_update']} RequestSpecs would be rewritten; nothing was written"
+        outcome = "dry_run"
+        line = f"DRY RUN: {summary['to_update']} RequestSpecs would be rewritten; nothing was written"
     elif not summary["to_update"]:
         outcome, line = "in_sync", "NOTHING TO DO: every RequestSpec in scope is in sync"
     elif answer is None:

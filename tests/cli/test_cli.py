@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from dbtools import connect, table_hash
 
+from dbtools import connect, table_hash
 from nova_flavor_sync import cli, dburl, service
 from nova_flavor_sync.dburl import DbParams
 

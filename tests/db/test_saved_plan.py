@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from dbtools import connect
 
+from dbtools import connect
 from nova_flavor_sync import service
 from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.plan_file import load_plan, save_plan
@@ -56,7 +56,9 @@ def test_a_row_nova_saved_after_approval_is_a_conflict(demo_db, tmp_path):
     with connect(demo_db) as conn, conn.cursor() as cur:
         cur.execute("UPDATE request_specs SET spec = REPLACE(spec, '\"az-', '\"zone-') WHERE id = %s", (raced,))
     with service.connect(demo_db) as db:
-        result = service.apply_saved_plan(db, load_plan(path), first_id=0, last_id=10**9, exclude_ids=[plan.changes[1].id])
+        result = service.apply_saved_plan(
+            db, load_plan(path), first_id=0, last_id=10**9, exclude_ids=[plan.changes[1].id]
+        )
     assert result.conflicts == [plan.changes[1].id, raced]
 
 

@@ -63,7 +63,8 @@ def test_tls_extras_are_honoured(extra, ssl):
         (dict(extra_dejson={"ssl_mode": "DISABLED", "ssl": {"ca": "/ca.pem"}}), "TLS is disabled but"),
         (dict(extra_dejson={"unix_socket": "relative.sock"}), "extra unix_socket must be an absolute path"),
     ],
-    ids=["no-schema", "bad-charset", "ssl-not-json", "ssl-number", "bad-ssl-mode", "disabled-but-ca", "relative-socket"],
+    ids=["no-schema", "bad-charset", "ssl-not-json", "ssl-number", "bad-ssl-mode", "disabled-but-ca",
+         "relative-socket"],
 )
 def test_unusable_connections_are_refused_without_the_password(fields, message):
     with pytest.raises(ConfigError, match=f"Airflow connection 'nova_api_db': {message}") as caught:
