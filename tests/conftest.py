@@ -15,11 +15,19 @@ from typing import Any
 import pymysql
 import pytest
 
-from dbtools import copy_rows, db_params, new_database_name, server_kwargs_from_env, tables_with_rows
+from dbtools import (
+    copy_rows,
+    create_secret_account,
+    db_params,
+    drop_account,
+    new_database_name,
+    server_kwargs_from_env,
+    tables_with_rows,
+)
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.demo import create_nova_api_database, drop_database
 
-_DB_FIXTURES = {"server_kwargs", "nova_db", "demo_db", "other_demo_db"}
+_DB_FIXTURES = {"server_kwargs", "nova_db", "demo_db", "other_demo_db", "secret_account"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -85,3 +93,13 @@ def demo_db(server_kwargs: dict[str, Any], _demo_template) -> Iterator[DbParams]
 def other_demo_db(server_kwargs: dict[str, Any], _demo_template) -> Iterator[DbParams]:
     """A second, independent copy of the demo cloud (e.g. for "foreign backup" tests)."""
     yield from _demo_copy(server_kwargs, _demo_template)
+
+
+@pytest.fixture
+def secret_account(demo_db: DbParams) -> Iterator[tuple[str, str]]:
+    """A user with password ``dbtools.SECRET`` for the demo database only: (user, URL)."""
+    user, url = create_secret_account(demo_db)
+    try:
+        yield user, url
+    finally:
+        drop_account(demo_db, user)

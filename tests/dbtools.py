@@ -7,12 +7,35 @@ import os
 import re
 import secrets
 from typing import Any
+from urllib.parse import quote
 
 import pymysql
 
 from nova_flavor_sync.dburl import DbParams
 
 DEFAULT_HASH_COLUMNS = "id, instance_uuid, spec, created_at, updated_at"
+# The password of the ``secret_account`` fixture's user: searched for in every output.
+SECRET = "S3cr3t/p@ss:w0rd#" + secrets.token_hex(4)
+
+
+def assert_no_secret(text: str, where: str) -> None:
+    """Fail if SECRET appears in ``text``, raw or percent-encoded."""
+    for form in (SECRET, quote(SECRET, safe=""), quote(SECRET)):
+        assert form not in text, f"password found in {where}"
+
+
+def create_secret_account(params: DbParams) -> tuple[str, str]:
+    """A MariaDB user with password SECRET for ``params.database`` only: (user, URL)."""
+    user = f"nfs_{secrets.token_hex(4)}"
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute("CREATE USER %s@'127.0.0.1' IDENTIFIED BY %s", (user, SECRET))
+        cur.execute(f"GRANT ALL ON `{params.database}`.* TO %s@'127.0.0.1'", (user,))
+    return user, f"mysql+pymysql://{user}:{quote(SECRET, safe='')}@127.0.0.1:{params.port}/{params.database}"
+
+
+def drop_account(params: DbParams, user: str) -> None:
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute("DROP USER IF EXISTS %s@'127.0.0.1'", (user,))
 
 
 def server_kwargs_from_env() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -113,3 +114,24 @@ def test_bad_params_are_refused_before_anything_runs(nova_env, conf):
     with pytest.raises(ParamValidationError, match=f"Invalid input for param {name}"):
         run_dag("nova_flavor_sync", conf)
     assert table_hash(nova_env) == before
+
+
+def test_no_password_reaches_xcom_or_the_task_logs(demo_db, secret_account, tmp_path, monkeypatch, airflow_db):
+    import sqlite3
+
+    from dbtools import assert_no_secret
+
+    user, url = secret_account
+    monkeypatch.setenv("AIRFLOW_CONN_NOVA_API_DB", url.replace("mysql+pymysql://", "mysql://"))
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path / "data"))
+    dag_run, states = run_dag("nova_flavor_sync", {"dry_run": True})
+    assert dag_run.state == "success", states
+
+    with sqlite3.connect(airflow_db) as meta:
+        stored = "\n".join(str(row) for row in meta.execute("SELECT * FROM xcom"))
+    assert "plan_path" in stored  # the search looks at this run's real XCom
+    assert_no_secret(stored, "XCom")
+    logs = [p for p in Path(os.environ["AIRFLOW_HOME"]).rglob("*") if p.is_file() and "log" in str(p)]
+    for path in logs + list((tmp_path / "data").rglob("*")):
+        if path.is_file():
+            assert_no_secret(path.read_text(errors="replace"), str(path))
