@@ -71,3 +71,17 @@ def airflow_db(airflow_home: Path) -> Iterator[Path]:
 
     initdb()
     yield airflow_home / "airflow.db"
+
+
+@pytest.fixture
+def nova_env(demo_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: Path):
+    """The demo database as the ``nova_api_db`` Connection, plans and backups under tmp_path.
+
+    The REST API in these tests lets every request in as admin (SimpleAuthManager).
+    """
+    auth = demo_db.user + (f":{demo_db.password}" if demo_db.password else "")
+    uri = f"mysql://{auth}@{demo_db.host}:{demo_db.port}/{demo_db.database}"
+    monkeypatch.setenv("AIRFLOW_CONN_NOVA_API_DB", uri)
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
+    return demo_db

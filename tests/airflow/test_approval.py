@@ -61,19 +61,6 @@ class Operator(threading.Thread):
         raise TimeoutError(f"{self.dag_id}: the approve task never waited for input")
 
 
-def conn_uri(params) -> str:
-    auth = params.user + (f":{params.password}" if params.password else "")
-    return f"mysql://{auth}@{params.host}:{params.port}/{params.database}"
-
-
-@pytest.fixture
-def nova_env(demo_db, tmp_path, monkeypatch, airflow_db):
-    monkeypatch.setenv("AIRFLOW_CONN_NOVA_API_DB", conn_uri(demo_db))
-    monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
-    return demo_db
-
-
 def run_with_answer(dag_id: str, conf: dict, choice: str):
     from airflow.dag_processing.dagbag import DagBag
 

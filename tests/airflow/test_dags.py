@@ -43,18 +43,6 @@ def test_the_sync_dag_is_wired_in_order():
     assert dag.max_active_runs == 1 and dag.schedule is None
 
 
-def conn_uri(params) -> str:
-    auth = params.user + (f":{params.password}" if params.password else "")
-    return f"mysql://{auth}@{params.host}:{params.port}/{params.database}"
-
-
-@pytest.fixture
-def nova_env(demo_db, tmp_path, monkeypatch, airflow_db):
-    monkeypatch.setenv("AIRFLOW_CONN_NOVA_API_DB", conn_uri(demo_db))
-    monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path / "data"))
-    return demo_db
-
-
 def run_dag(dag_id: str, conf: dict):
     dag = load_dags().dags[dag_id]
     dag_run = dag.test(run_conf=conf)
