@@ -1,0 +1,174 @@
+"""The backups page of the Airflow UI: Browse > Flavor sync backups.
+
+An Airflow 3 plugin: a small FastAPI app on the API server, under ``/nova-flavor-sync``, and
+an external view that shows it inside the UI (in an iframe, at ``/plugin/nova-flavor-sync-backups``).
+
+- ``GET /nova-flavor-sync/backups``: an HTML table of the backups the DAGs wrote in
+  ``$NOVA_FLAVOR_SYNC_DIR/backups`` (file, records, taken at, plan digest, schema; a damaged
+  or half-written file with its problem), read from disk on every request;
+- ``GET /nova-flavor-sync/backups.json``: the same, as JSON.
+
+Only metadata is served: a backup's header and trailer, never its records (they hold every
+instance's request spec). Airflow does not authenticate the FastAPI apps of plugins (a
+mounted app gets none of the core API's dependencies), so every route here does it: the
+caller must be logged in to Airflow (the UI's ``_token`` cookie, which the iframe sends, or
+``Authorization: Bearer <JWT>``) and may read the ``nova_flavor_restore`` DAG, the DAG that
+restores a backup. Anything else gets 401 or 403.
+
+The API server reads the directory itself: it must see the same storage as the workers
+that write the backups, as the same user (backups are 0600 in a 0700 directory), with the
+same ``NOVA_FLAVOR_SYNC_DIR``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shlex
+from typing import Annotated, Any
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from nova_flavor_sync import pipeline
+
+URL_PREFIX = "/nova-flavor-sync"
+URL_ROUTE = "nova-flavor-sync-backups"  # the UI page: /plugin/nova-flavor-sync-backups
+RESTORE_DAG_ID = "nova_flavor_restore"
+DIGEST_SHOWN = 12
+NO_STORE = {"Cache-Control": "no-store"}
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def _user(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Any:
+    """The Airflow user of the request, as the core API finds it (bearer token, then cookie); else 401."""
+    # Imported here, not at the top: every task process loads the plugins folder, and this
+    # module pulls in the whole core API.
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return await get_user(request, _oauth_token=None, bearer_credentials=credentials)
+
+
+def _may_read_restore_dag(request: Request, user: Annotated[Any, Depends(_user)]) -> None:
+    """403 unless the user may read the restore DAG (sync: it may look the DAG's team up)."""
+    from airflow.api_fastapi.core_api.security import requires_access_dag
+
+    requires_access_dag("GET", param_dag_id=RESTORE_DAG_ID)(request, user)
+
+
+app = FastAPI(
+    title="nova-flavor-sync backups",
+    dependencies=[Depends(_may_read_restore_dag)],
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+
+
+def listing() -> dict[str, Any]:
+    """The backup directory and its backups (pipeline.backups), read now."""
+    directory = pipeline.backups_dir()
+    return {"directory": str(directory), "exists": directory.is_dir(), "backups": pipeline.backups(directory)}
+
+
+@app.get("/backups.json")
+def backups_json() -> JSONResponse:
+    return JSONResponse(listing(), headers=NO_STORE)
+
+
+@app.get("/backups", response_class=HTMLResponse)
+def backups_page() -> HTMLResponse:
+    return HTMLResponse(render(listing()), headers=NO_STORE)
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _taken_at(created_at: str) -> str:
+    """``2026-01-06T14:32:10Z`` -> ``2026-01-06 14:32:10 UTC``; anything else as it is."""
+    found = re.fullmatch(r"(\d{4}-\d\d-\d\d)T(\d\d:\d\d:\d\d)Z", created_at or "")
+    return f"{found[1]} {found[2]} UTC" if found else created_at
+
+
+def _row(entry: dict[str, Any]) -> str:
+    if "problem" in entry:
+        return (
+            f'<tr class="damaged"><td><code>{_e(entry["file"])}</code></td>'
+            f'<td colspan="4">{_e(entry["problem"])}</td></tr>'
+        )
+    digest = entry.get("plan_digest") or ""
+    return (
+        f'<tr><td><code title="{_e(entry["path"])}">{_e(entry["file"])}</code></td>'
+        f'<td class="num">{_e(entry["records"])}</td>'
+        f'<td title="{_e(entry["created_at"])}">{_e(_taken_at(entry["created_at"]))}</td>'
+        f'<td><code title="{_e(digest)}">{_e(digest[:DIGEST_SHOWN])}</code></td>'
+        f"<td>{_e(entry.get('schema'))}</td></tr>"
+    )
+
+
+def render(data: dict[str, Any]) -> str:
+    """The page: every value escaped (file names and problems come from disk)."""
+    entries = data["backups"]
+    good = sum("problem" not in entry for entry in entries)
+    directory = _e(data["directory"])
+    newest = [entry["path"] for entry in entries if "problem" not in entry][-1:]
+    example = f", e.g. <code>{_e(newest[0])}</code> for the newest" if newest else ""
+    if entries:
+        damaged = len(entries) - good
+        counts = f"{good} backup{'' if good == 1 else 's'}" + (
+            f" and {damaged} damaged or incomplete file{'' if damaged == 1 else 's'}" if damaged else ""
+        )
+        body = (
+            f"<p>{counts} in <code>{directory}</code>, oldest first "
+            "(as <code>nova-flavor-sync --list-backups</code> lists them).</p>"
+            "<table><thead><tr><th>File</th><th>Records</th><th>Taken at</th><th>Plan digest</th>"
+            "<th>Schema</th></tr></thead><tbody>" + "".join(_row(entry) for entry in entries) + "</tbody></table>"
+        )
+    else:
+        missing = "" if data["exists"] else " (the directory does not exist on the API server)"
+        body = f"<p>No backups in <code>{directory}</code>{missing}.</p>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Flavor sync backups</title>
+<style>
+:root {{ color-scheme: light dark; font-family: system-ui, sans-serif; font-size: 14px; }}
+body {{ margin: 1rem 1.5rem; }}
+h1 {{ font-size: 1.3rem; }}
+table {{ border-collapse: collapse; }}
+th, td {{ padding: .35rem .8rem; border-bottom: 1px solid #8884; text-align: left; vertical-align: top; }}
+td.num {{ text-align: right; }}
+tr.damaged td {{ color: #c0392b; }}
+code {{ font-size: .95em; }}
+.note {{ max-width: 60rem; line-height: 1.5; }}
+</style></head>
+<body>
+<h1>Flavor sync backups</h1>
+{body}
+<p class="note">To restore one, trigger the DAG <code>{RESTORE_DAG_ID}</code> with <code>backup_path</code> set to
+the backup's full path: <code>{directory}/</code><i>file</i>{example}. It checks the backup and shows what it would put
+back (<code>dry_run</code>, the default); with <code>dry_run</code> off it asks for an
+approval, then restores. The file list is read from disk on every visit; backup contents are never shown here.
+From a shell: <code>nova-flavor-sync --list-backups --backup-dir {_e(shlex.quote(data["directory"]))}</code>.</p>
+</body></html>
+"""
+
+
+class NovaFlavorSyncBackupsPlugin(AirflowPlugin):
+    name = "nova_flavor_sync_backups"
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "nova-flavor-sync backups"}]
+    external_views = [
+        {
+            "name": "Flavor sync backups",
+            # Relative (no leading slash): the UI resolves it against its base URL, so it also
+            # works when Airflow is served under a sub-path ([api] base_url).
+            "href": f"{URL_PREFIX.lstrip('/')}/backups",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": URL_ROUTE,
+        }
+    ]
