@@ -31,6 +31,7 @@ from nova_flavor_sync.db import NovaApiDb
 from nova_flavor_sync.dburl import redact_url, resolve_db_params
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.plan import Plan
+from nova_flavor_sync.progress import terminal_progress
 
 PROG = "nova-flavor-sync"
 DEFAULT_LOG_FILE = Path("~/.nova-flavor-fixes/nova-flavor-sync.log")
@@ -170,7 +171,10 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     )
     if args.run and not args.no_backup:
         private_dir(args.backup_dir)  # refuse a bad backup directory before reading everything
-    plan = service.make_plan(db, scope, flavors=flavors)
+    reading = terminal_progress("Reading request specs", enabled=args.verbose)
+    plan = service.make_plan(db, scope, flavors=flavors, progress=reading.update if reading else None)
+    if reading:
+        reading.finish()
     if args.verify:
         _log_lines(report.summary_lines(plan)[:1])
         _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
@@ -202,9 +206,13 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     else:
         backup = service.back_up(db, plan, args.backup_dir, backup_all=args.backup_all)
         excluded = backup.diverged
+    writing = terminal_progress("Writing request specs", enabled=args.verbose)
     result = service.apply_plan(
-        db, plan, batch_size=args.batch_size, exclude_ids=excluded, progress=_progress if args.verbose else None
+        db, plan, batch_size=args.batch_size, exclude_ids=excluded,
+        progress=(lambda r, total: writing.update(_done(r), total)) if writing else None,
     )
+    if writing:
+        writing.finish()
     conflicts = service.explain_conflicts(db, plan.scope, result.conflicts)
     _log_lines(report.apply_lines(result, conflicts))
 
@@ -254,9 +262,8 @@ def _command_line(argv: list[str], *more: str) -> str:
     return shlex.join([PROG, *shown, *more])
 
 
-def _progress(result: ApplyResult, total: int) -> None:
-    done = len(result.updated) + len(result.already) + len(result.conflicts) + len(result.gone) + len(result.errors)
-    log.info("Progress: %d/%d rows (%d updated)", done, total, len(result.updated))
+def _done(result: ApplyResult) -> int:
+    return len(result.updated) + len(result.already) + len(result.conflicts) + len(result.gone) + len(result.errors)
 
 
 def _log_lines(lines: Sequence[str]) -> None:

@@ -241,6 +241,10 @@ class NovaApiDb:
                 return
             last_id = page[-1][0]
 
+    def count_specs(self) -> int:
+        """How many request_specs rows there are (for progress; one index scan)."""
+        return int(self._scalar("SELECT COUNT(*) FROM request_specs"))
+
     def read_specs(self, ids: Sequence[int]) -> dict[int, tuple[str, str, datetime | None]]:
         """Current ``(instance_uuid, spec, updated_at)`` of the given rows; gone rows are absent."""
         if not ids:

@@ -23,6 +23,7 @@ from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import NovaFlavorSyncError
 from nova_flavor_sync.plan import Plan
 from nova_flavor_sync.plan_file import load_plan, save_plan
+from nova_flavor_sync.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ def plans_dir() -> Path:
 def backups_dir() -> Path:
     return data_dir() / "backups"
 
+
+# The task logs say how far reading has got every this many rows.
+PROGRESS_EVERY = 10_000
 
 # Airflow creates at most core.max_map_length (1024 by default) mapped tasks: stay below.
 MAX_APPLY_TASKS = 1000
@@ -73,7 +77,8 @@ def plan_to_file(
         found, scope = service.resolve_scope(
             db, flavor_selectors=flavors, instance_uuids=instances, key_prefixes=key_prefixes, all_keys=all_keys
         )
-        plan = service.make_plan(db, scope, flavors=found)
+        reading = Progress("Read request specs", every=PROGRESS_EVERY)
+        plan = service.make_plan(db, scope, flavors=found, progress=reading.update)
     for line in report.plan_lines(plan, verbose=True) + report.summary_lines(plan):
         log.info("%s", line)
     path = save_plan(plan, work_dir)
@@ -119,7 +124,7 @@ def apply_range(
     with service.connect(params) as db:
         result = service.apply_saved_plan(
             db, saved, first_id=first_id, last_id=last_id, exclude_ids=exclude_ids, batch_size=batch_size,
-            progress=_log_progress if verbose else None,
+            progress=_log_progress if verbose else None,  # after every write batch
         )
         conflicts = service.explain_conflicts(db, saved.scope, result.conflicts)
     for line in report.apply_lines(result, conflicts):

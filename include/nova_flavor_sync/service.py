@@ -67,11 +67,31 @@ def resolve_scope(
 
 
 def make_plan(
-    db: NovaApiDb, scope: Scope, *, flavors: dict[int, Flavor] | None = None, page_size: int = DEFAULT_PAGE_SIZE
+    db: NovaApiDb,
+    scope: Scope,
+    *,
+    flavors: dict[int, Flavor] | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Plan:
-    """Read every request spec in scope, page by page, and plan what to change."""
+    """Read every request spec in scope, page by page, and plan what to change.
+
+    ``progress(rows_read, rows_expected)`` is called after every page.
+    """
     flavors = db.load_flavors() if flavors is None else flavors
-    return diff_make_plan(flavors, _rows_in_scope(db, scope, page_size), scope)
+    rows: Iterable[SpecRow] = _rows_in_scope(db, scope, page_size)
+    if progress is not None:
+        rows = _counted(rows, db.count_specs(), page_size, progress)
+    return diff_make_plan(flavors, rows, scope)
+
+
+def _counted(rows: Iterable[SpecRow], expected: int, every: int, progress: Callable[[int, int], None]):
+    done = 0
+    for done, row in enumerate(rows, 1):
+        yield row
+        if done % every == 0:
+            progress(done, max(expected, done))
+    progress(done, max(expected, done))
 
 
 def verify(db: NovaApiDb, scope: Scope, *, page_size: int = DEFAULT_PAGE_SIZE) -> Plan:
