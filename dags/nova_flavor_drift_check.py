@@ -10,7 +10,7 @@ Sync them with the `nova_flavor_sync` DAG.
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, Param, get_current_context, task
 from nova_flavor_sync_airflow import NovaApiDbHook
 
 from nova_flavor_sync import pipeline
@@ -18,7 +18,9 @@ from nova_flavor_sync import pipeline
 
 @task
 def check_drift(params=None):
-    return pipeline.check_drift(NovaApiDbHook(params["conn_id"]).get_db_params(), all_keys=params["all_keys"])
+    summary = pipeline.drift_summary(NovaApiDbHook(params["conn_id"]).get_db_params(), all_keys=params["all_keys"])
+    get_current_context()["ti"].xcom_push(key="summary", value=summary)  # kept when the task fails
+    return pipeline.fail_on_drift(summary)
 
 
 with DAG(

@@ -134,13 +134,13 @@ def apply_range(
 
 def verify(params: DbParams, plan_path: str) -> dict[str, Any]:
     """Read everything in the plan's scope again; raise DriftFoundError if drift remains."""
-    return check_drift(params, scope_from=plan_path)
+    return fail_on_drift(drift_summary(params, scope_from=plan_path))
 
 
-def check_drift(
+def drift_summary(
     params: DbParams, *, scope_from: str | None = None, all_keys: bool = False
 ) -> dict[str, Any]:
-    """The drift check: plan, log the summary, raise DriftFoundError on drift; never writes."""
+    """The drift check: plan and log every stale instance and the summary; never writes."""
     with service.connect(params) as db:
         if scope_from is not None:
             scope = load_plan(Path(scope_from)).scope
@@ -150,10 +150,14 @@ def check_drift(
             plan = service.make_plan(db, scope, flavors=found)
     for line in report.plan_lines(plan, verbose=True) + report.summary_lines(plan):
         log.info("%s", line)
-    summary = plan.summary()
-    if plan.changes:
+    return plan.summary()
+
+
+def fail_on_drift(summary: dict[str, Any]) -> dict[str, Any]:
+    """Raise DriftFoundError (the task fails) when the summary counts stale RequestSpecs."""
+    if summary["to_update"]:
         raise DriftFoundError(
-            f"{len(plan.changes)} request specs are out of sync with their flavors "
+            f"{summary['to_update']} request specs are out of sync with their flavors "
             f"(by flavor: {summary['by_flavor']}; by key: {summary['by_key']})"
         )
     return summary

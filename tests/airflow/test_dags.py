@@ -62,6 +62,9 @@ def test_a_dry_run_plans_and_writes_nothing(nova_env):
 def test_the_drift_check_fails_on_drift_and_passes_when_clean(nova_env, tmp_path):
     dag_run, states = run_dag("nova_flavor_drift_check", {})
     assert dag_run.state == "failed" and states["check_drift"] == "failed"
+    (ti,) = dag_run.get_task_instances()
+    summary = ti.xcom_pull(task_ids="check_drift", key="summary")
+    assert summary["to_update"] > 600 and summary["by_flavor"] and summary["by_key"]
 
     from nova_flavor_sync import service  # make it clean with the engine, then check again
 
