@@ -54,7 +54,8 @@ with DAG(
     tags=["nova", "flavor"],
     params={
         "conn_id": Param("nova_api_db", type="string", minLength=1, description="Airflow Connection (type mysql)"),
-        "backup_path": Param(type="string", minLength=1, description="Backup file (Browse > Flavor sync backups lists them)"),
+        "backup_path": Param(type="string", minLength=1,
+                             description="Backup file (Browse > Flavor sync backups lists them)"),
         "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),
         "force": Param(False, type="boolean", description="Also restore rows changed since the sync"),
         "batch_size": Param(500, type="integer", minimum=1, maximum=MAX_BATCH_SIZE),
