@@ -13,14 +13,10 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, task
-from nova_flavor_sync_airflow import NovaApiDbHook, RecordedApprovalOperator
+from nova_flavor_sync_airflow import RecordedApprovalOperator, conn_id_param, db_params
 
 from nova_flavor_sync import pipeline
 from nova_flavor_sync.service import MAX_BATCH_SIZE
-
-
-def db_params(params):
-    return NovaApiDbHook(params["conn_id"]).get_db_params()
 
 
 @task
@@ -53,7 +49,7 @@ with DAG(
     max_active_runs=1,
     tags=["nova", "flavor"],
     params={
-        "conn_id": Param("nova_api_db", type="string", minLength=1, description="Airflow Connection (type mysql)"),
+        "conn_id": conn_id_param(),
         "backup_path": Param(type="string", minLength=1,
                              description="Backup file (Browse > Flavor sync backups lists them)"),
         "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),

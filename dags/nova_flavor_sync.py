@@ -16,17 +16,13 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
-from nova_flavor_sync_airflow import NovaApiDbHook, RecordedApprovalOperator
+from nova_flavor_sync_airflow import RecordedApprovalOperator, conn_id_param, db_params
 
 from nova_flavor_sync import pipeline
 from nova_flavor_sync.service import MAX_BATCH_SIZE
 
 STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
 UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
-
-
-def db_params(params):
-    return NovaApiDbHook(params["conn_id"]).get_db_params()
 
 
 @task
@@ -121,7 +117,7 @@ with DAG(
     max_active_runs=1,
     tags=["nova", "flavor"],
     params={
-        "conn_id": Param("nova_api_db", type="string", minLength=1, description="Airflow Connection (type mysql)"),
+        "conn_id": conn_id_param(),
         "dry_run": Param(True, type="boolean", description="Plan only; nothing is written"),
         "all_keys": Param(False, type="boolean", description="Also sync placement/topology keys (risky)"),
         "flavors": Param([], **STRINGS, description="Flavor ids, names or flavorids; empty = all"),

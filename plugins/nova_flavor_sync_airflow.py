@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import BaseHook
+from airflow.sdk import BaseHook, Param
 
 from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, params_from_connection
 from nova_flavor_sync.dburl import DbParams
@@ -31,6 +31,16 @@ class NovaApiDbHook(BaseHook):
 
     def get_db_params(self) -> DbParams:
         return params_from_connection(self.get_connection(self.conn_id))
+
+
+def conn_id_param() -> Param:
+    """The ``conn_id`` param every DAG takes: which Connection holds the nova_api database."""
+    return Param(DEFAULT_CONN_ID, type="string", minLength=1, description="Airflow Connection (type mysql)")
+
+
+def db_params(params: dict[str, Any]) -> DbParams:
+    """The database of a run's ``conn_id`` param; call it inside a task, never at parse time."""
+    return NovaApiDbHook(params["conn_id"]).get_db_params()
 
 
 class RecordedApprovalOperator(ApprovalOperator):
