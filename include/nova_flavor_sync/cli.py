@@ -218,7 +218,7 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
 
     after = service.verify(db, scope)
     log.info("Verify: %d request specs still out of sync in scope", len(after.changes))
-    if after.changes and not result.conflicts:
+    if after.changes and not (result.conflicts or result.errors):
         log.warning(
             "Drift remains although no conflicts were seen: Nova may have saved some rows from a copy it "
             "read just before this run wrote them. Run again; if drift stays, run --verify --verbose"

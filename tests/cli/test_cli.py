@@ -475,6 +475,12 @@ def _missing(run, demo, other, bdir, tmp):
     return tmp / "no-such-backup.json"
 
 
+def _unreadable(run, demo, other, bdir, tmp):
+    # We run as root, who reads any mode; a path through a regular file fails for root too.
+    (tmp / "not-a-dir").write_text("x")
+    return tmp / "not-a-dir" / "request_specs_20260101_000000.json"
+
+
 def _truncated(run, demo, other, bdir, tmp):
     return _edited(_sync_with_backup(run, demo, bdir), lambda data: data[: len(data) // 2])
 
@@ -503,6 +509,7 @@ def _from_the_other_database(run, demo, other, bdir, tmp):
 
 BAD_BACKUPS = [
     pytest.param(_missing, r"backup \S+no-such-backup\.json does not exist", id="missing-file"),
+    pytest.param(_unreadable, r"cannot read backup \S+: Not a directory", id="unreadable"),
     pytest.param(_truncated, r"backup \S+ is damaged or truncated", id="truncated"),
     pytest.param(_one_byte_flipped, r"backup \S+ fails its checksum", id="one-byte-flipped"),
     pytest.param(_spec_edited_and_resealed, r"backup \S+: record 0 \(id \d+\) does not match its sha256",

@@ -9,6 +9,7 @@ import pytest
 from dbtools import connect
 from nova_flavor_sync import service
 from nova_flavor_sync.db import NovaApiDb
+from nova_flavor_sync.dburl import parse_db_url
 from nova_flavor_sync.errors import DatabaseUnavailableError, ExitCode, SchemaError
 
 pytestmark = pytest.mark.db
@@ -83,3 +84,14 @@ def test_flavors_are_loaded_with_their_extra_specs(demo_db):
     assert len(flavors) == 23
     assert sum(len(f.extra_specs) for f in flavors.values()) == 157
     assert identity["schema"] == demo_db.database and identity["server_hostname"]
+
+
+def test_a_url_asking_for_tls_is_refused_by_a_server_without_it(nova_db):
+    """PyMySQL would quietly go on in clear text; the tool refuses instead (have_ssl=DISABLED here)."""
+    with connect(nova_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT @@have_ssl")
+        if cur.fetchone()[0] == "YES":
+            pytest.skip("this server offers TLS")
+    url = f"mysql+pymysql://{nova_db.user}@{nova_db.host}:{nova_db.port}/{nova_db.database}?ssl=true"
+    with pytest.raises(DatabaseUnavailableError, match="is not encrypted, but its settings ask for TLS"):
+        service.connect(parse_db_url(url))
