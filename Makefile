@@ -82,6 +82,24 @@ demo: install db-up
 	@echo "  list backups:           $(VENV)/bin/nova-flavor-sync $(DEMO_FLAGS) --list-backups"
 	@echo "  restore one:            $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) --restore .demo/backups/<file> --run"
 
+# Benchmarks (not tests): make bench-data ROWS=1000000, then make bench ROWS=1000000.
+# Each makes/uses two databases, ROWS and ROWS/10, for the memory comparison.
+ROWS ?= 100000
+SEED ?= 1
+BENCH_URL = mysql+pymysql://$(DB_USER)@$(DB_HOST):$(DB_PORT)/nfs_bench_
+TENTH = $(shell echo $$(( $(ROWS) / 10 )))
+
+bench-data: install db-up
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(ROWS)' --rows $(ROWS) --seed $(SEED) --replace
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(TENTH)' --rows $(TENTH) --seed $(SEED) --replace
+
+bench: install db-up
+	$(PY) bench/run.py --db-url '$(BENCH_URL)$(ROWS)' --db-url '$(BENCH_URL)$(TENTH)' --rows-check
+
+bench-drop: install
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(ROWS)' --drop
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(TENTH)' --drop
+
 # pip-tools lives in a throwaway venv outside the repo; the machine's pip config
 # (extra indexes, find-links) is ignored so the lock only points at the default index.
 # Resolving needs mysqlclient's metadata, which its setup.py gets from pkg-config: system-deps.
