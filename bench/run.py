@@ -612,10 +612,12 @@ def print_summary(results: list[dict[str, Any]]) -> None:
         ap = big["apply"]
         lines.append(("apply (backup + CAS) within 1.5x of raw batched",
                       f"{ap['tool_vs_raw']:.2f}x", ap["tool_vs_raw"] <= 1.5))
+        # Our own count is exact; the server's global Com_update also has other clients' UPDATEs.
         lines.append(("at most one UPDATE per 50 changed rows",
-                      f"1 per {1 / ap['updates_per_row']['a']:.0f} (server), "
-                      f"{ap['tool_updates_sent']:,} sent for {ap['changed_rows']:,} rows",
-                      ap["updates_per_row"]["a"] <= 1 / 50))
+                      f"1 per {ap['changed_rows'] / max(ap['tool_updates_sent'], 1):.0f}: "
+                      f"{ap['tool_updates_sent']:,} sent for {ap['changed_rows']:,} rows "
+                      f"(server's Com_update delta: 1 per {1 / ap['updates_per_row']['a']:.0f})",
+                      ap["tool_updates_sent"] <= ap["changed_rows"] / 50))
     for target, figure, met in lines:
         print(f"  {'MET    ' if met else 'NOT MET'}  {target:50} {figure}")
     if big["rows"] < 1_000_000:
