@@ -82,23 +82,29 @@ demo: install db-up
 	@echo "  list backups:           $(VENV)/bin/nova-flavor-sync $(DEMO_FLAGS) --list-backups"
 	@echo "  restore one:            $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) --restore .demo/backups/<file> --run"
 
-# Benchmarks (not tests): make bench-data ROWS=1000000, then make bench ROWS=1000000.
-# Each makes/uses two databases, ROWS and ROWS/10, for the memory comparison.
+# Benchmarks (issue 5): not part of `make test`. See bench/README.md and docs/benchmarks.md.
+#   make bench-data ROWS=1000000 && make bench ROWS=1000000 && make bench-drop ROWS=1000000
 ROWS ?= 100000
 SEED ?= 1
-BENCH_URL = mysql+pymysql://$(DB_USER)@$(DB_HOST):$(DB_PORT)/nfs_bench_
-TENTH = $(shell echo $$(( $(ROWS) / 10 )))
+STALE_FRACTION ?= 0.45
+# Extra arguments for bench/run.py, e.g. make bench BENCH_ARGS="--repeat 1 --json bench.json"
+BENCH_ARGS ?=
+BENCH_URL = mysql+pymysql://$(DB_USER)@$(DB_HOST):$(DB_PORT)/nfs_bench
+BENCH_TENTH = $(shell echo $$(( $(ROWS) / 10 )))
 
 bench-data: install db-up
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(ROWS)' --rows $(ROWS) --seed $(SEED) --replace
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(TENTH)' --rows $(TENTH) --seed $(SEED) --replace
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(ROWS)' --rows $(ROWS) \
+	    --stale-fraction $(STALE_FRACTION) --seed $(SEED) --replace
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(BENCH_TENTH)' --rows $(BENCH_TENTH) \
+	    --stale-fraction $(STALE_FRACTION) --seed $(SEED) --replace
 
 bench: install db-up
-	$(PY) bench/run.py --db-url '$(BENCH_URL)$(ROWS)' --db-url '$(BENCH_URL)$(TENTH)' --rows-check
+	$(PY) bench/run.py --db-url '$(BENCH_URL)_$(ROWS)' --db-url '$(BENCH_URL)_$(BENCH_TENTH)' \
+	    --rows-check $(BENCH_ARGS)
 
 bench-drop: install
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(ROWS)' --drop
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)$(TENTH)' --drop
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(ROWS)' --drop
+	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(BENCH_TENTH)' --drop
 
 # pip-tools lives in a throwaway venv outside the repo; the machine's pip config
 # (extra indexes, find-links) is ignored so the lock only points at the default index.

@@ -1,12 +1,12 @@
 """Measure the engine against floors on a database made by ``bench/make_data.py``.
 
-    .venv/bin/python bench/run.py --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench \\
-        --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench_tenth [--rows-check]
+    .venv/bin/python bench/run.py --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench_1000000 \\
+        --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench_100000 [--rows-check]
 
 For each ``--db-url`` (the apply: the first one only, unless ``--apply-all``), in one run:
 
 * **read floor**: a bare keyset read of every ``(id, spec)`` with PyMySQL and the engine's
-  page size (``db.DEFAULT_PAGE_SIZE``); a first untimed pass warms what can be warmed;
+  page size (``db.DEFAULT_PAGE_SIZE``), after a warm-up pass (shown, not used);
 * **engine read**: the engine's own page query (``iter_spec_rows``: the join with
   ``instance_mappings``, SpecRow objects), without planning;
 * **plan**: the dry run (``service.connect``, ``resolve_scope(all_keys=True)``,
@@ -65,7 +65,7 @@ from nova_flavor_sync.plan import Plan  # noqa: E402
 from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text  # noqa: E402
 
 ORIG_TABLE = "request_specs_orig"
-STATUS_NAMES = ("Questions", "Com_update", "Com_select", "Com_begin", "Com_commit", "Bytes_received")
+STATUS_NAMES = ("Questions", "Com_update", "Com_select", "Com_begin", "Com_commit", "Bytes_received", "Bytes_sent")
 RSS_TARGET_MB = 300
 
 # -- counting what this process sends ---------------------------------------------------
@@ -404,7 +404,9 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
     print(f"  warm-up read: {m.rows:,} rows, {out['spec_mb']:,.0f} MB of spec text, {m.seconds:.1f} s", flush=True)
     floors: list[Measured] = []
     plans: list[dict[str, Any]] = []
-    plan_file = Path(tempfile.mkstemp(prefix="nfs-bench-plan-", suffix=".pickle", dir=args.work_dir)[1])
+    plan_file = None
+    if apply:  # the apply needs the plan object: the last child hands it over in a file
+        plan_file = Path(tempfile.mkstemp(prefix="nfs-bench-plan-", suffix=".pickle", dir=args.work_dir)[1])
     for attempt in range(1, args.repeat + 1):
         with step(f"floor read #{attempt}") as m:
             m.rows, _ = floor_read(params, DEFAULT_PAGE_SIZE)
@@ -424,25 +426,27 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
         m.rows = engine_read(params)
     steps.append(m)
     print(f"  engine read only: {m.seconds:.2f} s", flush=True)
-    # The apply below uses the last child's plan, as a dry run's plan is what a --run applies.
-    with open(plan_file, "rb") as f:
-        plan = pickle.load(f)
-    plan_file.unlink()
-    db = service.connect(params)
-
     out["floor_s"] = min(f.seconds for f in floors)
     out["plan_s"] = min(p["seconds"] for p in plans)
     out["plan_ratio"] = out["plan_s"] / out["floor_s"]
     out["peak_rss_mb"] = max(p["vmhwm_kb"] for p in plans) / 1024
     out["rss_at_start_mb"] = plans[0]["rss_before_kb"] / 1024
-    out["changes"] = len(plan.changes)
+    out["changes"] = plans[-1]["changes"]
     out["plan_counts"] = {k: plans[0][k] for k in ("rows_read", "changes", "in_sync", "errors", "orphans", "held_back")}
-    if len({p["digest"] for p in plans} | {plan.digest}) != 1:
+    if len({p["digest"] for p in plans}) != 1:
         raise RuntimeError("the plan changed between runs: something else is writing to this database")
 
-    if apply and plan.changes:
-        out["apply"] = bench_apply(params, monitor, db, plan, args, steps)
-    db.close()
+    if plan_file is not None:
+        # The apply uses the last child's plan, as a --run applies the plan its dry run made.
+        with open(plan_file, "rb") as f:
+            plan = pickle.load(f)
+        plan_file.unlink()
+        if plan.changes:
+            db = service.connect(params)
+            try:
+                out["apply"] = bench_apply(params, monitor, db, plan, args, steps)
+            finally:
+                db.close()
     out["load_end"] = load()
     out["steps"] = [
         {"name": s.name, "seconds": s.seconds, "rows": s.rows, "server": s.server, "sent": s.sent,
@@ -545,6 +549,7 @@ def bench_apply(params, monitor, db, plan: Plan, args, steps: list[Measured]) ->
         result["sent_per_row"] = {k: m.sent / m.rows for k, m in methods}
         result["tool_updates_sent"] = a.sent_by_kind.get("UPDATE", 0)
         result["bytes_received_per_row"] = {k: m.server.get("Bytes_received", 0) / m.rows for k, m in methods}
+        result["bytes_sent_per_row"] = {k: m.server.get("Bytes_sent", 0) / m.rows for k, m in methods}
         result["tool_batches"] = applied.batches
         clean = True
     finally:
@@ -593,7 +598,8 @@ def print_database(out: dict[str, Any], steps: list[Measured]) -> None:
         for key, label in (("a", "tool"), ("b", "row at a time"), ("c", "raw batched")):
             print(f"  {label:14}: {ap['updates_per_row'][key]:.4f} UPDATE per changed row (server), "
                   f"{ap['sent_per_row'][key]:.4f} statements sent per changed row (exact), "
-                  f"{ap['bytes_received_per_row'][key]:,.0f} bytes to the server per changed row")
+                  f"bytes per changed row: {ap['bytes_received_per_row'][key]:,.0f} to the server, "
+                  f"{ap['bytes_sent_per_row'][key]:,.0f} from it")
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
@@ -657,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plan-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeat < 1 or not 1 <= args.batch_size <= service.MAX_BATCH_SIZE or args.row_at_a_time_max < 1:
+        parser.error(f"--repeat and --row-at-a-time-max must be positive, --batch-size 1 to {service.MAX_BATCH_SIZE}")
     if args.plan_child:
         return plan_child(args.db_url[0], args.plan_out)
     if args.profile:
