@@ -57,6 +57,11 @@ class ApplyResult:
     batches: int = 0
     retries: int = 0
 
+    @property
+    def done(self) -> int:
+        """Rows dealt with so far, whatever happened to them (for progress)."""
+        return len(self.updated) + len(self.already) + len(self.conflicts) + len(self.gone) + len(self.errors)
+
     def add(self, other: ApplyResult) -> None:
         self.updated += other.updated
         self.already += other.already

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from nova_flavor_sync import report, service
-from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE, ApplyResult
+from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE
 from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, list_backups, private_dir
 from nova_flavor_sync.db import NovaApiDb
 from nova_flavor_sync.dburl import redact_url, resolve_db_params
@@ -209,7 +209,7 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     writing = terminal_progress("Writing request specs", enabled=args.verbose)
     result = service.apply_plan(
         db, plan, batch_size=args.batch_size, exclude_ids=excluded,
-        progress=(lambda r, total: writing.update(_done(r), total)) if writing else None,
+        progress=(lambda r, total: writing.update(r.done, total)) if writing else None,
     )
     if writing:
         writing.finish()
@@ -260,10 +260,6 @@ def _command_line(argv: list[str], *more: str) -> str:
             arg = "--db-url=" + redact_url(arg.split("=", 1)[1])
         shown.append(arg)
     return shlex.join([PROG, *shown, *more])
-
-
-def _done(result: ApplyResult) -> int:
-    return len(result.updated) + len(result.already) + len(result.conflicts) + len(result.gone) + len(result.errors)
 
 
 def _log_lines(lines: Sequence[str]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,8 @@ def apply_range(
     with service.connect(params) as db:
         result = service.apply_saved_plan(
             db, saved, first_id=first_id, last_id=last_id, exclude_ids=exclude_ids, batch_size=batch_size,
-            progress=_log_progress if verbose else None,  # after every write batch
+            # a log line after every write batch
+            progress=_progress_lines("Wrote request specs") if verbose else None,
         )
         conflicts = service.explain_conflicts(db, saved.scope, result.conflicts)
     for line in report.apply_lines(result, conflicts):
@@ -267,8 +268,9 @@ def approval_body(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _log_progress(result: ApplyResult, total: int) -> None:
-    log.info("Progress: %d of %d rows written", len(result.updated), total)
+def _progress_lines(what: str) -> Callable[[ApplyResult, int], None]:
+    lines = Progress(what, every=1)
+    return lambda result, total: lines.update(result.done, total)
 
 
 def _counts(result: ApplyResult) -> dict[str, Any]:
