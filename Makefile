@@ -11,8 +11,12 @@ DB_HOST ?= 127.0.0.1
 DB_PORT ?= 3306
 DB_USER ?= root
 DEMO_DB_URL ?= mysql+pymysql://$(DB_USER)@$(DB_HOST):$(DB_PORT)/nova_api_demo
-# The demo keeps its log and backups inside the checkout, not in ~/.nova-flavor-fixes.
-DEMO_FLAGS := --log-file .demo/nova-flavor-sync.log --backup-dir .demo/backups
+# The demo's Airflow API server and UI: http://127.0.0.1:$(DEMO_PORT)/
+DEMO_PORT ?= 8080
+# The demo keeps everything inside the checkout, not in ~/airflow or ~/.nova-flavor-fixes:
+# Airflow's home (metadata DB, logs, pids, the generated login) and the plans and backups.
+DEMO_AIRFLOW_HOME := .demo/airflow
+DEMO_DATA := .demo/data
 export DB_HOST DB_PORT DB_USER
 
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="tests/db -x"
@@ -24,10 +28,14 @@ LOCK_VENV ?= /tmp/nova-flavor-sync-lock-venv
 # Debian packages that building mysqlclient (apache-airflow-providers-mysql) needs, besides
 # a C compiler and Python's headers. PyPI has no Linux wheel of mysqlclient: pip compiles it.
 SYSTEM_DEPS ?= libmariadb-dev pkg-config
+# Debian's headless-capable Chromium and its WebDriver (/usr/bin/chromium, /usr/bin/chromedriver):
+# tests/airflow take the README's screenshot of the approval page with them.
+BROWSER_DEPS ?= chromium chromium-driver
 
-.PHONY: install system-deps db-up test demo lock clean
+.PHONY: install system-packages system-deps db-up test screenshot demo stop lock clean
 
-install: $(STAMP)
+# system-packages first: a quick dpkg check when everything is there.
+install: system-packages $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,20 +48,27 @@ $(STAMP): requirements.lock pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-# Installs SYSTEM_DEPS with apt-get when one is missing (as root; otherwise says what to run),
-# then checks for a C compiler and Python's headers, which mysqlclient's build needs too.
-system-deps:
-	@if ! dpkg -s $(SYSTEM_DEPS) >/dev/null 2>&1; then \
+# Installs SYSTEM_DEPS and BROWSER_DEPS with apt-get when one is missing (as root; otherwise
+# says what to run).
+system-packages:
+	@missing=$$(for p in $(SYSTEM_DEPS) $(BROWSER_DEPS); do \
+	    dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed$$' || echo "$$p"; done); \
+	missing=$$(echo $$missing); \
+	if [[ -n "$$missing" ]]; then \
 	    if [[ $$(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then \
-	        echo "system-deps: missing Debian packages for building mysqlclient; as root, run:" >&2; \
-	        echo "    apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_DEPS)" >&2; \
-	        echo "(elsewhere: MariaDB's or MySQL's client headers and pkg-config)" >&2; \
+	        echo "system-packages: missing Debian packages: $$missing; as root, run:" >&2; \
+	        echo "    apt-get update && apt-get install -y --no-install-recommends $$missing" >&2; \
+	        echo "(elsewhere: MariaDB's or MySQL's client headers, pkg-config, Chromium and its chromedriver)" >&2; \
 	        exit 1; \
 	    fi; \
-	    echo "system-deps: installing $(SYSTEM_DEPS)"; \
+	    echo "system-packages: installing $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes \
-	        apt-get install -y -qq --no-install-recommends $(SYSTEM_DEPS) >/dev/null; \
+	        apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# The Debian packages above, then a C compiler and Python's headers, which mysqlclient's
+# build needs too.
+system-deps: system-packages
 	@cc=$$($(PYTHON) -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])'); \
 	command -v "$${CC:-$$cc}" >/dev/null 2>&1 || { \
 	    echo "system-deps: no C compiler ($${CC:-$$cc}) to build mysqlclient: apt-get install gcc" >&2; exit 1; }
@@ -68,19 +83,22 @@ db-up:
 test: install db-up
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# A dry run against a fresh copy of the demo cloud. Exit 3 ("drift found") is the
-# expected outcome here, so only other non-zero codes fail the target.
+# Takes the README's screenshot of the approval page again (docs/images/approval-page.png).
+screenshot: install db-up
+	NFS_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/airflow/test_demo.py -k approval_page -s
+
+# A fresh copy of the demo cloud, an Airflow on 127.0.0.1:$(DEMO_PORT) left running (reused by
+# the next `make demo` while it is healthy), and a dry run of nova_flavor_sync through it.
 demo: install db-up
 	mkdir -p .demo
 	$(PY) -m nova_flavor_sync.demo --db-url '$(DEMO_DB_URL)' --replace
-	@rc=0; $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) || rc=$$?; \
-	if [[ $$rc -ne 0 && $$rc -ne 3 ]]; then echo "demo: nova-flavor-sync failed (exit $$rc)" >&2; exit $$rc; fi
-	@echo
-	@echo "Nothing was written. Next steps on the demo database:"
-	@echo "  apply the plan above:   the command the dry run printed, after: source .venv/bin/activate"
-	@echo "  sync risky keys too:    $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) --run --all-keys"
-	@echo "  list backups:           $(VENV)/bin/nova-flavor-sync $(DEMO_FLAGS) --list-backups"
-	@echo "  restore one:            $(VENV)/bin/nova-flavor-sync --db-url '$(DEMO_DB_URL)' $(DEMO_FLAGS) --restore .demo/backups/<file> --run"
+	$(PY) scripts/demo_airflow.py start --home $(DEMO_AIRFLOW_HOME) --port '$(DEMO_PORT)' \
+	    --db-url '$(DEMO_DB_URL)' --data-dir $(DEMO_DATA)
+
+# Stops the Airflow that `make demo` started (nothing else); fine when none is running.
+stop:
+	@if [[ -x $(PY) ]]; then $(PY) scripts/demo_airflow.py stop --home $(DEMO_AIRFLOW_HOME); \
+	else echo "Nothing to stop: no $(VENV), so make demo never ran here"; fi
 
 # Benchmarks (issue 5): not part of `make test`. See bench/README.md and docs/benchmarks.md.
 #   make bench-data ROWS=1000000 && make bench ROWS=1000000 && make bench-drop ROWS=1000000
@@ -115,6 +133,6 @@ lock: system-deps
 	    $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --extra dev --extra airflow --strip-extras --allow-unsafe --no-emit-index-url \
 	    --output-file requirements.lock $(LOCK_ARGS) pyproject.toml
 
-clean:
+clean: stop
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache build dist include/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

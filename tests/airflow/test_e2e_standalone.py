@@ -1,39 +1,25 @@
 """End to end against a real, running Airflow: sync through the approval gate, then restore.
 
 The Airflow components (api-server, scheduler with LocalExecutor, dag-processor, triggerer)
-run as subprocesses in a new temporary AIRFLOW_HOME with SQLite (tests/airflow/standalone.py
-says why not ``airflow standalone`` itself). Everything goes through the REST API, as an
-operator would: trigger, wait for the approve task, answer it, wait for the run, read XComs.
+run as subprocesses in a new temporary AIRFLOW_HOME with SQLite, started by the launcher
+``make demo`` uses too (scripts/local_airflow.py says why not ``airflow standalone``).
+Everything goes through the REST API, as an operator would: trigger, wait for the approve
+task, answer it, wait for the run, read XComs.
 The nova_api database is the ``demo_db`` fixture's fresh MariaDB copy of the demo cloud.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import local_airflow
 import pytest
+from local_airflow import Airflow
 
 from dbtools import table_hash
-
-
-def _load_helper(name: str = "nfs_e2e_standalone"):
-    # tests/airflow is not on sys.path (importlib mode; only tests/ is), and cannot be a
-    # package (it would shadow `airflow`): load standalone.py next to this file by path.
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("standalone.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-standalone = _load_helper()
-Airflow = standalone.Airflow
 
 SYNC, RESTORE = "nova_flavor_sync", "nova_flavor_restore"
 # Answer only after the approve task has been seen awaiting input this long: answering the
@@ -151,7 +137,7 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
 
 def test_the_components_environment_is_built_from_scratch():
     """The harness itself: no inherited Airflow or nova-flavor-sync setting reaches the components."""
-    env = standalone.airflow_env(
+    env = local_airflow.airflow_env(
         Path("/h"), api_port=1234, extra={"X": "1"},
         base={"PATH": "/bin", "AIRFLOW__CORE__DAGS_FOLDER": "/elsewhere", "AIRFLOW_CONFIG": "/c",
               "AIRFLOW_CONN_NOVA_API_DB": "mysql://u@h/other", "NOVA_FLAVOR_SYNC_DIR": "/x", "HOME": "/root"},

@@ -1,37 +1,47 @@
-"""A real, running Airflow for end-to-end tests: its components as subprocesses, on 127.0.0.1.
+"""A real, running Airflow on this machine: its components as subprocesses, on 127.0.0.1.
+
+Used by ``make demo`` (scripts/demo_airflow.py, AIRFLOW_HOME ``.demo/airflow``, left running)
+and by the end-to-end tests (tests/airflow/, a temporary AIRFLOW_HOME, stopped after the test).
 
 ``airflow standalone`` itself is not used: it starts the scheduler and the triggerer with
 their log servers, which listen on every address (``host=""``) on the fixed ports 8793 and
 8794 and cannot be told otherwise. Instead the four components it would start are started
-one by one, the same way, in a new temporary AIRFLOW_HOME with a SQLite metadata DB:
+one by one, the same way, in AIRFLOW_HOME with a SQLite metadata DB:
 
-- ``api-server --host 127.0.0.1 --port <free port>`` (the only listening socket);
+- ``api-server --host 127.0.0.1 --port <port>`` (the only listening socket);
 - ``scheduler --skip-serve-logs`` (LocalExecutor), ``triggerer --skip-serve-logs`` and
   ``dag-processor``.
 
-Each runs in its own session (process group), so :meth:`Airflow.stop` can kill it and every
-child it forked (LocalExecutor workers, task supervisors, gunicorn/uvicorn workers) with
-``os.killpg``. Every wait is bounded. The output of each component goes to
-``<log_dir>/<component>.log``; :meth:`Airflow.diagnostics` returns their tails and the logs
-of the failed tasks.
+Each runs in its own session (process group), detached from the caller: no terminal, its
+output appended to ``<log_dir>/<component>.log``. Their pids (and start times, so that a
+recycled pid is never mistaken for ours) are recorded in ``<home>/pids.json`` as they start,
+so :meth:`Airflow.stop` can stop them from another process too (``make stop``): SIGTERM to
+each component, then SIGKILL to every process left in their process groups (LocalExecutor
+workers, task supervisors, API server workers). Every wait is bounded.
+:meth:`Airflow.diagnostics` returns the components' log tails and the logs of failed tasks.
+
+What must stay the same across restarts is created once in AIRFLOW_HOME, mode 0600:
+``secrets.json`` (the Fernet key, which encrypts Connection passwords in the metadata DB, and
+the JWT secret) and ``passwords.json`` (the simple auth manager's user and password).
 
 The environment is built from scratch from ``os.environ`` minus every ``AIRFLOW*`` variable
 (tests/airflow/conftest.py sets some for the in-process tests) and minus the project's own
 ``NOVA_*`` variables; see :func:`airflow_env`.
 
-The REST API is used as a real user would: ``POST /auth/token`` with a user of the simple
-auth manager whose password the test wrote itself, then a bearer token. API calls retry
-(bounded) on connection errors and 5xx: on SQLite a request can meet a transient "database is
-locked" while the scheduler writes.
+The REST API is used as a real user would: ``POST /auth/token`` with the user's password,
+then a bearer token. API calls retry (bounded) on connection errors and 5xx: on SQLite a
+request can meet a transient "database is locked" while the scheduler writes.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
+import errno
+import hashlib
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +53,7 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 LOCALHOST = "127.0.0.1"
 OPERATOR = "e2e-operator"
 COMPONENTS = {
@@ -56,12 +66,23 @@ TERMINAL_RUN_STATES = {"success", "failed"}
 # How long stop() lets the components shut down after SIGTERM before SIGKILL (the triggerer
 # takes about 10 s to clean up its triggers).
 STOP_GRACE_S = 15
+STATE_FILE = "pids.json"
+SECRETS_FILE = "secrets.json"
+PASSWORDS_FILE = "passwords.json"
 
 T = TypeVar("T")
 
 
 class AirflowError(AssertionError):
     """Something in the running Airflow did not happen as expected (message says what)."""
+
+
+class PortInUse(AirflowError):
+    """The API server's port is taken by a process that is not this Airflow's."""
+
+    def __init__(self, port: int, owner: str) -> None:
+        super().__init__(f"port {port} on {LOCALHOST} is already in use by {owner}")
+        self.port, self.owner = port, owner
 
 
 def free_port() -> int:
@@ -71,22 +92,63 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_owner(port: int) -> str | None:
+    """None when ``port`` can be bound on 127.0.0.1 now; else who holds it, as far as we can see."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As uvicorn binds: a socket of ours in TIME_WAIT does not make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOCALHOST, port))
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return f"nothing we can bind to ({exc})"
+    try:
+        listeners = [
+            c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+    except psutil.Error:
+        listeners = []
+    for conn in listeners:
+        if conn.pid:
+            try:
+                return f"pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:120]})"
+            except psutil.Error:
+                return f"pid {conn.pid}"
+    return "another program"
+
+
 def airflow_executable() -> str:
-    """The ``airflow`` script of the Python running the tests (.venv/bin/airflow)."""
+    """The ``airflow`` script of the Python running this (.venv/bin/airflow)."""
     candidate = Path(sys.executable).with_name("airflow")
     if not candidate.exists():
         raise AirflowError(f"no airflow script next to {sys.executable}: run `make install`")
     return str(candidate)
 
 
+def new_keys() -> dict[str, str]:
+    """The secrets every component must share (otherwise each would make its own)."""
+    return {
+        "fernet_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "jwt_secret": secrets.token_urlsafe(64),  # >= 64 bytes for HS512
+    }
+
+
 def airflow_env(
-    home: Path, *, api_port: int, extra: Mapping[str, str], base: Mapping[str, str] | None = None
+    home: Path,
+    *,
+    api_port: int,
+    extra: Mapping[str, str],
+    base: Mapping[str, str] | None = None,
+    keys: Mapping[str, str] | None = None,
+    username: str = OPERATOR,
 ) -> dict[str, str]:
     """The components' environment: ``base`` (os.environ) without AIRFLOW*/NOVA_*, plus ours.
 
     Only keys that exist in Airflow 3.3.2's ``config_templates/config.yml``.
     """
     base = os.environ if base is None else base
+    keys = new_keys() if keys is None else keys
     env = {k: v for k, v in base.items() if not k.startswith(("AIRFLOW", "NOVA_"))}
     bin_dir = str(Path(airflow_executable()).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
@@ -100,25 +162,24 @@ def airflow_env(
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             # Paused at creation: the folder also holds nova_flavor_drift_check, scheduled
             # nightly, which would otherwise run at once (catchup=False runs the latest
-            # interval) against the same database. The tests unpause what they run.
+            # interval) against the same database. Callers unpause what they run.
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-            # Secrets every component must share (otherwise each would make its own).
-            "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),  # >= 64 bytes for HS512
+            "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
+            "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
             # The API server, on 127.0.0.1 only; task workers reach its Execution API there
             # (the default would be http://localhost:8080/execution/).
             "AIRFLOW__API__HOST": LOCALHOST,
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{LOCALHOST}:{api_port}/execution/",
-            # Simple auth manager with one admin whose password the test writes itself.
+            # Simple auth manager with one admin whose password is in passwords.json.
             "AIRFLOW__CORE__AUTH_MANAGER": (
                 "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
             ),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{OPERATOR}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{username}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / PASSWORDS_FILE),
             # No other listening socket.
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             # Faster and lighter: look for DAG file changes often, one parser, short idle sleeps.
@@ -162,6 +223,7 @@ class Api:
         self.client = httpx.Client(base_url=base_url, timeout=timeout)
         self.tries = tries
         self.transient: list[str] = []  # the retried failures, for the report
+        self.token: str | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -169,8 +231,9 @@ class Api:
     def login(self, username: str, password: str) -> None:
         response = self.request("POST", "/auth/token", json={"username": username, "password": password})
         if response.status_code != 201:
-            raise AirflowError(f"POST /auth/token: {response.status_code} {response.text}")
-        self.client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+            raise AirflowError(f"POST /auth/token as {username}: {response.status_code} {response.text}")
+        self.token = response.json()["access_token"]
+        self.client.headers["Authorization"] = f"Bearer {self.token}"
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One call, retried (bounded, with back-off) while the answer is a 5xx or no answer."""
@@ -201,19 +264,127 @@ class Api:
         raise AirflowError(f"GET {path}: {response.status_code} {response.text[:500]}")
 
 
-class Airflow:
-    """Airflow's components started in ``home``; use as a context manager (always stopped)."""
+def _read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
-    def __init__(self, home: Path, log_dir: Path, *, env: Mapping[str, str] | None = None) -> None:
-        self.home, self.log_dir = home, log_dir
-        self.api_port = free_port()
-        self.password = secrets.token_urlsafe(16)
-        self.env = airflow_env(home, api_port=self.api_port, extra=env or {})
+
+def _write_private(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` with mode 0600 from the start (then rename over the old one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class Airflow:
+    """Airflow's components in ``home`` (log files in ``log_dir``), listening on ``port``.
+
+    As a context manager it is always stopped on exit (the tests). ``make demo`` calls
+    :meth:`start` and leaves it running; :meth:`status` tells a later call whether the one
+    recorded in ``home`` is still running, healthy and started with the same settings.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        log_dir: Path | None = None,
+        *,
+        port: int | None = None,
+        username: str = OPERATOR,
+        env: Mapping[str, str] | None = None,
+        run_prefix: str = "e2e",
+    ) -> None:
+        self.home = Path(home).absolute()
+        self.log_dir = Path(log_dir).absolute() if log_dir is not None else self.home / "logs"
+        self.api_port = port if port is not None else free_port()
+        self.username = username
+        self.run_prefix = run_prefix
+        # Read, not written, here: `stop` must not create anything.
+        self.keys = _read_json(self.home / SECRETS_FILE) or new_keys()
+        self.password = (_read_json(self.home / PASSWORDS_FILE) or {}).get(username) or secrets.token_urlsafe(16)
+        self.env = airflow_env(self.home, api_port=self.api_port, extra=env or {}, keys=self.keys, username=username)
         self.base_url = f"http://{LOCALHOST}:{self.api_port}"
         self.api = Api(self.base_url)
+        # The components this object started (their Popen, to reap them) ...
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # ... and every one recorded in pids.json, by us or by an earlier process.
+        self.records: dict[str, dict[str, float]] = {}
         self.timings: dict[str, float] = {}
+        self.stopped: list[str] = []
         self.killed: list[str] = []
+
+    # -- recorded state ----------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / STATE_FILE
+
+    def config_digest(self) -> str:
+        """What a running Airflow must have been started with for us to reuse it."""
+        settings = {k: v for k, v in self.env.items() if k.startswith(("AIRFLOW", "NOVA_"))}
+        settings["password"] = self.password
+        blob = json.dumps(
+            {"env": settings, "components": COMPONENTS, "port": self.api_port, "airflow": airflow_executable()},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def recorded(self) -> dict[str, Any] | None:
+        """The content of pids.json (None when there is none)."""
+        state = _read_json(self.state_file)
+        return state if isinstance(state, dict) and isinstance(state.get("components"), dict) else None
+
+    def _save_state(self) -> None:
+        _write_private(
+            self.state_file,
+            {
+                "port": self.api_port,
+                "config": self.config_digest(),
+                "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "components": self.records,
+            },
+        )
+
+    def _record(self, name: str, process: subprocess.Popen[bytes]) -> None:
+        try:
+            create_time = psutil.Process(process.pid).create_time()
+        except psutil.Error:
+            create_time = 0.0
+        self.processes[name] = process
+        self.records[name] = {"pid": process.pid, "create_time": create_time}
+        self._save_state()
+
+    def _load_records(self) -> None:
+        state = self.recorded()
+        for name, record in (state or {}).get("components", {}).items():
+            if isinstance(record, dict) and isinstance(record.get("pid"), int):
+                self.records.setdefault(name, {"pid": record["pid"], "create_time": record.get("create_time", 0.0)})
+
+    def status(self) -> tuple[bool, str]:
+        """(True, how long it has run) if the Airflow recorded in ``home`` can be reused; else (False, why not)."""
+        state = self.recorded()
+        if state is None:
+            return False, "none is running"
+        self._load_records()
+        if state.get("config") != self.config_digest():
+            return False, "it was started with other settings (port, paths or password)"
+        missing = set(COMPONENTS) - set(self.records)
+        if missing:
+            return False, f"{', '.join(sorted(missing))} never started"
+        for name in COMPONENTS:
+            if _live_process(self.records[name]) is None:
+                return False, f"its {name} (pid {self.records[name]['pid']}) is not running"
+        if self._healthy() is None:
+            return False, "it does not report healthy"
+        try:
+            self.api.login(self.username, self.password)
+        except AirflowError as exc:
+            return False, f"cannot log in: {exc}"
+        return True, f"running since {state.get('started_at')}"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -229,13 +400,24 @@ class Airflow:
         self.stop()
 
     def start(self, *, timeout: float = 120) -> None:
-        """``db migrate``, start the components, wait until healthy and log in."""
+        """``db migrate``, start the components, wait until healthy and log in.
+
+        PortInUse if the port is taken before anything starts.
+        """
         started = time.monotonic()
+        if self.api.client.is_closed:  # stopped before: a new client, the retried calls kept
+            transient, self.api = self.api.transient, Api(self.base_url)
+            self.api.transient = transient
+        owner = port_owner(self.api_port)
+        if owner is not None:
+            raise PortInUse(self.api_port, owner)
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        passwords = self.home / "passwords.json"
-        passwords.write_text(json.dumps({OPERATOR: self.password}) + "\n")
-        passwords.chmod(0o600)
+        if not (self.home / SECRETS_FILE).exists():
+            _write_private(self.home / SECRETS_FILE, self.keys)
+        passwords = _read_json(self.home / PASSWORDS_FILE) or {}
+        if passwords.get(self.username) != self.password:
+            _write_private(self.home / PASSWORDS_FILE, {**passwords, self.username: self.password})
 
         self._migrate(timeout=timeout)
         self.timings["db_migrate_s"] = time.monotonic() - started
@@ -244,57 +426,60 @@ class Airflow:
                 args = [*args, "--port", str(self.api_port)]
             self._spawn(name, args)
         wait_for("the components to report healthy", self._healthy, timeout=timeout, also=self.check_alive)
-        self.api.login(OPERATOR, self.password)
+        self.api.login(self.username, self.password)
         self.timings["start_s"] = time.monotonic() - started
 
     def _migrate(self, *, timeout: float) -> None:
-        log_file = self.log_dir / "db-migrate.log"
-        with open(log_file, "wb") as out:
-            process = subprocess.Popen(
-                [airflow_executable(), "db", "migrate"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.home, env=self.env, start_new_session=True,
-            )
-            self.processes["db-migrate"] = process
-            try:
-                code = process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                message = f"airflow db migrate took more than {timeout} s"
-                raise AirflowError(f"{message}\n{self.tail('db-migrate')}") from None
+        process = self._spawn("db-migrate", ["db", "migrate"])
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            message = f"airflow db migrate took more than {timeout} s"
+            raise AirflowError(f"{message}\n{self.tail('db-migrate')}") from None
         if code != 0:
             raise AirflowError(f"airflow db migrate exited {code}\n{self.tail('db-migrate')}")
-        del self.processes["db-migrate"]
+        del self.processes["db-migrate"], self.records["db-migrate"]
+        self._save_state()
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        with open(self.log_dir / f"{name}.log", "wb") as out:
-            self.processes[name] = subprocess.Popen(
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``airflow <args>`` in a new session, output appended to ``<log_dir>/<name>.log``."""
+        with open(self.log_dir / f"{name}.log", "ab") as out:
+            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            out.write(f"=== {now} airflow {' '.join(args)} ===\n".encode())
+            out.flush()
+            process = subprocess.Popen(
                 [airflow_executable(), *args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.home, env=self.env, start_new_session=True,
             )
+        self._record(name, process)
+        return process
 
     def stop(self) -> list[str]:
         """SIGTERM every component, SIGKILL its whole process group after a grace period.
 
-        SIGTERM goes to the component's main process only, as ``airflow standalone`` does: it
-        stops its own children (LocalExecutor workers, API server workers) in order.
+        Works on the components this object started and on those recorded in pids.json by
+        an earlier process. SIGTERM goes to the component's main process only, as ``airflow
+        standalone`` does: it stops its own children (LocalExecutor workers, API server
+        workers) in order. pids.json is removed when nothing is left.
 
         Returns the processes of those groups still alive afterwards (should be none);
-        ``self.killed`` names the components that needed SIGKILL.
+        ``self.stopped`` names the components that were running, ``self.killed`` those that
+        needed SIGKILL.
         """
         started = time.monotonic()
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
+        self._load_records()
+        leaders = {name: _live_process(record) for name, record in self.records.items()}
+        self.stopped = [name for name, proc in leaders.items() if proc is not None]
+        for proc in leaders.values():
+            if proc is not None:
+                _quietly(proc.terminate)
         deadline = time.monotonic() + STOP_GRACE_S
-        for process in self.processes.values():
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        self.killed = [name for name, process in self.processes.items() if process.poll() is None]
-        for process in self.processes.values():
-            _signal_group(process, signal.SIGKILL)  # children that outlived their leader too
+        while time.monotonic() < deadline and any(self._alive(name, proc) for name, proc in leaders.items()):
+            time.sleep(0.2)
+        self.killed = [name for name, proc in leaders.items() if self._alive(name, proc)]
+        for member in self.group_members():  # children that outlived their leader too
+            _quietly(member.kill)
         for process in self.processes.values():
             try:
                 process.wait(5)
@@ -304,17 +489,36 @@ class Airflow:
         # A killed process can take a moment to be gone (and be reaped by init).
         end = time.monotonic() + 10
         while (survivors := self.group_members()) and time.monotonic() < end:
+            for member in survivors:
+                _quietly(member.kill)
             time.sleep(0.2)
+        if not survivors:
+            # The leaders' zombies, until init reaps them (they hold nothing, but ps lists them).
+            while time.monotonic() < end and any(_exists(record) for record in self.records.values()):
+                time.sleep(0.2)
+            self.state_file.unlink(missing_ok=True)
+            self.records.clear()
         self.timings["stop_s"] = time.monotonic() - started
         return _describe(survivors)
 
+    def _alive(self, name: str, proc: psutil.Process | None) -> bool:
+        if name in self.processes:
+            return self.processes[name].poll() is None  # reaps our own children
+        return proc is not None and _is_alive(proc)
+
     def group_members(self) -> list[psutil.Process]:
-        """Every live process in the components' process groups (their children included)."""
-        groups = {process.pid for process in self.processes.values()}
+        """Every live process in the components' process groups (their children included).
+
+        A process counts only if it started no earlier than the group's leader did, so a
+        recycled pid that now leads an unrelated group is left alone.
+        """
+        groups = {int(r["pid"]): float(r.get("create_time") or 0.0) for r in self.records.values()}
+        groups.update({p.pid: groups.get(p.pid, 0.0) for p in self.processes.values()})
         members = []
-        for proc in psutil.process_iter():
+        for proc in psutil.process_iter(["create_time"]):
             try:
-                if os.getpgid(proc.pid) in groups and proc.status() != psutil.STATUS_ZOMBIE:
+                pgid = os.getpgid(proc.pid)
+                if pgid in groups and proc.info["create_time"] >= groups[pgid] - 1 and _is_alive(proc):
                     members.append(proc)
             except (ProcessLookupError, psutil.Error):
                 pass
@@ -333,8 +537,11 @@ class Airflow:
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():
-            if process.poll() is not None:
+            if process.poll() is not None and name != "db-migrate":
                 raise AirflowError(f"airflow {name} exited with {process.returncode}\n{self.tail(name)}")
+        for name, record in self.records.items():
+            if name not in self.processes and name in COMPONENTS and _live_process(record) is None:
+                raise AirflowError(f"airflow {name} (pid {record['pid']}) is not running\n{self.tail(name)}")
 
     def _healthy(self) -> dict | None:
         try:
@@ -377,7 +584,7 @@ class Airflow:
         The run id is chosen here, so a retry after a 5xx whose first try did commit meets
         409 for the same run instead of starting a second one.
         """
-        run_id = f"e2e__{dag_id}__{secrets.token_hex(4)}"
+        run_id = f"{self.run_prefix}__{dag_id}__{secrets.token_hex(4)}"
         path = f"/api/v2/dags/{dag_id}/dagRuns"
         body = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
         retried_before = len(self.api.transient)
@@ -391,6 +598,21 @@ class Airflow:
 
     def run(self, dag_id: str, run_id: str) -> dict | None:
         return self.api.get_json(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+
+    def active_runs(self, dag_id: str) -> list[dict]:
+        """The runs of ``dag_id`` that have not ended (queued or running)."""
+        data = self.api.get_json(
+            f"/api/v2/dags/{dag_id}/dagRuns", params=[("state", "queued"), ("state", "running"), ("limit", 100)]
+        )
+        return list((data or {}).get("dag_runs", []))
+
+    def fail_run(self, dag_id: str, run_id: str) -> dict:
+        """Mark a run failed (what the UI's "Mark run as failed" does)."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"
+        response = self.api.request("PATCH", path, json={"state": "failed"})
+        if response.status_code != 200:
+            raise AirflowError(f"PATCH {path}: {response.status_code} {response.text}")
+        return response.json()
 
     def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict | None:
         return self.api.get_json(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
@@ -433,6 +655,9 @@ class Airflow:
             timeout=timeout + settle, interval=1, also=self.check_alive,
         )
 
+    def hitl_detail(self, dag_id: str, run_id: str, task_id: str) -> dict | None:
+        return self.api.get_json(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails")
+
     def answer(self, dag_id: str, run_id: str, task_id: str, choice: str) -> dict:
         """PATCH the HITL response; a retry that finds it already answered with ``choice`` is fine."""
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"
@@ -474,22 +699,58 @@ class Airflow:
         text = self.output(name).splitlines()[-lines:]
         return f"--- {name} ({self.log_dir / name}.log), last {len(text)} lines ---\n" + "\n".join(text)
 
-    def task_logs(self, lines: int = 80) -> str:
+    def task_logs(self, lines: int = 80, run_id: str | None = None) -> str:
         """The tail of every task log that mentions an error (files under AIRFLOW_HOME/logs)."""
         out = []
-        for path in sorted((self.home / "logs").rglob("attempt=*.log")):
+        pattern = f"run_id={run_id}/**/attempt=*.log" if run_id else "attempt=*.log"
+        for path in sorted((self.home / "logs").rglob(pattern)):
             text = path.read_bytes().decode("utf-8", "replace")
             if '"level":"error"' in text or "Traceback" in text or "ERROR" in text:
                 tail = "\n".join(text.splitlines()[-lines:])
-                out.append(f"--- task log {path.relative_to(self.home)} ---\n{tail}")
+                out.append(f"--- task log {path} ---\n{tail}")
         return "\n".join(out) or "--- no task log with an error ---"
 
-    def diagnostics(self) -> str:
-        parts = [self.tail(name) for name in ("db-migrate", *COMPONENTS) if (self.log_dir / f"{name}.log").exists()]
-        parts.append(self.task_logs())
+    def diagnostics(self, run_id: str | None = None) -> str:
+        names = ("db-migrate", *COMPONENTS)
+        parts = [self.tail(name) for name in names if (self.log_dir / f"{name}.log").exists()]
+        parts.append(self.task_logs(run_id=run_id))
         if self.api.transient:
             parts.append("--- retried API calls ---\n" + "\n".join(self.api.transient))
         return "\n".join(parts)
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _live_process(record: Mapping[str, Any]) -> psutil.Process | None:
+    """The recorded process if it still runs and is the one recorded (same start time)."""
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        if record.get("create_time") and abs(proc.create_time() - float(record["create_time"])) > 0.05:
+            return None  # the pid was recycled
+    except (psutil.Error, ValueError, KeyError):
+        return None
+    return proc if _is_alive(proc) else None
+
+
+def _exists(record: Mapping[str, Any]) -> bool:
+    """Whether the recorded process is still in the process table (a zombie too)."""
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        return not record.get("create_time") or abs(proc.create_time() - float(record["create_time"])) <= 0.05
+    except (psutil.Error, ValueError, KeyError):
+        return False
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except psutil.Error:
+        pass
 
 
 def _describe(processes: Iterable[psutil.Process]) -> list[str]:
@@ -502,10 +763,3 @@ def _describe(processes: Iterable[psutil.Process]) -> list[str]:
             pass
     return found
 
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    """Signal the process group ``process`` leads (start_new_session=True made pgid == pid)."""
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

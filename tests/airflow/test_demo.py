@@ -1,0 +1,305 @@
+"""``make demo`` and ``make stop``, and the README's screenshot of the approval page.
+
+The module starts the demo once, as ``make demo`` does (the demo loader, then
+``scripts/demo_airflow.py start``, each a subprocess), but on a free port, in a temporary
+AIRFLOW_HOME and against a fresh database of its own, never 8080, .demo or nova_api_demo.
+The Airflow it leaves running is shared by the tests below, in order: the first start and its
+dry-run summary; the approval page of a real run in headless Chromium (the PNG the README
+shows, docs/images/approval-page.png); a second ``start`` that reuses it (and fails the run
+left waiting for approval); a ``start`` after a component died, which restarts it; and
+``stop``, after which no process of it is left. The module's teardown stops it in any case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import pytest
+from demo_airflow import SYNC, USERNAME, demo_airflow
+from local_airflow import Airflow, free_port
+
+from dbtools import new_database_name
+from nova_flavor_sync.demo import drop_database
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "demo_airflow.py"
+# The README's screenshot. A normal run writes it to a temporary directory, so that `make test`
+# leaves the checkout clean; `make screenshot` runs this test with NFS_UPDATE_SCREENSHOT=1.
+SCREENSHOT = REPO / "docs" / "images" / "approval-page.png"
+WIDTH = 1440
+
+
+@dataclass
+class Demo:
+    home: Path
+    data: Path
+    port: int
+    db_url: str
+    database: str
+    outputs: list[subprocess.CompletedProcess[str]] = field(default_factory=list)
+
+    def airflow(self) -> Airflow:
+        """The launcher's view of this demo's Airflow (same settings as the script's)."""
+        return demo_airflow(self.home, self.port, self.data)
+
+    def start(self, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        args = ["start", "--home", str(self.home), "--port", str(self.port), "--db-url", self.db_url,
+                "--data-dir", str(self.data), *extra]
+        result = script(*args, timeout=timeout)
+        self.outputs.append(result)
+        return result
+
+    def pids(self) -> dict[str, int]:
+        state = json.loads((self.home / "pids.json").read_text())
+        return {name: record["pid"] for name, record in state["components"].items()}
+
+
+def script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run scripts/demo_airflow.py as make does (no AIRFLOW* setting of the test session leaks in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "NOVA_"))}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+def shown(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+
+
+def processes_in(home: Path) -> list[str]:
+    """Every live process working in ``home`` (the components run there; their children too)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cwd", "cmdline", "status"]):
+        cwd = proc.info["cwd"] or ""
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and (cwd == str(home) or cwd.startswith(f"{home}/")):
+            found.append(f"{proc.info['pid']} {' '.join(proc.info['cmdline'] or [])[:150]}")
+    return found
+
+
+def to_update(server_kwargs, database: str) -> int:
+    """What the dry run must report: the stale RequestSpecs of the default scope."""
+    from nova_flavor_sync import service
+    from nova_flavor_sync.dburl import DbParams
+
+    with service.connect(DbParams(database=database, **server_kwargs)) as db:
+        flavors, scope = service.resolve_scope(db)
+        return len(service.make_plan(db, scope, flavors=flavors).changes)
+
+
+@pytest.fixture(scope="module")
+def demo(server_kwargs, tmp_path_factory) -> Iterator[Demo]:
+    """The demo started once, as ``make demo`` starts it; stopped and its database dropped after."""
+    base = tmp_path_factory.mktemp("demo")
+    database = new_database_name()
+    auth = server_kwargs["user"] + (f":{quote(server_kwargs['password'], safe='')}" if server_kwargs["password"] else "")
+    db_url = f"mysql+pymysql://{auth}@{server_kwargs['host']}:{server_kwargs['port']}/{database}"
+    demo = Demo(base / "airflow", base / "data", free_port(), db_url, database)
+    try:
+        load = subprocess.run(
+            [sys.executable, "-m", "nova_flavor_sync.demo", "--db-url", db_url, "--replace"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert load.returncode == 0, shown(load)
+        demo.start()
+        yield demo
+    finally:
+        stopped = script("stop", "--home", str(demo.home))
+        left = demo.airflow().stop()  # whatever the script could not stop
+        drop_database(server_kwargs, database)
+        assert stopped.returncode == 0 and not left, f"{shown(stopped)}\nleft: {left}"
+
+
+def summary_checks(result: subprocess.CompletedProcess[str], stale: int) -> None:
+    out = result.stdout
+    assert result.returncode == 0, shown(result)
+    assert f"DRY RUN: {stale} RequestSpecs would be rewritten; nothing was written" in out, shown(result)
+    assert re.search(rf"Read \d+ request specs: {stale} to update, \d+ in sync", out), shown(result)
+    assert re.search(r"Plan digest: [0-9a-f]{64}", out), shown(result)
+
+
+@pytest.mark.timeout(300)
+def test_make_demo_starts_airflow_and_prints_the_dry_run_summary(demo, server_kwargs):
+    first = demo.outputs[0]
+    summary_checks(first, to_update(server_kwargs, demo.database))
+    out = first.stdout
+    assert "Airflow: started in" in out, shown(first)
+    base_url = f"http://127.0.0.1:{demo.port}"
+    password = json.loads((demo.home / "passwords.json").read_text())[USERNAME]
+    assert f"Airflow UI:  {base_url}/" in out and f"Login:       {USERNAME} / {password}" in out, shown(first)
+    assert "make stop stops it" in out and "switch dry_run off" in out and "Required Actions" in out
+    # The generated secrets are private; the components run, listening on 127.0.0.1:port only.
+    for name in ("passwords.json", "secrets.json", "pids.json"):
+        assert (demo.home / name).stat().st_mode & 0o077 == 0, name
+    airflow = demo.airflow()
+    ok, why = airflow.status()
+    assert ok, why
+    assert set(demo.pids()) == {"scheduler", "dag-processor", "triggerer", "api-server"}
+    assert airflow.listening() == {("127.0.0.1", demo.port)}, airflow.listening()
+    # The connection is a real one in the metadata DB (the UI lists it), on the demo's database.
+    connection = airflow.api.get_json("/api/v2/connections/nova_api_db")
+    assert connection["conn_type"] == "mysql" and connection["schema"] == demo.database, connection
+    assert "Loaded executor: :LocalExecutor:" in airflow.output("scheduler")
+
+
+@pytest.mark.timeout(300)
+def test_the_approval_page_in_headless_chromium(demo, tmp_path):
+    """The README's screenshot: the approve task of a real run, as the demo's user sees it."""
+    import chromium
+
+    airflow = demo.airflow()
+    ok, why = airflow.status()  # logs in
+    assert ok, why
+    run_id = airflow.trigger(SYNC, {"dry_run": False})
+    airflow.wait_for_input(SYNC, run_id, "approve", settle=0)
+    subject = airflow.hitl_detail(SYNC, run_id, "approve")["subject"]
+    assert subject.startswith("Rewrite ") and "RequestSpecs? (plan " in subject, subject
+
+    page = f"{airflow.base_url}/dags/{SYNC}/runs/{quote(run_id, safe='')}/tasks/approve/required_actions"
+    with chromium.Browser(tmp_path / "chromedriver.log", width=WIDTH, height=2400) as browser:
+        # Log in through the form, as a person would.
+        browser.open(f"{airflow.base_url}/auth/login")
+        browser.wait_until("the login form", lambda: browser.run("return !!document.querySelector('[name=password]')"))
+        browser.type("input[name=username]", USERNAME)
+        browser.type("input[name=password]", airflow.password)
+        browser.click("button[type=submit]")
+        browser.wait_until("the login", lambda: "/auth/login" not in browser.command("GET", "/url"))
+
+        browser.open(page)
+        buttons = """return Array.from(document.querySelectorAll('button'))
+            .filter(b => ['Approve', 'Reject'].includes(b.innerText.trim()))
+            .map(b => b.getBoundingClientRect().bottom);"""
+        browser.wait_until("the Approve and Reject buttons", lambda: len(browser.run(buttons)) == 2, timeout=60)
+        text = browser.text()
+        assert subject in text, text[:3000]
+        assert "Plan digest:" in text and "Awaiting Input" in text, text[:3000]
+        # The whole page down to the buttons, and not more: size the viewport to where the
+        # buttons are once the page has stopped moving (the body renders after the subject).
+        seen: list[float] = []
+
+        def settled() -> float | None:
+            bottom = max(browser.run(buttons) or [0])
+            seen.append(bottom)
+            return bottom if len(seen) >= 3 and seen[-3:] == [bottom] * 3 else None
+
+        for _ in range(3):
+            seen.clear()
+            height = int(browser.wait_until("the page to stop moving", settled, timeout=30)) + 32
+            browser.set_viewport(WIDTH, height)
+            time.sleep(0.5)
+            if max(browser.run(buttons)) <= height:
+                break
+        fits = "return Math.max(...arguments[0]) <= window.innerHeight;"
+        assert browser.run(fits, browser.run(buttons)), "the buttons are outside the screenshot"
+        target = SCREENSHOT if os.environ.get("NFS_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
+        png = browser.screenshot(target)
+
+    assert png[12:16] == b"IHDR", "not a PNG"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width == WIDTH and height > 1000, (width, height)
+    assert len(png) > 50_000, f"suspiciously small screenshot: {len(png)} bytes"
+    print(f"\nwrote {target}: {width}x{height}, {len(png)} bytes")
+
+
+@pytest.mark.timeout(300)
+def test_a_second_make_demo_reuses_the_running_airflow(demo, server_kwargs):
+    airflow = demo.airflow()
+    assert airflow.status()[0]
+    waiting = [run["dag_run_id"] for run in airflow.active_runs(SYNC)]
+    before = demo.pids()
+
+    second = demo.start()
+
+    summary_checks(second, to_update(server_kwargs, demo.database))
+    assert "Airflow: reusing the one already running" in second.stdout, shown(second)
+    assert demo.pids() == before
+    for run_id in waiting:  # e.g. the previous test's run, still waiting for its approval
+        assert f"Marked the unfinished run {run_id} failed" in second.stdout, shown(second)
+        assert airflow.run(SYNC, run_id)["state"] == "failed"
+
+
+@pytest.mark.timeout(300)
+def test_make_demo_restarts_an_airflow_that_is_not_healthy(demo, server_kwargs):
+    before = demo.pids()
+    os.killpg(before["scheduler"], signal.SIGKILL)  # as after a crash, or a reboot
+
+    third = demo.start()
+
+    summary_checks(third, to_update(server_kwargs, demo.database))
+    assert f"cannot be reused (its scheduler (pid {before['scheduler']}) is not running); restarting it" in third.stdout, shown(third)
+    assert "Airflow: restarted in" in third.stdout, shown(third)
+    after = demo.pids()
+    assert not set(after.values()) & set(before.values()), (before, after)
+    for pid in before.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
+
+
+@pytest.mark.timeout(120)
+def test_make_stop_leaves_no_process(demo):
+    pids = demo.pids()
+    assert processes_in(demo.home), "the demo should be running before make stop"
+
+    stopped = script("stop", "--home", str(demo.home))
+
+    assert stopped.returncode == 0, shown(stopped)
+    assert stopped.stdout.startswith("Stopped the demo's Airflow: "), shown(stopped)
+    for name, pid in pids.items():
+        assert f"{name} (pid {pid})" in stopped.stdout, shown(stopped)
+    assert processes_in(demo.home) == []
+    assert not (demo.home / "pids.json").exists()
+    again = script("stop", "--home", str(demo.home))
+    assert again.returncode == 0 and again.stdout.startswith("Nothing to stop"), shown(again)
+
+
+# -- without a running Airflow -----------------------------------------------------------------
+
+
+def test_a_taken_port_is_refused_with_the_variable_to_set(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = script(
+            "start", "--home", str(tmp_path / "airflow"), "--port", str(port),
+            "--db-url", "mysql+pymysql://root@127.0.0.1:3306/nova_api_demo", "--data-dir", str(tmp_path / "data"),
+        )
+    assert result.returncode == 1, shown(result)
+    assert f"port {port} on 127.0.0.1 is already in use by pid {os.getpid()}" in result.stderr, shown(result)
+    assert f"Set DEMO_PORT to a free port, e.g. `make demo DEMO_PORT={port + 1}`" in result.stderr, shown(result)
+    assert not (tmp_path / "airflow" / "pids.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "http"], "DEMO_PORT must be a TCP port number (1-65535), not 'http'"),
+        (["--port", "70000"], "DEMO_PORT must be a TCP port number (1-65535), not '70000'"),
+        (["--db-url", "postgres://x@h/db"], "unsupported URL scheme 'postgres'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path, args, message):
+    defaults = {"--port": "1", "--db-url": "mysql+pymysql://root@127.0.0.1:3306/nova_api_demo"}
+    defaults.update(dict(zip(args[::2], args[1::2], strict=True)))
+    result = script(
+        "start", "--home", str(tmp_path / "airflow"), "--data-dir", str(tmp_path / "data"),
+        *[item for pair in defaults.items() for item in pair],
+    )
+    assert result.returncode in (1, 2) and message in result.stderr, shown(result)
+    assert not (tmp_path / "airflow").exists()
+
+
+def test_stop_with_nothing_running(tmp_path):
+    result = script("stop", "--home", str(tmp_path / "airflow"))
+    assert result.returncode == 0 and result.stdout.startswith("Nothing to stop"), shown(result)
