@@ -12,13 +12,14 @@ USER airflow
 # The providers and the driver at exactly the versions requirements.lock pins (the versions the
 # tests ran with). The image may hold other versions: pip replaces only those. Naming
 # apache-airflow at the image's own version ($AIRFLOW_VERSION, set by the image) stops pip from
-# upgrading or downgrading Airflow itself. PyMySQL is the engine's one dependency (the mysql
-# provider depends on it too). tests/deploy checks these pins against the lock.
+# upgrading or downgrading Airflow itself. PyMySQL and orjson are the engine's dependencies
+# (the mysql provider depends on PyMySQL too). tests/deploy checks these pins against the lock.
 RUN pip install --no-cache-dir \
         "apache-airflow==${AIRFLOW_VERSION}" \
         apache-airflow-providers-mysql==6.7.1 \
         apache-airflow-providers-standard==1.21.0 \
-        PyMySQL==1.1.3
+        PyMySQL==1.1.3 \
+        orjson==3.13.0
 
 # Only what building the package needs: its metadata and its source (the engine, and the demo
 # schema and data it ships as package data). dags/ and plugins/ are mounted by the compose file.

@@ -7,11 +7,12 @@ For each ``--db-url`` (the apply: the first one only, unless ``--apply-all``), i
 
 * **read floor**: a bare keyset read of every ``(id, spec)`` with PyMySQL and the engine's
   page size (``db.DEFAULT_PAGE_SIZE``), after a warm-up pass (shown, not used);
-* **engine read**: the engine's own page query (``iter_spec_rows``: the join with
-  ``instance_mappings``, SpecRow objects), without planning;
+* **engine read**: the engine's own read (``iter_spec_rows``: the queued-for-delete uuids,
+  then the pages, read by a child process for big tables; SpecRow objects), without planning;
 * **plan**: the dry run (``service.connect``, ``resolve_scope(all_keys=True)``,
-  ``service.make_plan``) in a fresh Python process, timed inside it, with its peak RSS
-  (``VmHWM``); the apply below uses the last of these plans, as ``--run`` uses its own;
+  ``service.make_plan``) in a fresh Python process, timed inside it, with its peak RSS: the
+  planner's ``VmHWM`` plus the peak of the reader process it starts (``read_worker``); the
+  apply below uses the last of these plans, as ``--run`` uses its own;
 * **apply** of the plan's changed rows, three ways, each from the same bytes (the changed
   rows are copied to ``request_specs_orig`` first and put back after each):
   (a) the tool: ``service.back_up`` + ``service.apply_plan`` (CAS batches, default 500);
@@ -218,6 +219,8 @@ def plan_child(url: str, plan_out: Path | None) -> int:
     db.close()
     peak_kb = vm_status_kb("VmHWM")
     maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The rows are read by a child process of the planner (read_worker): its peak counts too.
+    reader_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if plan_out is not None:
         with open(plan_out, "wb") as f:
             pickle.dump(plan, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -232,7 +235,9 @@ def plan_child(url: str, plan_out: Path | None) -> int:
                 "orphans": len(plan.orphans),
                 "held_back": len(plan.held_back),
                 "digest": plan.digest,
-                "vmhwm_kb": peak_kb,
+                "vmhwm_kb": peak_kb + reader_kb,
+                "planner_vmhwm_kb": peak_kb,
+                "reader_maxrss_kb": reader_kb,
                 "rss_before_kb": rss_before,
                 "ru_maxrss_kb": maxrss_kb,
                 "sent": sent_total(),
@@ -305,7 +310,7 @@ def write_spool(conn, plan: Plan, path: Path, batch_size: int) -> int:
     """The new texts the tool will write, batch by batch, pickled to ``path``."""
     written = 0
     with open(path, "wb") as out, conn.cursor() as cur:
-        for batch in chunks(plan.changes, batch_size):
+        for batch in plan.changes.batches(batch_size):
             cur.execute("SELECT id, spec FROM request_specs WHERE id IN %s", (tuple(c.id for c in batch),))
             current = dict(cur.fetchall())
             texts = []
@@ -420,7 +425,8 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
         m.sent, m.sent_by_kind = child["sent"], {}
         plans.append(child)
         steps.append(m)
-        print(f"  plan #{attempt}: {child['seconds']:.2f} s, peak RSS {child['vmhwm_kb'] / 1024:.0f} MB, "
+        print(f"  plan #{attempt}: {child['seconds']:.2f} s, peak RSS {child['vmhwm_kb'] / 1024:.0f} MB "
+              f"(planner {child['planner_vmhwm_kb'] / 1024:.0f} + reader {child['reader_maxrss_kb'] / 1024:.0f}), "
               f"{child['changes']:,} changes", flush=True)
     with step("engine read only") as m:
         m.rows = engine_read(params)

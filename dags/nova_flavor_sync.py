@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
-from nova_flavor_sync_airflow import RecordedApprovalOperator, conn_id_param, db_params
+from nova_flavor_sync_airflow import NovaApiDbHook, RecordedApprovalOperator, conn_id_param, db_params
 
 from nova_flavor_sync import pipeline
 from nova_flavor_sync.service import MAX_BATCH_SIZE
@@ -66,10 +66,12 @@ def back_up(plan, params=None):
 
 @task
 def apply_ranges(plan, params=None):
-    return pipeline.apply_ranges(plan["plan_path"], params["batch_size"])
+    return pipeline.apply_ranges(plan["plan_path"], params["batch_size"], auto_tune=bool(params["batch_seconds"]))
 
 
-@task(map_index_template="{{ id_range }}")
+# One range at a time by default: a single paced writer (batch_seconds, pause_seconds, load
+# checks). $NOVA_FLAVOR_SYNC_APPLY_PARALLELISM lets several workers write disjoint ranges at once.
+@task(map_index_template="{{ id_range }}", max_active_tis_per_dagrun=pipeline.apply_parallelism())
 def apply_batch(id_range, plan, backup, params=None):
     context = get_current_context()
     context["id_range"] = f"rows {id_range['first_id']}-{id_range['last_id']}"
@@ -85,6 +87,9 @@ def apply_batch(id_range, plan, backup, params=None):
         exclude_ids=backup["diverged"],
         batch_size=params["batch_size"],
         verbose=params["verbose"],
+        pace=pipeline.pace_settings(params),
+        replicas=[NovaApiDbHook(conn_id).get_db_params() for conn_id in params["replica_conn_ids"]],
+        pause_first=context["ti"].map_index > 0,  # the pause falls between two ranges too
     )
 
 
@@ -125,7 +130,18 @@ with DAG(
                            description="Instance UUIDs; empty = all"),
         "key_prefixes": Param([], **STRINGS, description="Only keys starting with these; empty = all"),
         "batch_size": Param(500, type="integer", minimum=1, maximum=MAX_BATCH_SIZE,
-                            description="Rows per write transaction"),
+                            description="Rows per write transaction (the first one, when batch_seconds is set)"),
+        "batch_seconds": Param(0.5, type="number", minimum=0, maximum=60,
+                               description="Size the batches so each takes about this long; 0 = fixed batch_size"),
+        "pause_seconds": Param(0, type="number", minimum=0, maximum=3600, description="Sleep between two batches"),
+        "max_threads_running": Param(25, type="integer", minimum=0, maximum=1_000_000,
+                                     description="Wait while the server's Threads_running is above this; 0 = off"),
+        "replica_conn_ids": Param([], **STRINGS, description="Connections (type mysql) of replicas to watch"),
+        "max_replica_lag": Param(1, type="number", minimum=0, maximum=86400,
+                                 description="Wait while a replica is more seconds behind than this"),
+        "flow_control_pause": Param(True, type="boolean", description="Wait while Galera flow control is active"),
+        "max_load_wait": Param(600, type="number", minimum=1, maximum=86400,
+                               description="Fail the batch if the server stays loaded longer than this (seconds)"),
         "backup": Param(True, type="boolean", description="Back up the rows before writing"),
         "verbose": Param(False, type="boolean", description="Log progress after every write batch"),
     },

@@ -6,6 +6,10 @@ import hashlib
 import os
 import re
 import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -98,3 +102,56 @@ def copy_rows(server_kwargs: dict[str, Any], source: str, target: str, tables: l
         for name in tables:
             cur.execute(f"INSERT INTO `{target}`.`{name}` SELECT * FROM `{source}`.`{name}`")
         conn.commit()
+
+
+def threads_running(params: DbParams) -> int:
+    """The server's Threads_running now (this query's own session counts as one)."""
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_running'")
+        return int(cur.fetchone()[1])
+
+
+@contextmanager
+def busy_sessions(params: DbParams, count: int, seconds: float) -> Iterator[list[int]]:
+    """``count`` sessions each running ``SELECT SLEEP(seconds)``: Threads_running goes up by ``count``.
+
+    Yields once every one of them is running (their connection ids); on exit, the queries still
+    running are killed, so a test never waits for them.
+    """
+    conns = [connect(params) for _ in range(count)]
+    ids = [conn.thread_id() for conn in conns]
+
+    def sleep(conn) -> None:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT SLEEP(%s)", (seconds,))
+        except Exception:
+            pass  # killed
+
+    threads = [threading.Thread(target=sleep, args=(conn,), daemon=True) for conn in conns]
+    for thread in threads:
+        thread.start()
+    try:
+        with connect(params) as conn, conn.cursor() as cur:
+            deadline = time.monotonic() + 10
+            while True:
+                cur.execute(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN %s AND INFO LIKE 'SELECT SLEEP%%'",
+                    (tuple(ids),),
+                )
+                if cur.fetchone()[0] == count:
+                    break
+                assert time.monotonic() < deadline, "the sleeping sessions never started"
+                time.sleep(0.02)
+        yield ids
+    finally:
+        with connect(params) as conn, conn.cursor() as cur:
+            for thread_id in ids:
+                try:
+                    cur.execute(f"KILL QUERY {int(thread_id)}")
+                except pymysql.MySQLError:
+                    pass  # already done
+        for thread in threads:
+            thread.join(10)
+        for conn in conns:
+            conn.close()

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from nova_flavor_sync.db import NovaApiDb, SpecWrite, retryable_reason
 from nova_flavor_sync.errors import ApplyAbortedError
 from nova_flavor_sync.plan import Plan, RowChange
-from nova_flavor_sync.spec_json import SpecShapeError, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.spec_json import SpecShapeError, dumps_extra_specs, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.throttle import DEFAULT_BATCH_SIZE, Pacer, ServerBusyError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +72,14 @@ class ApplyResult:
         self.retries += other.retries
 
 
-def sync_targets(changes: Iterable[RowChange]) -> list[RowTarget]:
-    """The writes a sync plan asks for: rebuild each row's text with its target extra specs."""
+def sync_targets(changes: Iterable[RowChange]) -> Iterator[RowTarget]:
+    """The writes a sync plan asks for, one by one: rebuild each row with its target extra specs."""
     writers: dict[int, Callable[[str], str]] = {}  # one per shared SpecDiff
-    targets = []
     for change in changes:
         writer = writers.get(id(change.diff))
         if writer is None:
             writer = writers[id(change.diff)] = _extra_specs_writer(dict(change.diff.target_extra_specs))
-        targets.append(RowTarget(change.id, change.old_sha256, change.new_sha256, writer))
-    return targets
+        yield RowTarget(change.id, change.old_sha256, change.new_sha256, writer)
 
 
 def apply_plan(
@@ -92,28 +90,55 @@ def apply_plan(
     exclude_ids: Iterable[int] = (),
     progress: Callable[[ApplyResult, int], None] | None = None,
     retry: RetryPolicy = RetryPolicy(),
+    pacer: Pacer | None = None,
 ) -> ApplyResult:
-    """Write every change of the plan; rows in ``exclude_ids`` are reported as conflicts."""
+    """Write every change of the plan; rows in ``exclude_ids`` are reported as conflicts.
+
+    The changes are streamed from the plan (which may have spooled them to a file).
+    """
     excluded = set(exclude_ids)
-    changes = [c for c in plan.changes if c.id not in excluded]
-    batches = (sync_targets(changes[i : i + batch_size]) for i in range(0, len(changes), batch_size))
-    result = apply_batches(db, batches, total=len(changes), progress=progress, retry=retry)
-    result.conflicts = sorted(excluded & {c.id for c in plan.changes}) + result.conflicts
+    skipped = sorted(c.id for c in plan.changes if c.id in excluded) if excluded else []
+    changes = (c for c in plan.changes if c.id not in excluded)
+    result = apply_batches(
+        db, sync_targets(changes), total=len(plan.changes) - len(skipped), batch_size=batch_size, pacer=pacer,
+        progress=progress, retry=retry,
+    )
+    result.conflicts = skipped + result.conflicts
     return result
 
 
 def apply_batches(
     db: NovaApiDb,
-    batches: Iterable[Sequence[RowTarget]],
+    targets: Iterable[RowTarget],
     *,
     total: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    pacer: Pacer | None = None,
     progress: Callable[[ApplyResult, int], None] | None = None,
     retry: RetryPolicy = RetryPolicy(),
 ) -> ApplyResult:
-    """Apply batch after batch, each one short transaction; ``total`` is for progress."""
+    """Apply the targets batch after batch, each one short transaction; ``total`` is for progress.
+
+    Without a pacer every batch has ``batch_size`` rows. With one, the pacer sizes each batch,
+    pauses and waits while the server is loaded before it, and learns from how long it took;
+    if the server stays loaded too long it stops between two batches (ServerBusyError).
+    """
     result = ApplyResult()
-    for batch in batches:
+    rows = iter(targets)
+    while batch := list(islice(rows, pacer.next_batch_size() if pacer is not None else batch_size)):
+        if pacer is not None:
+            try:
+                pacer.wait_turn(first=result.batches == 0)
+            except ServerBusyError as exc:
+                raise ServerBusyError(
+                    f"{exc}. Stopped before the batch of rows {batch[0].id}-{batch[-1].id}: every batch "
+                    f"before it is written in full ({len(result.updated)} rows written), this one and the rest "
+                    "not at all: run again when the server is less busy"
+                ) from None
+        started = time.monotonic()
         result.add(apply_batch(db, batch, retry=retry))
+        if pacer is not None:
+            pacer.batch_done(len(batch), time.monotonic() - started)
         if progress is not None:
             progress(result, total)
     return result
@@ -153,7 +178,7 @@ def apply_batch(
 
 def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget]) -> ApplyResult:
     outcome = ApplyResult()
-    current = db.read_specs([t.id for t in batch])
+    current = db.read_specs([t.id for t in batch], with_updated_at=False)
     writes: list[SpecWrite] = []
     for target in batch:
         if target.id not in current:
@@ -192,4 +217,5 @@ def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget]) -> ApplyResult:
 
 
 def _extra_specs_writer(target: dict[str, str]) -> Callable[[str], str]:
-    return lambda text: rewrite_extra_specs(text, target)
+    new_specs_json = dumps_extra_specs(target)  # once for every row that gets this target
+    return lambda text: rewrite_extra_specs(text, new_specs_json=new_specs_json)

@@ -20,7 +20,7 @@ import json
 import os
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -53,6 +53,19 @@ class BackupRecord:
     ) -> BackupRecord:
         stamp = updated_at.strftime("%Y-%m-%d %H:%M:%S") if updated_at else None
         return cls(row_id, instance_uuid, spec, stamp, sha256_text(spec), new_sha256)
+
+    def to_json(self) -> bytes:
+        """The record as one JSON object (a dict literal: dataclasses.asdict deep-copies)."""
+        return json.dumps(
+            {
+                "id": self.id,
+                "instance_uuid": self.instance_uuid,
+                "spec": self.spec,
+                "updated_at": self.updated_at,
+                "sha256": self.sha256,
+                "new_sha256": self.new_sha256,
+            }
+        ).encode()
 
 
 @dataclass(frozen=True)
@@ -225,7 +238,7 @@ def _write_document(out: BinaryIO, header: dict[str, Any], records: Iterable[Bac
     emit(json.dumps(header).encode()[:-1] + _RECORDS_OPEN)
     count = 0
     for record in records:
-        emit((b",\n" if count else b"") + json.dumps(asdict(record)).encode())
+        emit((b",\n" if count else b"") + record.to_json())
         count += 1
     emit(f'\n], "record_count": {count}'.encode())
     out.write(_CHECKSUM_KEY + f'sha256:{digest.hexdigest()}"}}\n'.encode())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import shlex
@@ -28,10 +29,22 @@ from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE
 from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, list_backups, private_dir
 from nova_flavor_sync.db import NovaApiDb
-from nova_flavor_sync.dburl import redact_url, resolve_db_params
-from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError
+from nova_flavor_sync.dburl import DbParams, parse_db_url, redact_url, resolve_db_params
+from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
 from nova_flavor_sync.plan import Plan
 from nova_flavor_sync.progress import terminal_progress
+from nova_flavor_sync.throttle import (
+    DEFAULT_MAX_REPLICA_LAG_S,
+    DEFAULT_MAX_THREADS_RUNNING,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_TARGET_BATCH_S,
+    MAX_PAUSE_S,
+    MAX_REPLICA_LAG_S,
+    MAX_TARGET_BATCH_S,
+    MAX_WAIT_S,
+    Pacer,
+    PaceSettings,
+)
 
 PROG = "nova-flavor-sync"
 DEFAULT_LOG_FILE = Path("~/.nova-flavor-fixes/nova-flavor-sync.log")
@@ -91,15 +104,40 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also sync keys that change placement allocations or NUMA/PCI topology")
 
     options = parser.add_argument_group("options")
-    options.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE,
-                         help=f"rows per write transaction (1-{service.MAX_BATCH_SIZE}, default {DEFAULT_BATCH_SIZE})")
+    options.add_argument("--batch-size", type=_batch_size, default=None,
+                         help=f"rows per write transaction (1-{service.MAX_BATCH_SIZE}, default {DEFAULT_BATCH_SIZE}); "
+                         "alone it fixes the size, with --batch-seconds it is the first size")
     options.add_argument("--backup-dir", type=Path, default=DEFAULT_BACKUP_DIR, help="default %(default)s")
     options.add_argument("--no-backup", action="store_true", help="write without a backup file first")
     options.add_argument("--backup-all", action="store_true", help="back up every row read, not only changed ones")
     options.add_argument("--log-file", type=Path, default=DEFAULT_LOG_FILE, help="default %(default)s")
     options.add_argument("--verbose", "-v", action="store_true", help="show every instance's changes and progress")
     options.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+
+    pace = parser.add_argument_group("pacing (gentle on a shared database; for writes and their dry runs)")
+    pace.add_argument("--batch-seconds", type=_batch_seconds, metavar="S",
+                      help=f"size the batches so each takes about S seconds (default {DEFAULT_TARGET_BATCH_S:g}, "
+                      "unless --batch-size is given; 0: fixed --batch-size)")
+    pace.add_argument("--pause", type=_seconds(0, MAX_PAUSE_S), metavar="S",
+                      help="sleep S seconds between two batches (default 0)")
+    pace.add_argument("--max-threads-running", type=_threads, metavar="N",
+                      help="wait while the server's Threads_running is above N "
+                      f"(default {DEFAULT_MAX_THREADS_RUNNING}; 0: do not check)")
+    pace.add_argument("--replica-db-url", action="append", default=[], type=_replica_url, metavar="URL",
+                      help="a replica to watch, repeatable: wait while it lags (its user needs REPLICA MONITOR "
+                      "or REPLICATION CLIENT)")
+    pace.add_argument("--max-replica-lag", type=_seconds(0, MAX_REPLICA_LAG_S), metavar="S",
+                      help=f"wait while a --replica-db-url is more than S seconds behind "
+                      f"(default {DEFAULT_MAX_REPLICA_LAG_S:g})")
+    pace.add_argument("--no-flow-control-pause", action="store_true",
+                      help="do not wait while Galera flow control pauses replication")
+    pace.add_argument("--max-load-wait", type=_seconds(1, MAX_WAIT_S), metavar="S",
+                      help=f"stop (exit 5) if the server stays loaded for more than S seconds "
+                      f"(default {DEFAULT_MAX_WAIT_S:g})")
     return parser
+
+
+PACING_FLAGS = ("batch_seconds", "pause", "max_threads_running", "max_replica_lag", "max_load_wait")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -117,11 +155,41 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
          "--flavor, --instance, --key-prefix and --all-keys do not apply to --restore or --list-backups"),
         (args.no_backup and args.backup_all, "--no-backup and --backup-all contradict each other"),
         (args.db_url is not None and args.nova_conf is not None, "use one of --db-url and --nova-conf"),
+        (bool(args.verify or args.list_backups) and (
+            any(getattr(args, name) is not None for name in PACING_FLAGS)
+            or bool(args.replica_db_url) or args.no_flow_control_pause),
+         "--batch-seconds, --pause, --max-threads-running, --replica-db-url, --max-replica-lag, "
+         "--no-flow-control-pause and --max-load-wait pace writes: not for --verify or --list-backups"),
+        (args.max_replica_lag is not None and not args.replica_db_url,
+         "--max-replica-lag needs --replica-db-url (the replicas to watch)"),
     ]
     for failed, message in problems:
         if failed:
             parser.error(message)
+    try:
+        args.pace = pace_settings(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    args.batch_size = args.pace.batch_size
     return args
+
+
+def pace_settings(args: argparse.Namespace) -> PaceSettings:
+    """The pacing options as PaceSettings: --batch-size alone fixes the size, as before."""
+    if args.batch_seconds is not None:
+        target = args.batch_seconds or None  # 0: fixed size
+    else:
+        target = None if args.batch_size is not None else DEFAULT_TARGET_BATCH_S
+    return PaceSettings(
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        target_batch_s=target,
+        pause_s=args.pause or 0.0,
+        max_threads_running=(DEFAULT_MAX_THREADS_RUNNING if args.max_threads_running is None
+                             else args.max_threads_running or None),
+        max_replica_lag_s=DEFAULT_MAX_REPLICA_LAG_S if args.max_replica_lag is None else args.max_replica_lag,
+        pause_on_flow_control=not args.no_flow_control_pause,
+        max_wait_s=DEFAULT_MAX_WAIT_S if args.max_load_wait is None else args.max_load_wait,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,13 +223,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return ExitCode.OK
     params, source = resolve_db_params(args.db_url, args.nova_conf, os.environ)
     log.debug("Database %s (from %s)", params.safe_url(), source)
-    with service.connect(params) as db:
+    with service.connect(params) as db, service.pacing(db, args.pace, args.replica_db_url) as pacer:
         if args.restore:
-            return _restore(db, args, argv)
-        return _sync(db, args, argv)
+            return _restore(db, args, argv, pacer)
+        return _sync(db, args, argv, pacer)
 
 
-def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
+def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str], pacer: Pacer) -> int:
     flavors, scope = service.resolve_scope(
         db,
         flavor_selectors=args.flavor,
@@ -206,13 +274,15 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     else:
         backup = service.back_up(db, plan, args.backup_dir, backup_all=args.backup_all)
         excluded = backup.diverged
+    log.info("Pacing: %s", args.pace.describe(len(args.replica_db_url)))
     writing = terminal_progress("Writing request specs", enabled=args.verbose)
     result = service.apply_plan(
-        db, plan, batch_size=args.batch_size, exclude_ids=excluded,
+        db, plan, batch_size=args.batch_size, exclude_ids=excluded, pacer=pacer,
         progress=(lambda r, total: writing.update(r.done, total)) if writing else None,
     )
     if writing:
         writing.finish()
+    log.info("Paced: %s", pacer.summary())
     conflicts = service.explain_conflicts(db, plan.scope, result.conflicts)
     _log_lines(report.apply_lines(result, conflicts))
 
@@ -231,8 +301,12 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
     return ExitCode.OK
 
 
-def _restore(db: NovaApiDb, args: argparse.Namespace, argv: list[str]) -> int:
-    result = service.restore(db, args.restore, run=args.run, force=args.force, batch_size=args.batch_size)
+def _restore(db: NovaApiDb, args: argparse.Namespace, argv: list[str], pacer: Pacer) -> int:
+    if args.run:
+        log.info("Pacing: %s", args.pace.describe(len(args.replica_db_url)))
+    result = service.restore(
+        db, args.restore, run=args.run, force=args.force, batch_size=args.batch_size, pacer=pacer
+    )
     _log_lines(report.restore_lines(result, verbose=args.verbose))
     if not args.run:
         log.info("DRY RUN: nothing was written. To restore: %s", _command_line(argv, "--run"))
@@ -254,10 +328,11 @@ def _command_line(argv: list[str], *more: str) -> str:
     for arg in argv:
         if mask_next:
             arg, mask_next = redact_url(arg), False
-        elif arg == "--db-url":
+        elif arg in URL_FLAGS:
             mask_next = True
-        elif arg.startswith("--db-url="):
-            arg = "--db-url=" + redact_url(arg.split("=", 1)[1])
+        elif arg.startswith(tuple(f"{flag}=" for flag in URL_FLAGS)):
+            flag, _, value = arg.partition("=")
+            arg = f"{flag}={redact_url(value)}"
         shown.append(arg)
     return shlex.join([PROG, *shown, *more])
 
@@ -271,6 +346,50 @@ def _digest(value: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise argparse.ArgumentTypeError("a plan digest is 64 hex digits, as a dry run prints it")
     return value
+
+
+URL_FLAGS = ("--db-url", "--replica-db-url")
+
+
+def _seconds(low: float, high: float):
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds")
+        if not low <= seconds <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} seconds")
+        return seconds
+
+    return parse
+
+
+def _batch_seconds(value: str) -> float:
+    seconds = _seconds(0, MAX_TARGET_BATCH_S)(value)
+    if 0 < seconds < 0.01:
+        raise argparse.ArgumentTypeError("must be 0 (fixed --batch-size) or at least 0.01 seconds")
+    return seconds
+
+
+def _threads(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 0 <= count <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be between 0 (do not check) and 1000000")
+    return count
+
+
+def _replica_url(value: str) -> DbParams:
+    problem = ""
+    try:
+        return parse_db_url(value, source="replica URL")
+    except ConfigError as exc:
+        problem = str(exc)  # masks the password, as every dburl message does
+    raise argparse.ArgumentTypeError(problem)
 
 
 def _batch_size(value: str) -> int:

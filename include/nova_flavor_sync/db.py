@@ -7,6 +7,7 @@ the run goes on. Each write batch is one short transaction of compare-and-swap U
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,8 +17,10 @@ import pymysql
 from pymysql.constants import ER
 
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.errors import DatabaseUnavailableError, SchemaError
+from nova_flavor_sync.errors import ConfigError, DatabaseUnavailableError, NovaFlavorSyncError, SchemaError
 from nova_flavor_sync.plan import Flavor, SpecRow
+from nova_flavor_sync.read_worker import ReadRequest, read_in_child
+from nova_flavor_sync.throttle import ReplicaLag, ServerLoad
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ RETRYABLE_ERRORS = {
 }
 
 DEFAULT_PAGE_SIZE = 1000
+# From how many rows on (by the highest id) a full read runs in a child process.
+CHILD_READER_MIN_ROWS = 50_000
 # Our row locks must not keep Nova waiting long: give up (and retry later) after this.
 LOCK_WAIT_TIMEOUT_S = 5
 # Leave room under max_allowed_packet for the statement around the spec texts.
@@ -83,6 +88,7 @@ class NovaApiDb:
         self.lock_wait_timeout = lock_wait_timeout
         self._conn: pymysql.connections.Connection | None = None
         self._max_packet = 0
+        self._flow_control: tuple[int, float] | None = None  # (wsrep_flow_control_paused_ns, when)
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -197,6 +203,41 @@ class NovaApiDb:
             "galera_cluster_uuid": galera_uuid,
         }
 
+    def server_load(self, replicas: Sequence[ReplicaDb] = ()) -> ServerLoad:
+        """What the pacer waits on: Threads_running, Galera flow control, each replica's lag.
+
+        Flow control is the share of the time since the previous call that the node spent
+        paused (the growth of ``wsrep_flow_control_paused_ns``), not ``wsrep_flow_control_paused``,
+        which averages over the server's whole uptime. A reading that fails is logged and
+        left unknown: the next batch meets the failure itself and retries or stops.
+        """
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                    "('Threads_running', 'wsrep_flow_control_paused_ns', 'wsrep_local_recv_queue')"
+                )
+                status = {str(name).lower(): value for name, value in cur.fetchall()}
+        except (pymysql.err.MySQLError, DatabaseUnavailableError) as exc:
+            reason = _error_text(exc) if isinstance(exc, pymysql.err.MySQLError) else str(exc)
+            log.warning("Cannot read the load of %s: %s", self.params.safe_url(), reason)
+            self.reopen_quietly()
+            status = {}
+        paused = None
+        if status.get("wsrep_flow_control_paused_ns") is not None:
+            now_ns, now = int(status["wsrep_flow_control_paused_ns"]), time.monotonic()
+            if self._flow_control is not None:
+                before_ns, before = self._flow_control
+                if now_ns >= before_ns and now > before:  # FLUSH STATUS can reset the counter
+                    paused = min((now_ns - before_ns) / 1e9 / (now - before), 1.0)
+            self._flow_control = (now_ns, now)
+        return ServerLoad(
+            threads_running=_int_or_none(status.get("threads_running")),
+            replicas=tuple(replica.lag() for replica in replicas),
+            flow_control_paused=paused,
+            recv_queue=_int_or_none(status.get("wsrep_local_recv_queue")),
+        )
+
     # -- reading ------------------------------------------------------------------------
 
     def load_flavors(self) -> dict[int, Flavor]:
@@ -215,43 +256,75 @@ class NovaApiDb:
         *,
         page_size: int = DEFAULT_PAGE_SIZE,
         instance_uuids: Sequence[str] | None = None,
+        with_updated_at: bool = False,
+        in_child: bool | None = None,
     ) -> Iterator[SpecRow]:
-        """Yield request_specs rows in id order, one keyset page in memory at a time."""
+        """Yield request_specs rows in id order, a keyset page at a time.
+
+        Big tables are read by a child process (``read_worker``), so that reading and
+        planning run side by side on two cores; ``in_child`` None chooses by the table's
+        size, and a read that needs ``updated_at`` (whole-scope backups) stays in-process.
+        The child reads the same pages on its own connection; a few pages sit in the pipe.
+
+        Instances queued for delete are read once, up front, from instance_mappings: joining
+        that table in every page costs a random index lookup per row, which at a million
+        rows doubled the time of the read.
+        """
         where = ""
         extra: tuple[Any, ...] = ()
         if instance_uuids is not None:
             if not instance_uuids:
                 return
-            where = "AND rs.instance_uuid IN %s "
+            where = "AND instance_uuid IN %s "
             extra = (tuple(instance_uuids),)
-        sql = (
-            "SELECT rs.id, rs.instance_uuid, rs.spec, rs.updated_at, im.queued_for_delete "
-            "FROM request_specs rs "
-            "LEFT JOIN instance_mappings im ON im.instance_uuid = rs.instance_uuid "
-            f"WHERE rs.id > %s {where}ORDER BY rs.id LIMIT %s"
-        )
+        queued = self.queued_for_delete()
+        columns = "id, instance_uuid, spec" + (", updated_at" if with_updated_at else "")
+        sql = f"SELECT {columns} FROM request_specs WHERE id > %s {where}ORDER BY id LIMIT %s"
+        if in_child is None:
+            in_child = not with_updated_at and instance_uuids is None and self._max_spec_id() >= CHILD_READER_MIN_ROWS
+        if in_child:
+            rows = read_in_child(ReadRequest(self.params, sql, extra, page_size))
+            for row_id, uuid, spec in rows:
+                yield SpecRow(row_id, uuid, spec, None, uuid in queued)
+            return
         last_id = 0
         while True:
             with self.conn.cursor() as cur:
                 cur.execute(sql, (last_id, *extra, page_size))
                 page = cur.fetchall()
-            for row_id, uuid, spec, updated_at, queued in page:
-                yield SpecRow(row_id, uuid, spec, updated_at, bool(queued))
+            for row_id, uuid, spec, *updated_at in page:
+                yield SpecRow(row_id, uuid, spec, updated_at[0] if updated_at else None, uuid in queued)
             if len(page) < page_size:
                 return
             last_id = page[-1][0]
+
+    def _max_spec_id(self) -> int:
+        return int(self._scalar("SELECT MAX(id) FROM request_specs") or 0)
+
+    def queued_for_delete(self) -> frozenset[str]:
+        """Instance uuids whose mapping says the instance is queued for delete."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT instance_uuid FROM instance_mappings WHERE queued_for_delete = 1")
+            return frozenset(uuid for (uuid,) in cur.fetchall())
 
     def count_specs(self) -> int:
         """How many request_specs rows there are (for progress; one index scan)."""
         return int(self._scalar("SELECT COUNT(*) FROM request_specs"))
 
-    def read_specs(self, ids: Sequence[int]) -> dict[int, tuple[str, str, datetime | None]]:
-        """Current ``(instance_uuid, spec, updated_at)`` of the given rows; gone rows are absent."""
+    def read_specs(
+        self, ids: Sequence[int], *, with_updated_at: bool = True
+    ) -> dict[int, tuple[str, str, datetime | None]]:
+        """Current ``(instance_uuid, spec, updated_at)`` of the given rows; gone rows are absent.
+
+        Without ``with_updated_at`` it is not read (None): PyMySQL's datetime parsing is a
+        noticeable part of re-reading a batch.
+        """
         if not ids:
             return {}
+        column = "updated_at" if with_updated_at else "NULL"
         with self.conn.cursor() as cur:
             cur.execute(
-                "SELECT id, instance_uuid, spec, updated_at FROM request_specs WHERE id IN %s",
+                f"SELECT id, instance_uuid, spec, {column} FROM request_specs WHERE id IN %s",
                 (tuple(ids),),
             )
             return {row_id: (uuid, spec, updated_at) for row_id, uuid, spec, updated_at in cur.fetchall()}
@@ -321,6 +394,133 @@ class NovaApiDb:
             return row[column] if row else None
 
 
+class ReplicaDb:
+    """A replica of the nova_api database, only ever asked how far behind it is."""
+
+    def __init__(self, params: DbParams, *, connect_timeout: int = 5) -> None:
+        self.params = params
+        self.name = params.safe_url()
+        self.connect_timeout = connect_timeout
+        self._conn: pymysql.connections.Connection | None = None
+
+    def open(self) -> ReplicaDb:
+        """Connect and read the lag once; refuse (exit 4) what is not a replica we can watch."""
+        self._connect()
+        try:
+            lag = self._read_lag()
+        except pymysql.err.MySQLError as exc:
+            self.close()
+            raise DatabaseUnavailableError(
+                f"cannot read the replication status of {self.name}: {_error_text(exc)}"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        log.info("Replica %s: %s", self.name, lag.problem if lag.lag_s is None else f"{lag.lag_s:g} s behind")
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except pymysql.err.Error:
+                pass  # already gone
+            self._conn = None
+
+    def __enter__(self) -> ReplicaDb:
+        return self.open() if self._conn is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def lag(self) -> ReplicaLag:
+        """Seconds behind; unknown (None, with the reason) if replication stopped or the replica is away.
+
+        A connection that fails (e.g. one the replica dropped while idle) is opened again at once.
+        """
+        if self._conn is not None:
+            try:
+                return self._read_lag()
+            except pymysql.err.MySQLError:
+                self.close()  # connect again below
+            except NovaFlavorSyncError as exc:
+                return ReplicaLag(self.name, None, f"cannot read its replication status ({exc})")
+        try:
+            self._connect()
+            return self._read_lag()
+        except (pymysql.err.MySQLError, NovaFlavorSyncError) as exc:
+            problem = _error_text(exc) if isinstance(exc, pymysql.err.MySQLError) else str(exc)
+            self.close()
+            return ReplicaLag(self.name, None, f"cannot read its replication status ({problem})")
+
+    def _connect(self) -> None:
+        self.close()
+        try:
+            self._conn = pymysql.connect(
+                **self.params.connect_kwargs(), autocommit=True, connect_timeout=self.connect_timeout,
+                read_timeout=30,
+            )
+            with self._conn.cursor() as cur:
+                encrypted = cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'") and cur.fetchone()[1]
+        except pymysql.err.MySQLError as exc:
+            self.close()
+            raise DatabaseUnavailableError(f"cannot connect to replica {self.name}: {_error_text(exc)}") from None
+        if self.params.requires_tls() and not encrypted:
+            # PyMySQL quietly goes on in clear text when the server offers no TLS.
+            self.close()
+            raise DatabaseUnavailableError(
+                f"the connection to replica {self.name} is not encrypted, but its settings ask for TLS"
+            )
+
+    def _read_lag(self) -> ReplicaLag:
+        rows = self._replica_status()
+        if not rows:
+            raise ConfigError(
+                f"{self.name} is not a replica (SHOW REPLICA STATUS is empty): give only replicas of "
+                "the nova_api database with --replica-db-url"
+            )
+        lags = []
+        for row in rows:  # one row per replication channel
+            lag = row.get("Seconds_Behind_Master", row.get("Seconds_Behind_Source"))
+            if lag is None:
+                io = row.get("Slave_IO_Running", row.get("Replica_IO_Running"))
+                sql = row.get("Slave_SQL_Running", row.get("Replica_SQL_Running"))
+                return ReplicaLag(self.name, None, "replication is not running (Seconds_Behind_Master is NULL, "
+                                                   f"IO thread {io}, SQL thread {sql})")
+            lags.append(float(lag))
+        return ReplicaLag(self.name, max(lags))
+
+    def _replica_status(self) -> list[dict[str, Any]]:
+        assert self._conn is not None
+        # SHOW REPLICA STATUS: MariaDB 10.5.1+, MySQL 8.0.22+ (8.4 knows only this one);
+        # SHOW SLAVE STATUS for older servers.
+        for sql in ("SHOW REPLICA STATUS", "SHOW SLAVE STATUS"):
+            try:
+                with self._conn.cursor(pymysql.cursors.DictCursor) as cur:
+                    cur.execute(sql)
+                    return list(cur.fetchall())
+            except pymysql.err.ProgrammingError as exc:
+                if exc.args and exc.args[0] == ER.PARSE_ERROR and sql == "SHOW REPLICA STATUS":
+                    continue
+                problem = _error_text(exc)
+            except pymysql.err.OperationalError as exc:
+                if not (exc.args and exc.args[0] in (ER.SPECIFIC_ACCESS_DENIED_ERROR, ER.ACCESS_DENIED_ERROR)):
+                    raise
+                problem = _error_text(exc)
+            raise ConfigError(
+                f"cannot read the replication status of {self.name}: {problem} (the user needs the "
+                "REPLICA MONITOR privilege on MariaDB, REPLICATION CLIENT on MySQL)"
+            )
+        return []
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _cas_update(writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[Any]]:
     """One UPDATE for many rows, each guarded by the hash of the bytes it was planned from.
 
@@ -349,6 +549,15 @@ def _rollback_quietly(conn: pymysql.connections.Connection) -> None:
         conn.rollback()
     except pymysql.err.Error:
         pass  # the connection is gone; the server rolls the transaction back itself
+
+
+def describe_error(exc: BaseException) -> str:
+    """A message for an error met while reading, free of secrets (for the child reader)."""
+    if isinstance(exc, DatabaseUnavailableError):
+        return str(exc)
+    if isinstance(exc, pymysql.err.MySQLError):
+        return f"reading request_specs failed: {_error_text(exc)}"
+    return f"reading request_specs failed: {type(exc).__name__}"
 
 
 def _error_text(exc: pymysql.err.MySQLError) -> str:

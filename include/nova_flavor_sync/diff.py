@@ -1,13 +1,14 @@
 """Compare RequestSpec flavor copies with their flavors and build a Plan (pure, no I/O).
 
 ``make_plan`` is the functional core of every mode: dry run, sync, verify and the drift
-check all call it. The common case, a row already in sync, costs one JSON parse and one
-dict comparison.
+check all call it. The common case, a row whose flavor copy the planner has seen before,
+costs two substring searches and a string compare (see RowPlanner).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from nova_flavor_sync.plan import (
     Flavor,
@@ -22,10 +23,14 @@ from nova_flavor_sync.plan import (
 )
 from nova_flavor_sync.policy import classify_key, is_risky
 from nova_flavor_sync.spec_json import (
+    EmbeddedFlavor,
+    FlavorText,
     SpecShapeError,
+    dumps_extra_specs,
+    find_flavor_start,
+    flavor_text_at,
+    locate_flavor,
     read_embedded_flavor,
-    rewrite_extra_specs,
-    sha256_text,
 )
 
 IN_SYNC = "in_sync"  # plan_row's result for a row that needs nothing
@@ -56,13 +61,28 @@ def make_plan(flavors: Mapping[int, Flavor], rows: Iterable[SpecRow], scope: Sco
 
 
 class RowPlanner:
-    """Plans one row at a time; remembers the diff of each distinct flavor copy."""
+    """Plans one row at a time; judges each distinct flavor copy once.
+
+    Most rows carry a flavor copy the planner has already seen: the same flavor object,
+    byte for byte, as in thousands of other specs. Such a row is recognised by finding that
+    text in it (two substring searches and a compare), and gets the verdict of the first row
+    that carried it, without parsing the spec. Every other row, and every row the planner
+    cannot recognise that way, is parsed in full. Apply parses and checks in full every row
+    it rewrites.
+    """
+
+    # A copy is looked up by the first characters of its flavor object (name, version, id,
+    # name): enough to tell flavors apart; copies of one flavor are then compared in full.
+    WINDOW = 160
+    MAX_KNOWN_COPIES = 10_000
 
     def __init__(self, flavors: Mapping[int, Flavor], scope: Scope) -> None:
         self.flavors = flavors
         self.scope = scope
         self._flavors_by_flavorid = {f.flavorid: f for f in flavors.values()}
         self._diffs: dict[tuple[int, tuple[tuple[str, str], ...]], SpecDiff] = {}
+        self._known: dict[str, list[tuple[FlavorText, _Verdict]]] = {}
+        self._known_count = 0
 
     def plan_row(self, row: SpecRow) -> RowOutcome:
         """Return a RowChange, IN_SYNC, OUT_OF_SCOPE, or ``(plan list name, RowNote)``."""
@@ -71,37 +91,71 @@ class RowPlanner:
             return OUT_OF_SCOPE
         if row.queued_for_delete:
             return "queued_for_delete", RowNote(row.id, row.instance_uuid, "instance is queued for delete")
+        spec = row.spec
+        at = find_flavor_start(spec)
+        found = self._recognise(spec, at) if at >= 0 else None
+        if found is None:
+            try:
+                copy = read_embedded_flavor(spec)
+            except SpecShapeError as exc:
+                return "errors", RowNote(row.id, row.instance_uuid, str(exc))
+            verdict = self._judge(copy)
+            flavor_text = self._remember(spec, at, copy, verdict) if at >= 0 else None
+        else:
+            flavor_text, verdict = found
+        if verdict.outcome is not None:
+            return _note(verdict.outcome, row, verdict)
+        # The row changes. A row parsed above was checked as a whole; one recognised by its
+        # flavor text was not, and is checked in full when it is written (apply parses and
+        # checks every row it rewrites), so a plan costs no parse for it.
+        if flavor_text is None or not spec.isascii():
+            try:
+                at, flavor_text = locate_flavor(spec)  # raises with the reason
+            except SpecShapeError as exc:
+                return "errors", RowNote(row.id, row.instance_uuid, str(exc), verdict.label)
+        assert verdict.diff is not None and verdict.new_specs_json is not None
+        old_sha256, new_sha256 = flavor_text.splice_hashes(spec, at, verdict.new_specs_json)
+        return RowChange(row.id, row.instance_uuid, old_sha256, new_sha256, verdict.diff)
+
+    def _recognise(self, spec: str, at: int) -> tuple[FlavorText, _Verdict] | None:
+        for flavor_text, verdict in self._known.get(spec[at : at + self.WINDOW], ()):
+            if spec.startswith(flavor_text.text, at):
+                return flavor_text, verdict
+        return None
+
+    def _remember(self, spec: str, at: int, copy: EmbeddedFlavor, verdict: _Verdict) -> FlavorText | None:
         try:
-            copy = read_embedded_flavor(row.spec)
-        except SpecShapeError as exc:
-            return "errors", RowNote(row.id, row.instance_uuid, str(exc))
+            flavor_text = flavor_text_at(spec, at, expected=copy)
+        except SpecShapeError:
+            return None  # readable but not in Nova's format: every such row is parsed
+        if self._known_count < self.MAX_KNOWN_COPIES:
+            self._known.setdefault(spec[at : at + self.WINDOW], []).append((flavor_text, verdict))
+            self._known_count += 1
+        return flavor_text
+
+    def _judge(self, copy: EmbeddedFlavor) -> _Verdict:
+        """What to do with every row that carries this flavor copy."""
+        scope = self.scope
         label = f"{copy.name} (id {copy.id}, flavorid {copy.flavorid})"
         if scope.flavor_ids is not None and not (
             copy.id in scope.flavor_ids or copy.flavorid in (scope.flavorids or ())
         ):
-            return OUT_OF_SCOPE
+            return _Verdict(label, OUT_OF_SCOPE)
         flavor = self.flavors.get(copy.id)
         orphan_reason = self._orphan_reason(copy.id, copy.flavorid, flavor)
         if orphan_reason:
-            return "orphans", RowNote(row.id, row.instance_uuid, orphan_reason, label)
+            return _Verdict(label, ("orphans", orphan_reason))
         assert flavor is not None
         if _in_scope(copy.extra_specs, scope) == _in_scope(flavor.extra_specs, scope):
-            return IN_SYNC
+            return _Verdict(label, IN_SYNC)
         null_keys = sorted(k for k, v in flavor.extra_specs.items() if v is None and scope.includes_key(k))
         if null_keys:
-            return "errors", RowNote(
-                row.id, row.instance_uuid,
-                f"flavor {flavor.name} has no value (NULL) for {', '.join(null_keys)}; fix the flavor first",
-                label,
-            )
+            reason = f"flavor {flavor.name} has no value (NULL) for {', '.join(null_keys)}; fix the flavor first"
+            return _Verdict(label, ("errors", reason))
         diff = self._diff(flavor, copy.extra_specs)
         if not diff.applied:
-            return "held_back", RowNote(row.id, row.instance_uuid, "only risky keys differ", label, diff)
-        try:
-            new_spec = rewrite_extra_specs(row.spec, dict(diff.target_extra_specs))
-        except SpecShapeError as exc:
-            return "errors", RowNote(row.id, row.instance_uuid, str(exc), label)
-        return RowChange(row.id, row.instance_uuid, sha256_text(row.spec), sha256_text(new_spec), diff)
+            return _Verdict(label, ("held_back", "only risky keys differ"), diff)
+        return _Verdict(label, None, diff, dumps_extra_specs(dict(diff.target_extra_specs)).encode("ascii"))
 
     def _orphan_reason(self, flavor_id: int, flavorid: str, flavor: Flavor | None) -> str:
         if flavor is None:
@@ -147,6 +201,23 @@ class RowPlanner:
         )
         self._diffs[cache_key] = diff
         return diff
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """The judgement of one flavor copy: an outcome, or (outcome None) a change to make."""
+
+    label: str
+    outcome: str | tuple[str, str] | None  # IN_SYNC, OUT_OF_SCOPE or (plan list, reason)
+    diff: SpecDiff | None = None
+    new_specs_json: bytes | None = None  # the new extra_specs value, for changes
+
+
+def _note(outcome: str | tuple[str, str], row: SpecRow, verdict: _Verdict) -> RowOutcome:
+    if isinstance(outcome, str):
+        return outcome
+    kind, reason = outcome
+    return kind, RowNote(row.id, row.instance_uuid, reason, verdict.label, verdict.diff)
 
 
 def _in_scope(extra_specs: Mapping[str, str | None], scope: Scope) -> Mapping[str, str | None]:

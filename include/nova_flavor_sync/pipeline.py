@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,16 @@ from nova_flavor_sync.backup import list_backups
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import NovaFlavorSyncError
 from nova_flavor_sync.plan import Plan
-from nova_flavor_sync.plan_file import load_plan, save_plan
+from nova_flavor_sync.plan_file import load_plan, load_plan_ids, save_plan
 from nova_flavor_sync.progress import Progress
+from nova_flavor_sync.throttle import (
+    DEFAULT_MAX_REPLICA_LAG_S,
+    DEFAULT_MAX_THREADS_RUNNING,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_TARGET_BATCH_S,
+    MAX_BATCH_SIZE,
+    PaceSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,23 @@ PROGRESS_EVERY = 10_000
 
 # Airflow creates at most core.max_map_length (1024 by default) mapped tasks: stay below.
 MAX_APPLY_TASKS = 1000
+
+# How many apply_batch tasks of one run may write at once (read when the DAG is parsed).
+# 1, the default, is one paced writer. More run disjoint id ranges side by side, on as many
+# workers (CeleryExecutor, KubernetesExecutor): no two touch the same row, each paces
+# itself, and each sees the others' load in Threads_running.
+APPLY_PARALLELISM_ENV = "NOVA_FLAVOR_SYNC_APPLY_PARALLELISM"
+MAX_APPLY_PARALLELISM = 32
+
+
+def apply_parallelism() -> int:
+    """``$NOVA_FLAVOR_SYNC_APPLY_PARALLELISM`` (1 to 32, default 1); a bad value fails the DAG's import."""
+    raw = os.environ.get(APPLY_PARALLELISM_ENV, "").strip() or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_APPLY_PARALLELISM:
+        raise ValueError(
+            f"{APPLY_PARALLELISM_ENV} must be a whole number from 1 to {MAX_APPLY_PARALLELISM}, not {raw!r}"
+        )
+    return int(raw)
 
 
 class DriftFoundError(NovaFlavorSyncError):
@@ -98,10 +123,14 @@ def back_up_plan(params: DbParams, plan_path: str, backup_dir: Path, *, backup_a
     }
 
 
-def apply_ranges(plan_path: str, batch_size: int) -> list[dict[str, Any]]:
-    """Split the plan's rows into id ranges, one per mapped apply task (at most MAX_APPLY_TASKS)."""
-    ids = [row.id for row in load_plan(Path(plan_path)).changes]
-    per_task = max(batch_size, math.ceil(len(ids) / MAX_APPLY_TASKS))
+def apply_ranges(plan_path: str, batch_size: int, *, auto_tune: bool = False) -> list[dict[str, Any]]:
+    """Split the plan's rows into id ranges, one per mapped apply task (at most MAX_APPLY_TASKS).
+
+    A task gets ``batch_size`` rows, or, when its batches are auto-tuned, as many as the
+    largest batch may hold: the tuning happens within a task and needs room to grow.
+    """
+    ids = load_plan_ids(Path(plan_path))
+    per_task = max(MAX_BATCH_SIZE if auto_tune else batch_size, math.ceil(len(ids) / MAX_APPLY_TASKS))
     return [
         {"first_id": chunk[0], "last_id": chunk[-1], "rows": len(chunk)}
         for chunk in (ids[i : i + per_task] for i in range(0, len(ids), per_task))
@@ -118,19 +147,49 @@ def apply_range(
     exclude_ids: Sequence[int] = (),
     batch_size: int,
     verbose: bool = False,
+    pace: PaceSettings | None = None,
+    replicas: Sequence[DbParams] = (),
+    pause_first: bool = False,
 ) -> dict[str, Any]:
-    """Apply the approved plan's rows in [first_id, last_id]; conflicts are reported, not written."""
-    saved = load_plan(Path(plan_path), expected_digest=approved_digest)
-    with service.connect(params) as db:
+    """Apply the approved plan's rows in [first_id, last_id]; conflicts are reported, not written.
+
+    With ``pace``, batches are sized and paced by it, watching ``replicas`` too;
+    ``pause_first`` pauses before the first batch as well (every mapped task but the first).
+    """
+    saved = load_plan(Path(plan_path), expected_digest=approved_digest, first_id=first_id, last_id=last_id)
+    pace = pace or PaceSettings(batch_size=batch_size, target_batch_s=None, max_threads_running=None,
+                                max_replica_lag_s=None, pause_on_flow_control=False)
+    with service.connect(params) as db, service.pacing(db, pace, replicas, pause_first=pause_first) as pacer:
+        log.info("Pacing: %s", pace.describe(len(replicas)))
         result = service.apply_saved_plan(
             db, saved, first_id=first_id, last_id=last_id, exclude_ids=exclude_ids, batch_size=batch_size,
             # a log line after every write batch
             progress=_progress_lines("Wrote request specs") if verbose else None,
+            pacer=pacer,
         )
+        log.info("Paced: %s", pacer.summary())
         conflicts = service.explain_conflicts(db, saved.scope, result.conflicts)
     for line in report.apply_lines(result, conflicts):
         log.info("%s", line)
     return _counts(result)
+
+
+def pace_settings(params: Mapping[str, Any]) -> PaceSettings:
+    """PaceSettings from the nova_flavor_sync DAG's params (UsageError, failing the task, if unusable).
+
+    ``batch_seconds`` 0 keeps ``batch_size`` fixed; ``max_threads_running`` 0 does not check it.
+    """
+    target = params.get("batch_seconds", DEFAULT_TARGET_BATCH_S)
+    threads = params.get("max_threads_running", DEFAULT_MAX_THREADS_RUNNING)
+    return PaceSettings(
+        batch_size=params["batch_size"],
+        target_batch_s=target or None,
+        pause_s=params.get("pause_seconds", 0.0),
+        max_threads_running=threads or None,
+        max_replica_lag_s=params.get("max_replica_lag", DEFAULT_MAX_REPLICA_LAG_S),
+        pause_on_flow_control=params.get("flow_control_pause", True),
+        max_wait_s=params.get("max_load_wait", DEFAULT_MAX_WAIT_S),
+    )
 
 
 def verify(params: DbParams, plan_path: str) -> dict[str, Any]:
@@ -205,12 +264,18 @@ def sync_outcome(
     *,
     dry_run: bool,
     answer: dict[str, Any] | None,
-    applied: Sequence[dict[str, Any]] | None,
+    applied: Sequence[dict[str, Any]] | dict[str, Any] | None,
     verified: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """What a nova_flavor_sync run did, in one unmistakable line (logged and returned)."""
+    """What a nova_flavor_sync run did, in one unmistakable line (logged and returned).
+
+    ``applied`` is what the mapped apply tasks returned: Airflow's xcom_pull gives a list,
+    or the value itself when the plan needed a single task.
+    """
     summary = plan["summary"]
     counts: dict[str, int] = {}
+    if isinstance(applied, dict):
+        applied = [applied]
     for result in applied or ():
         for key, value in result.items():
             counts[key] = counts.get(key, 0) + value

@@ -1,7 +1,8 @@
 """The data a run works on: what was read (Flavor, SpecRow) and what to do (Plan).
 
 Plain frozen dataclasses, like Alembic's ops: ``diff.make_plan`` fills a Plan, ``apply``
-carries it out, ``report`` renders it. Nothing here does I/O.
+carries it out, ``report`` renders it. The one exception to "no I/O here" is ChangeList,
+which spools a big plan's changed rows to a temporary file so memory stays flat.
 
 A Plan does not hold spec texts: a changed row is its id, the sha256 of the bytes it was
 planned from and of the bytes it will get, and a shared ``SpecDiff``. Apply re-reads the
@@ -13,7 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -93,12 +98,149 @@ class RowNote:
     diff: SpecDiff | None = None  # for held-back rows: what is held back
 
 
+class ChangeList:
+    """A plan's changed rows in id order: in memory while few, then spooled to a temporary file.
+
+    A million-row cloud can have hundreds of thousands of stale rows; holding a RowChange
+    for each would make memory grow with the table. Past ``keep_in_memory`` rows, each is
+    stored as a 77-byte record plus its instance uuid in an unlinked temporary file (under
+    ``$TMPDIR``), and the shared SpecDiffs once. Iterating reads the file back in chunks.
+    """
+
+    _HEAD = struct.Struct("<q32s32sIB")  # id, old sha256, new sha256, diff index, uuid length
+    _CHUNK = 1 << 20
+
+    def __init__(self, keep_in_memory: int = 2000) -> None:
+        self._keep = keep_in_memory
+        self._rows: list[RowChange] = []
+        self._file: Any = None
+        self._pending: list[bytes] = []
+        self._count = 0
+        self._diffs: list[SpecDiff] = []
+        self._diff_index: dict[int, int] = {}
+        self._per_diff: list[int] = []
+
+    def append(self, change: RowChange) -> None:
+        index = self._diff_index.get(id(change.diff))
+        if index is None:
+            index = self._diff_index[id(change.diff)] = len(self._diffs)
+            self._diffs.append(change.diff)
+            self._per_diff.append(0)
+        self._per_diff[index] += 1
+        self._count += 1
+        if self._file is None:
+            self._rows.append(change)
+            if len(self._rows) > self._keep:
+                self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
+                for row in self._rows:
+                    self._pending.append(self._record(row))
+                self._rows = []
+            return
+        self._pending.append(self._record(change))
+        if len(self._pending) >= 4096:
+            self._flush()
+
+    def per_diff(self) -> list[tuple[SpecDiff, int]]:
+        """Each distinct SpecDiff and how many changed rows share it."""
+        return list(zip(self._diffs, self._per_diff, strict=True))
+
+    def _record(self, change: RowChange) -> bytes:
+        uuid = change.instance_uuid.encode("utf-8")
+        index = self._diff_index[id(change.diff)]
+        head = self._HEAD.pack(
+            change.id, bytes.fromhex(change.old_sha256), bytes.fromhex(change.new_sha256), index, len(uuid)
+        )
+        return head + uuid
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._file.write(b"".join(self._pending))
+            self._pending = []
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[RowChange]:
+        if self._file is None:
+            yield from list(self._rows)
+            return
+        self._flush()
+        self._file.flush()
+        fd, offset, buffer = self._file.fileno(), 0, b""
+        head, diffs = self._HEAD, self._diffs
+        while True:
+            chunk = os.pread(fd, self._CHUNK, offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            buffer += chunk
+            at = 0
+            while at + head.size <= len(buffer):
+                row_id, old, new, index, uuid_len = head.unpack_from(buffer, at)
+                end = at + head.size + uuid_len
+                if end > len(buffer):
+                    break
+                uuid = buffer[at + head.size : end].decode("utf-8")
+                yield RowChange(row_id, uuid, old.hex(), new.hex(), diffs[index])
+                at = end
+            buffer = buffer[at:]
+
+    def batches(self, size: int) -> Iterator[list[RowChange]]:
+        """The rows in id order, ``size`` at a time."""
+        batch: list[RowChange] = []
+        for change in self:
+            batch.append(change)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def __getitem__(self, index: int | slice) -> Any:
+        """For tests and small plans: reads every row (use iteration or batches() for big ones)."""
+        return list(self)[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ChangeList | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"ChangeList({self._count} rows)"
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled with the spooled records as bytes (a temporary file cannot be pickled)."""
+        if self._file is not None:
+            self._flush()
+            self._file.flush()
+        state = {k: v for k, v in self.__dict__.items() if k != "_file"}
+        if self._file is not None:
+            state["_spooled"] = os.pread(self._file.fileno(), os.fstat(self._file.fileno()).st_size, 0)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        spooled = state.pop("_spooled", None)
+        self.__dict__.update(state, _file=None)
+        # ids of the diffs changed with the objects: index them again
+        self._diff_index = {id(diff): i for i, diff in enumerate(self._diffs)}
+        if spooled is not None:
+            self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
+            self._file.write(spooled)
+
+
 @dataclass
 class Plan:
     """What a run would change, and everything it saw but will not touch."""
 
     scope: Scope
-    changes: list[RowChange] = field(default_factory=list)
+    changes: ChangeList = field(default_factory=ChangeList)
     held_back: list[RowNote] = field(default_factory=list)  # drift only in risky keys
     orphans: list[RowNote] = field(default_factory=list)  # flavor deleted or re-created
     errors: list[RowNote] = field(default_factory=list)  # unreadable rows
@@ -119,12 +261,14 @@ class Plan:
         by_key: Counter[str] = Counter()
         by_risk: Counter[str] = Counter()
         held_by_key: Counter[str] = Counter()
-        for change in self.changes:
-            by_flavor[change.diff.flavor_name] += 1
-            for key_change in change.diff.applied:
-                by_key[key_change.key] += 1
-                by_risk[key_change.risk.value] += 1
-        for note in self.held_back + [c for c in self.changes if c.diff.held_back]:
+        for diff, rows in self.changes.per_diff():
+            by_flavor[diff.flavor_name] += rows
+            for key_change in diff.applied:
+                by_key[key_change.key] += rows
+                by_risk[key_change.risk.value] += rows
+            for key_change in diff.held_back:
+                held_by_key[key_change.key] += rows
+        for note in self.held_back:
             for key_change in note.diff.held_back:  # type: ignore[union-attr]
                 held_by_key[key_change.key] += 1
         return {

@@ -4,14 +4,23 @@ The plan task writes it; the approval shows its digest; each apply task reads th
 its id range from it. Loading recomputes the digest from the file's own rows and scope, so
 a file that is not exactly the approved plan is refused. It holds no spec text: only ids,
 instance uuids and the sha256 of the bytes before and after, like the Plan itself.
+
+JSON Lines, so that neither side holds the whole plan: a header object, then one
+``[id, instance_uuid, old_sha256, new_sha256]`` array per changed row, in id order. At a
+million rows a plan can have 450,000 changes (about 70 MB); every apply task checks the
+digest over all of them but keeps only the rows of its own id range.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import orjson
 
 from nova_flavor_sync.backup import private_dir
 from nova_flavor_sync.errors import BackupError
@@ -19,7 +28,7 @@ from nova_flavor_sync.plan import Plan, PlanDigest
 from nova_flavor_sync.scope import Scope
 
 FORMAT = "nova-flavor-sync-plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -41,18 +50,20 @@ def save_plan(plan: Plan, directory: Path) -> Path:
     """Write ``plan_<digest>.json`` (0600, atomically) and return its path."""
     directory = private_dir(directory)
     path = directory / f"plan_{plan.digest}.json"
-    document = {
+    header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "digest": plan.digest,
         "scope": plan.scope.as_dict(),
-        "changes": [[c.id, c.instance_uuid, c.old_sha256, c.new_sha256] for c in plan.changes],
+        "changes": len(plan.changes),
     }
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(document, out)
+            out.write(json.dumps(header) + "\n")
+            for c in plan.changes:
+                out.write(json.dumps([c.id, c.instance_uuid, c.old_sha256, c.new_sha256]) + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)  # same digest, same content: replacing is harmless
@@ -62,33 +73,76 @@ def save_plan(plan: Plan, directory: Path) -> Path:
     return path
 
 
-def load_plan(path: Path, *, expected_digest: str | None = None) -> SavedPlan:
-    """Read a plan file; refuse it unless its rows and scope give its (and the expected) digest."""
+def load_plan(
+    path: Path,
+    *,
+    expected_digest: str | None = None,
+    first_id: int | None = None,
+    last_id: int | None = None,
+) -> SavedPlan:
+    """Read a plan file; refuse it unless its rows and scope give its (and the expected) digest.
+
+    With ``first_id``/``last_id``, only the rows in that id range are kept (all are checked).
+    """
+    low = first_id if first_id is not None else -1
+    high = last_id if last_id is not None else float("inf")
+    rows: list[PlannedRow] = []
+
+    def keep(row_id: int, uuid: str, old: str, new: str) -> None:
+        if low <= row_id <= high:
+            rows.append(PlannedRow(row_id, uuid, old, new))
+
+    digest, scope = _read(path, keep, expected_digest)
+    return SavedPlan(digest, scope, rows)
+
+
+def load_plan_ids(path: Path) -> array[int]:
+    """The ids of a plan file's rows, in order (checked like load_plan; 8 bytes a row)."""
+    ids: array[int] = array("q")
+    _read(path, lambda row_id, *_: ids.append(row_id), None)
+    return ids
+
+
+def _read(path: Path, on_row: Callable[[int, str, str, str], None], expected_digest: str | None) -> tuple[str, Scope]:
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as lines:
+            header = _header(path, lines.readline())
+            scope = _scope(header["scope"])
+            digest = PlanDigest(scope)
+            count = 0
+            for line in lines:
+                row_id, uuid, old, new = orjson.loads(line)
+                if not all(isinstance(v, t) for v, t in ((row_id, int), (uuid, str), (old, str), (new, str))):
+                    raise TypeError
+                digest.add(row_id, old, new)
+                count += 1
+                on_row(row_id, uuid, old, new)
     except FileNotFoundError:
         raise BackupError(f"plan file {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise BackupError(f"plan file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise BackupError(f"{path} is not a nova-flavor-sync plan file")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise BackupError(f"plan file {path} has format version {document.get('format_version')!r}")
-    try:
-        scope = _scope(document["scope"])
-        rows = [PlannedRow(int(i), str(u), str(o), str(n)) for i, u, o, n in document["changes"]]
+    except OSError as exc:
+        raise BackupError(f"plan file {path} cannot be read: {exc.strerror or exc}") from None
     except (KeyError, TypeError, ValueError):
         raise BackupError(f"plan file {path} is malformed") from None
-    digest = PlanDigest(scope)
-    for row in rows:
-        digest.add(row.id, row.old_sha256, row.new_sha256)
-    if digest.hexdigest() != document.get("digest"):
+    if digest.hexdigest() != header.get("digest") or count != header.get("changes"):
         raise BackupError(f"plan file {path} does not match its digest: it was changed after it was written")
-    if expected_digest is not None and document["digest"] != expected_digest:
+    if expected_digest is not None and header["digest"] != expected_digest:
+        raise BackupError(f"plan file {path} is plan {header['digest']}, not the approved plan {expected_digest}")
+    return header["digest"], scope
+
+
+def _header(path: Path, line: bytes) -> dict:
+    try:
+        header = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise BackupError(f"{path} is not a nova-flavor-sync plan file")
+    if header.get("format_version") != FORMAT_VERSION:
         raise BackupError(
-            f"plan file {path} is plan {document['digest']}, not the approved plan {expected_digest}"
+            f"plan file {path} has format version {header.get('format_version')!r}; this tool reads "
+            f"version {FORMAT_VERSION}: make the plan again"
         )
-    return SavedPlan(document["digest"], scope, rows)
+    return header
 
 
 def _scope(raw: dict) -> Scope:

@@ -7,9 +7,13 @@ results with ``report`` and turn exceptions into exit codes or failed tasks.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from nova_flavor_sync import apply as apply_mod
 from nova_flavor_sync.apply import ApplyResult
@@ -20,7 +24,7 @@ from nova_flavor_sync.backup import (
     load_backup,
     write_backup,
 )
-from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, ReplicaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
@@ -29,10 +33,11 @@ from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
 from nova_flavor_sync.restore import plan_restore
 from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text
+from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
+from nova_flavor_sync.throttle import Pacer, PaceSettings, ServerBusyError
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH_SIZE = 5000
+T = TypeVar("T")
 
 
 def connect(params: DbParams) -> NovaApiDb:
@@ -118,20 +123,30 @@ def back_up(
     A row whose bytes are no longer those planned is still backed up as it is now, and
     listed in ``diverged``: applying it could overwrite bytes the backup does not hold.
     """
-    planned = {c.id: c for c in plan.changes}
     diverged: list[int] = []
 
+    def record(row_id, uuid, spec, updated_at, change) -> BackupRecord:
+        backed_up = BackupRecord.of_row(row_id, uuid, spec, updated_at, change.new_sha256 if change else None)
+        if change is not None and backed_up.sha256 != change.old_sha256:
+            diverged.append(row_id)
+        return backed_up
+
     def records() -> Iterator[BackupRecord]:
+        # Both ways walk the plan's changes in id order, a page at a time, never all at once.
         if backup_all:
-            rows = ((r.id, r.instance_uuid, r.spec, r.updated_at) for r in _rows_in_scope(db, plan.scope, page_size))
+            changes = iter(plan.changes)
+            change = next(changes, None)
+            for row in _rows_in_scope(db, plan.scope, page_size, with_updated_at=True):
+                while change is not None and change.id < row.id:
+                    change = next(changes, None)
+                planned = change if change is not None and change.id == row.id else None
+                yield record(row.id, row.instance_uuid, row.spec, row.updated_at, planned)
         else:
-            rows = _read_rows(db, list(planned), page_size)
-        for row_id, uuid, spec, updated_at in rows:
-            change = planned.get(row_id)
-            record = BackupRecord.of_row(row_id, uuid, spec, updated_at, change.new_sha256 if change else None)
-            if change is not None and record.sha256 != change.old_sha256:
-                diverged.append(row_id)
-            yield record
+            for batch in _batched(plan.changes, page_size):
+                current = db.read_specs([c.id for c in batch])
+                for planned in batch:
+                    if planned.id in current:
+                        yield record(planned.id, *current[planned.id], planned)
 
     info = write_backup(
         directory,
@@ -151,9 +166,35 @@ def apply_plan(
     batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
     exclude_ids: Iterable[int] = (),
     progress: Callable[[ApplyResult, int], None] | None = None,
+    pacer: Pacer | None = None,
 ) -> ApplyResult:
-    """Write the plan's changes in compare-and-swap batches."""
-    return apply_mod.apply_plan(db, plan, batch_size=batch_size, exclude_ids=exclude_ids, progress=progress)
+    """Write the plan's changes in compare-and-swap batches (sized and paced by ``pacer`` if given)."""
+    return apply_mod.apply_plan(
+        db, plan, batch_size=batch_size, exclude_ids=exclude_ids, progress=progress, pacer=pacer
+    )
+
+
+@contextmanager
+def pacing(
+    db: NovaApiDb,
+    settings: PaceSettings,
+    replicas: Sequence[DbParams] = (),
+    *,
+    pause_first: bool = False,
+) -> Iterator[Pacer]:
+    """A Pacer that watches this server's load and the replicas' lag, for one run's writes.
+
+    Each replica is opened and its lag read once here, so a URL that is no replica, or a
+    user who may not read the replication status, is refused before anything is written.
+    """
+    opened: list[ReplicaDb] = []
+    try:
+        for params in replicas:
+            opened.append(ReplicaDb(params).open())
+        yield Pacer(settings, read_load=lambda: db.server_load(opened), pause_first=pause_first)
+    finally:
+        for replica in opened:
+            replica.close()
 
 
 def apply_saved_plan(
@@ -165,6 +206,7 @@ def apply_saved_plan(
     exclude_ids: Iterable[int] = (),
     batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
     progress: Callable[[ApplyResult, int], None] | None = None,
+    pacer: Pacer | None = None,
 ) -> ApplyResult:
     """Apply the approved plan's rows with ids in [first_id, last_id] (one Airflow mapped task).
 
@@ -180,8 +222,9 @@ def apply_saved_plan(
         for r in rows
         if r.id not in excluded
     ]
-    batches = (targets[i : i + batch_size] for i in range(0, len(targets), batch_size))
-    result = apply_mod.apply_batches(db, batches, total=len(targets), progress=progress)
+    result = apply_mod.apply_batches(
+        db, targets, total=len(targets), batch_size=batch_size, pacer=pacer, progress=progress
+    )
     result.conflicts = [r.id for r in rows if r.id in excluded] + result.conflicts
     return result
 
@@ -236,20 +279,39 @@ def restore(
     run: bool = False,
     force: bool = False,
     batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
+    pacer: Pacer | None = None,
 ) -> RestoreResult:
-    """Check a backup belongs here, then put its bytes back (or say what would be put back)."""
+    """Check a backup belongs here, then put its bytes back (or say what would be put back).
+
+    With ``run`` and a ``pacer``, the pacer sizes the batches and waits before each one.
+    """
     backup = load_backup(path)
     check_same_database(backup.info, db.server_identity())
     result = RestoreResult(backup.info, run)
     expected: dict[int, str] = {}
-    for start in range(0, len(backup.records), batch_size):
-        records = backup.records[start : start + batch_size]
+    pacer = pacer if run else None
+    start = 0
+    while start < len(backup.records):
+        records = backup.records[start : start + (pacer.next_batch_size() if pacer else batch_size)]
+        if pacer is not None:
+            try:
+                pacer.wait_turn(first=start == 0)
+            except ServerBusyError as exc:
+                raise ServerBusyError(
+                    f"{exc}. Stopped before backup records {start + 1}-{start + len(records)}: "
+                    f"{len(result.restored)} rows restored before them; nothing after: run the restore "
+                    "again when the server is less busy"
+                ) from None
+        start += len(records)
+        started = time.monotonic()
         restore_plan = plan_restore(records, db.read_specs([r.id for r in records]), force=force)
         result.skipped += restore_plan.skipped
         if not run:
             result.restored += [t.id for t in restore_plan.targets]
             continue
         outcome = apply_mod.apply_batch(db, restore_plan.targets)
+        if pacer is not None:
+            pacer.batch_done(len(records), time.monotonic() - started)
         result.restored += outcome.updated + outcome.already
         result.errors.update(outcome.errors)
         by_id = {r.id: r for r in records}
@@ -269,15 +331,15 @@ def restore(
     return result
 
 
-def _rows_in_scope(db: NovaApiDb, scope: Scope, page_size: int) -> Iterator[SpecRow]:
+def _rows_in_scope(
+    db: NovaApiDb, scope: Scope, page_size: int, *, with_updated_at: bool = False
+) -> Iterator[SpecRow]:
     uuids = sorted(scope.instance_uuids) if scope.instance_uuids is not None else None
-    return db.iter_spec_rows(page_size=page_size, instance_uuids=uuids)
+    return db.iter_spec_rows(page_size=page_size, instance_uuids=uuids, with_updated_at=with_updated_at)
 
 
-def _read_rows(db: NovaApiDb, ids: list[int], page_size: int) -> Iterator[tuple]:
-    for start in range(0, len(ids), page_size):
-        chunk = ids[start : start + page_size]
-        current = db.read_specs(chunk)
-        for row_id in chunk:
-            if row_id in current:
-                yield (row_id, *current[row_id])
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (itertools.batched from Python 3.12)."""
+    rows = iter(items)
+    while batch := list(islice(rows, size)):
+        yield batch

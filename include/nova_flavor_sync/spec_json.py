@@ -1,11 +1,18 @@
 """Read and rewrite the flavor copy inside one ``request_specs.spec`` text (pure).
 
 Nova stores ``jsonutils.dumps(request_spec.obj_to_primitive())``: ``json.dumps`` with its
-defaults, so ``json.dumps(json.loads(text)) == text`` for every row Nova wrote. The rewrite
-relies on that: it re-serialises the document with only ``extra_specs`` replaced and then
-proves, byte by byte, that everything before and after the ``extra_specs`` value is unchanged.
-A text that does not round-trip was not written by Nova's serializer; it is refused, not
-"normalised".
+defaults (``", "`` and ``": "`` separators, ASCII only, key order kept). A rewrite is a
+splice: the text is cut just before and just after the flavor's ``extra_specs`` value, and
+only that value is replaced with ``json.dumps`` of the new dict. Every other byte is the
+original text itself, so object versions, ``nova_object.changes``, field order and escaping
+stay exactly as Nova wrote them.
+
+The cut is found in the text, not re-created: the flavor object is the only place the text
+``"flavor": {"nova_object.name": "Flavor"`` can occur (inside a JSON string every ``"`` is
+escaped), it must occur exactly once, and the parsed flavor found there must equal the one at
+``nova_object.data.flavor``. The old ``extra_specs`` value must read back byte for byte as
+``json.dumps`` writes it. A text that fails any of this was not written by Nova's serializer:
+it can be read, but it is never rewritten.
 """
 
 from __future__ import annotations
@@ -16,9 +23,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 # Major versions of the objects whose layout this module knows. A minor version adds
 # fields and keeps the path to the flavor; a new major version may not.
 KNOWN_MAJOR_VERSIONS = {"RequestSpec": "1", "Flavor": "1"}
+
+# How every spec Nova writes begins, up to the minor version of the RequestSpec object.
+NOVA_SPEC_PREFIX = (
+    '{"nova_object.name": "RequestSpec", "nova_object.namespace": "nova", '
+    f'"nova_object.version": "{KNOWN_MAJOR_VERSIONS["RequestSpec"]}.'
+)
+# The flavor's key and the start of its value, as json.dumps writes them.
+FLAVOR_KEY = '"flavor": '
+FLAVOR_START = FLAVOR_KEY + '{"nova_object.name": "Flavor"'
+EXTRA_SPECS_KEY = '"extra_specs": '
+
+_decoder = json.JSONDecoder()
 
 
 class SpecShapeError(ValueError):
@@ -35,50 +56,137 @@ class EmbeddedFlavor:
     extra_specs: dict[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class FlavorText:
+    """Where a spec's flavor object, and its extra_specs value inside it, sit in the text.
+
+    ``text`` is the flavor object's exact bytes; ``specs_start``/``specs_end`` are offsets of
+    the extra_specs value within it. The same flavor copy has the same ``text`` in every spec
+    that carries it, which is what lets a planner recognise a copy it has already judged.
+    """
+
+    text: str
+    specs_start: int
+    specs_end: int
+    flavor: EmbeddedFlavor
+
+    def splice(self, spec_text: str, at: int, new_specs_json: str) -> str:
+        """``spec_text`` (whose flavor object starts at ``at``) with a new extra_specs value."""
+        return spec_text[: at + self.specs_start] + new_specs_json + spec_text[at + self.specs_end :]
+
+    def splice_hashes(self, spec_text: str, at: int, new_specs_json: bytes) -> tuple[str, str]:
+        """``(sha256_text(spec_text), sha256_text(self.splice(...)))``, without building the new text.
+
+        The bytes before the extra_specs value are hashed once for both (a plan needs only
+        the hashes of a changed row). Only for ASCII texts, whose character offsets are
+        byte offsets: ``locate_flavor`` refuses any other.
+        """
+        data = memoryview(spec_text.encode("ascii"))
+        cut, rest = at + self.specs_start, at + self.specs_end
+        new = hashlib.sha256(data[:cut])
+        old = new.copy()
+        old.update(data[cut:])
+        new.update(new_specs_json)
+        new.update(data[rest:])
+        return old.hexdigest(), new.hexdigest()
+
+
 def sha256_text(text: str) -> str:
     """Hex sha256 of the text's UTF-8 bytes (equal to MariaDB's ``SHA2(spec, 256)``)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def read_embedded_flavor(spec_text: str) -> EmbeddedFlavor:
-    """Parse a spec and return its flavor copy, or raise SpecShapeError."""
-    return _flavor_of(_parse(spec_text))[1]
-
-
-def rewrite_extra_specs(spec_text: str, extra_specs: Mapping[str, str]) -> str:
-    """Return ``spec_text`` with the flavor's extra_specs replaced, ordered by key.
-
-    Every byte outside the extra_specs value is kept: object versions,
-    ``nova_object.changes``, field order and escaping are exactly what Nova wrote.
-    """
-    document = _parse(spec_text)
-    if json.dumps(document) != spec_text:
-        raise SpecShapeError(
-            "spec is not in Nova's serialization format (json.dumps defaults); "
-            "refusing to rewrite it"
-        )
-    flavor_data, old = _flavor_of(document)
+def dumps_extra_specs(extra_specs: Mapping[str, str]) -> str:
+    """The extra_specs value as this tool writes it: ordered by key, Nova's json.dumps format."""
     for key, value in extra_specs.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise SpecShapeError(f"new extra spec {key!r} is not a string pair")
+    return json.dumps(dict(sorted(extra_specs.items())))
 
-    # Find where the extra_specs value sits by serialising with a marker in its place.
-    marker = "nova-flavor-sync:extra-specs-marker"
-    flavor_data["extra_specs"] = marker
-    with_marker = json.dumps(document)
-    prefix, found, suffix = with_marker.partition(json.dumps(marker))
-    if not found or json.dumps(marker) in suffix:
-        raise SpecShapeError("cannot locate extra_specs in the spec text")
-    if prefix + json.dumps(old.extra_specs) + suffix != spec_text:
-        raise SpecShapeError("extra_specs is not stored where Nova writes it")
-    return prefix + json.dumps(dict(sorted(extra_specs.items()))) + suffix
+
+def read_embedded_flavor(spec_text: str) -> EmbeddedFlavor:
+    """Parse a spec and return its flavor copy, or raise SpecShapeError."""
+    return _flavor_of(_parse(spec_text))
+
+
+def find_flavor_start(spec_text: str) -> int:
+    """Offset of the flavor object in a spec written the way Nova writes it, or -1.
+
+    Cheap (two substring searches); it proves nothing about the rest of the text. -1 means
+    "not recognisably Nova's format": parse the whole text instead.
+    """
+    if not spec_text.startswith(NOVA_SPEC_PREFIX):
+        return -1
+    at = spec_text.find(FLAVOR_START)
+    if at < 0 or spec_text.find(FLAVOR_START, at + 1) >= 0:
+        return -1
+    return at + len(FLAVOR_KEY)
+
+
+def locate_flavor(spec_text: str) -> tuple[int, FlavorText]:
+    """Parse the whole spec, check it, and find its flavor object in the text.
+
+    Returns the flavor object's offset and its FlavorText, or raises SpecShapeError: with
+    the reason the spec is unreadable, or, for a readable spec, why it cannot be rewritten.
+    """
+    flavor = _flavor_of(_parse(spec_text))
+    at = find_flavor_start(spec_text)
+    if at < 0 or not spec_text.isascii():
+        raise SpecShapeError(
+            "spec is not in Nova's serialization format (json.dumps defaults); refusing to rewrite it"
+        )
+    return at, flavor_text_at(spec_text, at, expected=flavor)
+
+
+def flavor_text_at(spec_text: str, at: int, *, expected: EmbeddedFlavor | None = None) -> FlavorText:
+    """Read the flavor object that starts at offset ``at`` and find its extra_specs value.
+
+    With ``expected`` (the flavor the whole-document parse found), the two must agree.
+    """
+    try:
+        value, end = _decoder.raw_decode(spec_text, at)
+    except ValueError as exc:
+        raise SpecShapeError(f"spec is not valid JSON: {exc}") from None
+    flavor = _flavor_of({"nova_object.data": {"flavor": value}})
+    if expected is not None and flavor != expected:
+        raise SpecShapeError("cannot locate the spec's flavor in its text")
+    text = spec_text[at:end]
+    key_at = text.find(EXTRA_SPECS_KEY)
+    if key_at < 0 or text.find(EXTRA_SPECS_KEY, key_at + 1) >= 0:
+        raise SpecShapeError("spec is not in Nova's serialization format: cannot locate extra_specs in its flavor")
+    start = key_at + len(EXTRA_SPECS_KEY)
+    try:
+        old, stop = _decoder.raw_decode(text, start)
+    except ValueError:
+        old, stop = None, start
+    if old != flavor.extra_specs or json.dumps(old) != text[start:stop]:
+        raise SpecShapeError("extra_specs is not stored where and how Nova writes it; refusing to rewrite it")
+    return FlavorText(text, start, stop, flavor)
+
+
+def rewrite_extra_specs(
+    spec_text: str, extra_specs: Mapping[str, str] | None = None, *, new_specs_json: str | None = None
+) -> str:
+    """Return ``spec_text`` with the flavor's extra_specs replaced, ordered by key.
+
+    Every byte outside the extra_specs value is the original text's. Give the new value as
+    ``extra_specs``, or already serialised by ``dumps_extra_specs`` as ``new_specs_json``.
+    """
+    if new_specs_json is None:
+        new_specs_json = dumps_extra_specs(extra_specs or {})
+    at, flavor_text = locate_flavor(spec_text)
+    return flavor_text.splice(spec_text, at, new_specs_json)
 
 
 def _parse(spec_text: str) -> dict[str, Any]:
     try:
-        document = json.loads(spec_text)
-    except (TypeError, ValueError) as exc:
-        raise SpecShapeError(f"spec is not valid JSON: {exc}") from None
+        document = orjson.loads(spec_text)
+    except (TypeError, orjson.JSONDecodeError):
+        # orjson refuses a few things json accepts (NaN, huge integers): ask json too.
+        try:
+            document = json.loads(spec_text)
+        except (TypeError, ValueError) as exc:
+            raise SpecShapeError(f"spec is not valid JSON: {exc}") from None
     _check_object(document, "RequestSpec", "spec")
     return document
 
@@ -103,8 +211,8 @@ def _check_object(value: Any, name: str, where: str) -> dict[str, Any]:
     return data
 
 
-def _flavor_of(document: dict[str, Any]) -> tuple[dict[str, Any], EmbeddedFlavor]:
-    """Return the flavor's mutable data dict and a checked copy of its fields."""
+def _flavor_of(document: dict[str, Any]) -> EmbeddedFlavor:
+    """Return a checked copy of the flavor in a parsed spec."""
     data = document["nova_object.data"]
     if data.get("flavor") is None:
         raise SpecShapeError("spec has no flavor")
@@ -123,7 +231,7 @@ def _flavor_of(document: dict[str, Any]) -> tuple[dict[str, Any], EmbeddedFlavor
         if not isinstance(value, str):
             raise SpecShapeError(f"extra spec {key!r} has a non-string value: {value!r}")
     name = flavor.get("name")
-    return flavor, EmbeddedFlavor(
+    return EmbeddedFlavor(
         id=flavor_id,
         flavorid=flavorid,
         name=name if isinstance(name, str) else "",

@@ -43,6 +43,16 @@ def test_the_sync_dag_is_wired_in_order():
     assert dag.max_active_runs == 1 and dag.schedule is None
 
 
+def test_apply_tasks_run_one_at_a_time_unless_the_operator_allows_more(monkeypatch):
+    assert load_dags().dags["nova_flavor_sync"].get_task("apply_batch").max_active_tis_per_dagrun == 1
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_APPLY_PARALLELISM", "4")
+    assert load_dags().dags["nova_flavor_sync"].get_task("apply_batch").max_active_tis_per_dagrun == 4
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_APPLY_PARALLELISM", "many")
+    bag = load_dags()
+    (error,) = [e for path, e in bag.import_errors.items() if path.endswith("nova_flavor_sync.py")]
+    assert "NOVA_FLAVOR_SYNC_APPLY_PARALLELISM must be a whole number from 1 to 32, not 'many'" in error
+
+
 def run_dag(dag_id: str, conf: dict):
     dag = load_dags().dags[dag_id]
     dag_run = dag.test(run_conf=conf)

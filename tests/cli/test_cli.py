@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import pytest
 
-from dbtools import connect, table_hash
+from dbtools import SECRET, assert_no_secret, busy_sessions, connect, table_hash, threads_running
 from nova_flavor_sync import cli, dburl, service
 from nova_flavor_sync.dburl import DbParams
 
@@ -338,6 +338,36 @@ USAGE_ERRORS = [
                  id="batch-size-not-a-number"),
     pytest.param(["--batch-size", "999999", "--run", "--all-keys"], r"--batch-size: must be between 1 and 5000",
                  id="batch-size-too-big"),
+    pytest.param(["--batch-seconds", "-1", "--run", "--all-keys"],
+                 r"--batch-seconds: must be between 0 and 60 seconds", id="batch-seconds-negative"),
+    pytest.param(["--batch-seconds", "abc", "--run", "--all-keys"],
+                 r"--batch-seconds: 'abc' is not a number of seconds", id="batch-seconds-not-a-number"),
+    pytest.param(["--batch-seconds", "nan", "--run", "--all-keys"],
+                 r"--batch-seconds: 'nan' is not a number of seconds", id="batch-seconds-nan"),
+    pytest.param(["--batch-seconds", "0.001", "--run", "--all-keys"],
+                 r"--batch-seconds: must be 0 \(fixed --batch-size\) or at least 0.01 seconds",
+                 id="batch-seconds-tiny"),
+    pytest.param(["--pause", "-0.5", "--run", "--all-keys"], r"--pause: must be between 0 and 3600 seconds",
+                 id="pause-negative"),
+    pytest.param(["--pause", "inf", "--run", "--all-keys"], r"--pause: 'inf' is not a number of seconds",
+                 id="pause-infinite"),
+    pytest.param(["--max-threads-running", "-1", "--run", "--all-keys"],
+                 r"--max-threads-running: must be between 0 \(do not check\) and 1000000", id="threads-negative"),
+    pytest.param(["--max-threads-running", "2.5", "--run", "--all-keys"],
+                 r"--max-threads-running: '2.5' is not a whole number", id="threads-not-whole"),
+    pytest.param(["--max-replica-lag", "5", "--run", "--all-keys"], r"--max-replica-lag needs --replica-db-url",
+                 id="replica-lag-without-replica"),
+    pytest.param(["--replica-db-url", "mysql://r/nova_api", "--max-replica-lag", "-1", "--run", "--all-keys"],
+                 r"--max-replica-lag: must be between 0 and 86400 seconds", id="replica-lag-negative"),
+    pytest.param(["--replica-db-url", "mysql://replica:3306", "--run", "--all-keys"],
+                 r"--replica-db-url: replica URL: a database name is needed", id="replica-url-no-database"),
+    pytest.param(["--replica-db-url", "http://replica/nova_api", "--run", "--all-keys"],
+                 r"--replica-db-url: replica URL: unsupported URL scheme 'http'", id="replica-url-bad-scheme"),
+    pytest.param(["--max-load-wait", "0", "--run", "--all-keys"], r"--max-load-wait: must be between 1 and 86400",
+                 id="max-load-wait-0"),
+    pytest.param(["--verify", "--pause", "1"], r"pace writes: not for --verify or --list-backups", id="verify-pause"),
+    pytest.param(["--list-backups", "--replica-db-url", "mysql://r/nova_api"],
+                 r"pace writes: not for --verify or --list-backups", id="list-backups-replica"),
     pytest.param(["--frobnicate", "--run", "--all-keys"], r"unrecognized arguments: --frobnicate", id="unknown-flag"),
     pytest.param(["--restore", "{tmp}/b.json", "--flavor", "x"], r"do not apply to --restore",
                  id="restore-with-flavor"),
@@ -661,3 +691,78 @@ def test_with_debug_an_unexpected_error_propagates(run, demo_db, monkeypatch):
     monkeypatch.setattr(service, "make_plan", _boom)
     with pytest.raises(RuntimeError, match="boom"):
         run("--db-url", db_url(demo_db), "--all-keys", "--debug")
+
+
+# -- 8. gentle on a shared database ----------------------------------------------------------
+
+
+def test_pacing_options_are_used_and_said(run, demo_db):
+    url = db_url(demo_db)
+    tuned = run("--db-url", url, "--run", "--all-keys", "--batch-seconds", "0.2", "--pause", "0.05",
+                "--max-threads-running", "1000", "--max-load-wait", "5", "--no-flow-control-pause")
+    assert tuned.code == 0, tuned.shown
+    assert "Pacing: batches sized to take 0.2 s (50-5000 rows, starting at 500), pause 0.05 s between batches; " \
+           "waiting while Threads_running > 1000 (at most 5 s)" in messages(tuned.out), tuned.shown
+    assert re.search(r"^Paced: \d+ batches of \d+-\d+ rows, \d+\.\d s paused, 0\.0 s waited for the server$",
+                     tuned.out.replace("] [INFO] ", "\n"), re.M), tuned.shown
+
+
+def test_batch_size_alone_keeps_the_size_fixed_and_the_default_tunes_it(run, demo_db):
+    dry = run("--db-url", db_url(demo_db), "--all-keys", "--batch-size", "100")
+    assert dry.code == 3, dry.shown
+    assert "Pacing:" not in dry.out  # a dry run writes nothing, so it paces nothing
+    command = shlex.split(messages(dry.out)[-1].strip())
+    fixed = run(*command[1:])
+    assert fixed.code == 0, fixed.shown
+    assert "Pacing: batches of 100 rows, pause 0 s between batches; waiting while Threads_running > 25, " \
+           "Galera flow control (at most 600 s)" in messages(fixed.out)
+    assert re.search(r"Paced: \d+ batches of \d+-100 rows", fixed.out), fixed.shown
+
+
+def test_a_replica_url_that_is_no_replica_exits_4_before_anything_is_written(run, demo_db, backup_dir):
+    before = table_hash(demo_db)
+    refused = run("--db-url", db_url(demo_db), "--run", "--all-keys", "--replica-db-url", db_url(demo_db))
+    assert refused.code == 4, refused.shown
+    assert re.search(r"\[ERROR\] mysql\+pymysql://root@127\.0\.0\.1:\d+/nfs_test_\w+ is not a replica "
+                     r"\(SHOW REPLICA STATUS is empty\)", refused.err), refused.shown
+    assert table_hash(demo_db) == before and backups_in(backup_dir) == []
+
+    away = run("--db-url", db_url(demo_db), "--run", "--all-keys", "--replica-db-url",
+               db_url(demo_db, password="pw-of-the-replica", port=1))
+    assert away.code == 4, away.shown
+    assert "cannot connect to replica mysql+pymysql://root:***@127.0.0.1:1/" in away.err, away.shown
+    assert "pw-of-the-replica" not in away.out + away.err
+    assert table_hash(demo_db) == before and backups_in(backup_dir) == []
+
+
+def test_a_password_in_a_replica_url_is_never_shown(run, demo_db, secret_account, log_file):
+    _, url = secret_account
+    bad = run("--db-url", db_url(demo_db), "--replica-db-url", url.replace("mysql+pymysql", "postgres"))
+    assert bad.code == 2, bad.shown
+    refused = run("--db-url", db_url(demo_db), "--run", "--all-keys", "--replica-db-url", url)
+    assert refused.code == 4, refused.shown  # this account may not even read the replication status
+    assert re.search(r"\[ERROR\] cannot read the replication status of mysql\+pymysql://nfs_\w+:\*\*\*@.*"
+                     r"\(1227\) Access denied.* \(the user needs the REPLICA MONITOR privilege", refused.err), \
+        refused.shown
+    for text, where in ((bad.out + bad.err, "usage error"), (refused.out + refused.err, "output"),
+                        (log_file.read_text(encoding="utf-8"), "log file")):
+        assert_no_secret(text, where)
+    command = cli._command_line(["--replica-db-url", url, f"--replica-db-url={url}", "--db-url", url], "--run")
+    assert_no_secret(command, "printed command")
+    assert command.count(":***@") == 3 and SECRET not in command
+
+
+def test_a_server_busy_for_longer_than_max_load_wait_exits_5_with_nothing_written(run, demo_db, backup_dir):
+    before = table_hash(demo_db)
+    limit = threads_running(demo_db) + 2
+    with busy_sessions(demo_db, 5, 30):
+        busy = run("--db-url", db_url(demo_db), "--run", "--all-keys", "--max-threads-running", limit,
+                   "--max-load-wait", "1")
+    assert busy.code == 5, busy.shown
+    assert re.search(rf"\[ERROR\] the server stayed busy for 1 s, longer than the 1 s allowed \(Threads_running is "
+                     rf"\d+ \(limit {limit}\)\)\. Stopped before the batch of rows \d+-\d+: every batch before it "
+                     r"is written in full \(0 rows written\), this one and the rest not at all: run again when the "
+                     r"server is less busy", busy.err), busy.shown
+    assert "Waiting before the next batch: Threads_running is" in busy.out
+    assert table_hash(demo_db) == before
+    assert len(backups_in(backup_dir)) == 1  # the backup comes first, as for any run

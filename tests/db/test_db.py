@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import psutil
 import pytest
 
 from dbtools import connect
@@ -57,10 +58,41 @@ def test_an_unknown_database_and_a_closed_port_are_refused(nova_db):
 
 def test_keyset_pages_read_every_row_once_in_id_order(demo_db):
     with service.connect(demo_db) as db:
-        small = [(r.id, r.spec) for r in db.iter_spec_rows(page_size=7)]
-        large = [(r.id, r.spec) for r in db.iter_spec_rows(page_size=5000)]
+        small = [(r.id, r.instance_uuid, r.spec) for r in db.iter_spec_rows(page_size=7)]
+        large = [(r.id, r.instance_uuid, r.spec) for r in db.iter_spec_rows(page_size=5000)]
     assert small == large and len(small) == 1500
-    assert [i for i, _ in small] == sorted({i for i, _ in small})
+    assert [i for i, *_ in small] == sorted({i for i, *_ in small})
+
+
+@pytest.mark.parametrize("page_size", [7, 1000])
+def test_a_child_process_reads_exactly_the_rows_the_engine_reads_itself(demo_db, page_size):
+    with service.connect(demo_db) as db:
+        with connect(demo_db) as conn, conn.cursor() as cur:  # one row that is not ASCII
+            cur.execute("UPDATE request_specs SET spec = CONCAT(spec, ' ubuntü') WHERE id = 3")
+        own = list(db.iter_spec_rows(page_size=page_size, in_child=False))
+        child = list(db.iter_spec_rows(page_size=page_size, in_child=True))
+    assert child == own and len(own) == 1500
+    assert "ubuntü" in next(r.spec for r in child if r.id == 3)
+
+
+def test_a_child_reader_that_fails_raises_a_clear_error_without_secrets(nova_db):
+    secret = "S3cret-pass-do-not-print"
+    with service.connect(nova_db) as db:
+        db.params = dataclasses.replace(nova_db, user="nfs_nobody", password=secret)
+        with pytest.raises(DatabaseUnavailableError, match="cannot connect to .*nfs_nobody:\\*\\*\\*@") as caught:
+            list(db.iter_spec_rows(in_child=True))
+    assert secret not in str(caught.value)
+
+
+def test_stopping_early_stops_the_child_reader(demo_db):
+    with service.connect(demo_db) as db:
+        rows = db.iter_spec_rows(page_size=10, in_child=True)
+        first = next(rows)
+        children = psutil.Process().children()
+        assert len(children) == 1
+        rows.close()
+        assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
+        assert first.id == 1 and db.count_specs() == 1500  # the connection is still usable
 
 
 def test_rows_carry_queued_for_delete_from_instance_mappings(demo_db):

@@ -65,20 +65,43 @@ def test_a_row_nova_saved_after_approval_is_a_conflict(demo_db, tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["changes"].pop(), "does not match its digest"),
-        (lambda d: d["changes"][0].__setitem__(3, "0" * 64), "does not match its digest"),
-        (lambda d: d["scope"].__setitem__("all_keys", False), "does not match its digest"),
-        (lambda d: d.__setitem__("format_version", 9), "format version 9"),
-        (lambda d: d.__setitem__("format", "x"), "not a nova-flavor-sync plan file"),
+        (lambda head, rows: rows.pop(), "does not match its digest"),
+        (lambda head, rows: rows.pop(0), "does not match its digest"),
+        (lambda head, rows: rows[0].__setitem__(3, "0" * 64), "does not match its digest"),
+        (lambda head, rows: head["scope"].__setitem__("all_keys", False), "does not match its digest"),
+        (lambda head, rows: rows.append(rows[-1]), "does not match its digest"),
+        (lambda head, rows: rows[0].__setitem__(0, "1"), "is malformed"),
+        (lambda head, rows: rows[0].pop(), "is malformed"),
+        (lambda head, rows: head.__setitem__("format_version", 9), "format version 9"),
+        (lambda head, rows: head.__setitem__("format", "x"), "not a nova-flavor-sync plan file"),
     ],
-    ids=["row-dropped", "new-hash-edited", "scope-edited", "unknown-version", "not-a-plan"],
+    ids=["last-row-dropped", "first-row-dropped", "new-hash-edited", "scope-edited", "row-repeated",
+         "id-not-a-number", "row-short", "unknown-version", "not-a-plan"],
 )
 def test_an_edited_plan_file_is_refused(demo_db, tmp_path, edit, message):
     _, path = planned(demo_db, tmp_path)
-    document = json.loads(path.read_text())
-    edit(document)
-    path.write_text(json.dumps(document))
+    head, *rows = [json.loads(line) for line in path.read_text().splitlines()]
+    edit(head, rows)
+    path.write_text("".join(json.dumps(item) + "\n" for item in [head, *rows]))
     with pytest.raises(BackupError, match=message):
+        load_plan(path)
+
+
+def test_an_apply_task_keeps_only_its_range_and_still_checks_every_row(demo_db, tmp_path):
+    plan, path = planned(demo_db, tmp_path)
+    ids = [c.id for c in plan.changes]
+    middle = load_plan(path, first_id=ids[10], last_id=ids[19])
+    assert [r.id for r in middle.changes] == ids[10:20] and middle.digest == plan.digest
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # a row far outside the range is gone
+    with pytest.raises(BackupError, match="does not match its digest"):
+        load_plan(path, first_id=ids[10], last_id=ids[19])
+
+
+def test_a_plan_file_of_the_old_format_is_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "plan_old.json"
+    path.write_text(json.dumps({"format": "nova-flavor-sync-plan", "format_version": 1, "changes": []}))
+    with pytest.raises(BackupError, match="format version 1; this tool reads version 2: make the plan again"):
         load_plan(path)
 
 

@@ -54,7 +54,7 @@ def apply_in_thread(db, changes):
 
     def run():
         try:
-            outcome["result"] = apply_batch(db, sync_targets(changes), retry=FAST_RETRY)
+            outcome["result"] = apply_batch(db, list(sync_targets(changes)), retry=FAST_RETRY)
         except BaseException as exc:  # reported by the test
             outcome["error"] = exc
 

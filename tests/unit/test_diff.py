@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nova_flavor_sync.demo import load_sample_specs
-from nova_flavor_sync.diff import make_plan
+from nova_flavor_sync.diff import RowPlanner, make_plan
 from nova_flavor_sync.plan import Flavor, SpecRow
 from nova_flavor_sync.scope import Scope
-from nova_flavor_sync.spec_json import read_embedded_flavor, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.spec_json import SpecShapeError, read_embedded_flavor, rewrite_extra_specs, sha256_text
 
 # Row 20 of the real sample: flavor id 1, flavorid "24", name gp2.small.
 BASE = next(r for r in load_sample_specs() if r["id"] == 20)
@@ -191,3 +193,64 @@ def test_every_real_sample_row_plans_cleanly():
         rows.append(SpecRow(sample["id"], sample["instance_uuid"], sample["spec"]))
     plan = make_plan(all_flavors, rows, Scope())
     assert len(plan.changes) == len(samples) and plan.errors == []
+
+
+# -- recognising a flavor copy already judged (the fast path) -------------------------------
+
+
+def _outcomes_parsing_every_row(all_flavors, rows, scope):
+    """What a planner that never recognises a copy (parses every row in full) says of each row."""
+
+    class NeverRecognises(RowPlanner):
+        def _recognise(self, spec, at):
+            return None
+
+    planner = NeverRecognises(all_flavors, scope)
+    return [planner.plan_row(r) for r in rows]
+
+
+def test_recognised_rows_get_exactly_what_a_full_parse_gives():
+    samples = load_sample_specs()
+    rows, all_flavors = [], {}
+    for n, sample in enumerate(samples * 3):  # every copy three times: twice recognised
+        copy = read_embedded_flavor(sample["spec"])
+        rows.append(SpecRow(n + 1, sample["instance_uuid"], sample["spec"]))
+        if copy.id % 3:  # a third of the flavors drifted, with a safe and a risky key
+            all_flavors[copy.id] = Flavor(
+                copy.id, copy.flavorid, copy.name,
+                {**copy.extra_specs, "aggregate_instance_extra_specs:x": "y", "hw:cpu_policy": "shared"},
+            )
+        elif copy.id % 2:
+            all_flavors[copy.id] = Flavor(copy.id, copy.flavorid, copy.name, dict(copy.extra_specs))
+    for scope in (Scope(), Scope(all_keys=True)):
+        fast = make_plan(all_flavors, rows, scope)
+        slow = _outcomes_parsing_every_row(all_flavors, rows, scope)
+        slow_changes = [o for o in slow if not isinstance(o, str | tuple)]
+        assert list(fast.changes) == slow_changes and len(slow_changes) > 0
+        assert fast.in_sync == slow.count("in_sync") > 0
+        slow_orphans = [o[1].reason for o in slow if isinstance(o, tuple) and o[0] == "orphans"]
+        assert [n.reason for n in fast.orphans] == slow_orphans and slow_orphans
+        assert len(fast.held_back) == sum(1 for o in slow if isinstance(o, tuple) and o[0] == "held_back")
+        assert fast.errors == []
+
+
+def test_a_damaged_row_that_carries_a_known_stale_copy_is_planned_and_refused_when_written():
+    # The planner does not parse a row it recognises; apply parses every row it rewrites.
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    damaged = BASE["spec"][:-1] + ", }"  # invalid JSON after the flavor
+    plan = make_plan(flavors(wanted), [row(1), SpecRow(2, "u2", damaged)], Scope())
+    assert [c.id for c in plan.changes] == [1, 2]
+    with pytest.raises(SpecShapeError, match="not valid JSON"):
+        rewrite_extra_specs(damaged, wanted)
+    alone = make_plan(flavors(wanted), [SpecRow(2, "u2", damaged)], Scope())  # first of its copy: parsed
+    assert alone.changes == [] and "not valid JSON" in alone.errors[0].reason
+
+
+def test_a_copy_in_a_text_not_in_novas_format_is_an_error_only_when_it_must_be_rewritten():
+    compact = json.dumps(json.loads(BASE["spec"]), separators=(",", ":"))
+    in_sync = make_plan(flavors(), [SpecRow(1, "u", compact)], Scope())
+    assert in_sync.in_sync == 1
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    stale = make_plan(flavors(wanted), [row(1), SpecRow(2, "u", compact)], Scope())
+    assert [c.id for c in stale.changes] == [1]
+    assert "not in Nova's serialization format" in stale.errors[0].reason

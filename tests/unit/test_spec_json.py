@@ -10,6 +10,9 @@ import pytest
 from nova_flavor_sync.demo import load_sample_specs
 from nova_flavor_sync.spec_json import (
     SpecShapeError,
+    dumps_extra_specs,
+    find_flavor_start,
+    locate_flavor,
     read_embedded_flavor,
     rewrite_extra_specs,
     sha256_text,
@@ -143,3 +146,73 @@ def test_a_spec_not_in_novas_format_is_read_but_never_rewritten():
 def test_new_values_must_be_strings():
     with pytest.raises(SpecShapeError, match="not a string pair"):
         rewrite_extra_specs(SAMPLES[0]["spec"], {"hw:cpu_policy": 1})
+
+
+# -- finding the flavor in the text (what a rewrite splices, and what a planner recognises) --
+
+
+@pytest.mark.parametrize("row", SAMPLES, ids=SAMPLE_IDS)
+def test_the_flavor_is_found_where_a_full_parse_finds_it(row):
+    spec = row["spec"]
+    at, flavor_text = locate_flavor(spec)
+    assert at == find_flavor_start(spec)
+    assert json.loads(flavor_text.text) == json.loads(spec)["nova_object.data"]["flavor"]
+    assert flavor_text.text[flavor_text.specs_start : flavor_text.specs_end] == _extra_specs_text(spec)
+
+
+@pytest.mark.parametrize("row", SAMPLES, ids=SAMPLE_IDS)
+def test_splice_hashes_are_the_hashes_of_the_old_and_the_new_text(row):
+    spec = row["spec"]
+    at, flavor_text = locate_flavor(spec)
+    new_json = dumps_extra_specs({"a": "b"})
+    assert flavor_text.splice_hashes(spec, at, new_json.encode()) == (
+        sha256_text(spec),
+        sha256_text(rewrite_extra_specs(spec, {"a": "b"})),
+    )
+
+
+def _with_hint(name: str, value) -> str:
+    document = json.loads(SAMPLES[0]["spec"])
+    document["nova_object.data"]["scheduler_hints"] = {name: value}
+    return json.dumps(document)
+
+
+def test_text_that_only_looks_like_a_flavor_inside_strings_is_not_found():
+    # Inside a JSON string every quote is escaped, so the flavor's text cannot appear there.
+    spec = _with_hint("x", ['"flavor": {"nova_object.name": "Flavor"'])
+    at = find_flavor_start(spec)
+    assert json.JSONDecoder().raw_decode(spec, at)[0] == json.loads(spec)["nova_object.data"]["flavor"]
+    rewritten = json.loads(rewrite_extra_specs(spec, {"a": "b"}))["nova_object.data"]
+    assert rewritten["scheduler_hints"] == {"x": ['"flavor": {"nova_object.name": "Flavor"']}
+    assert rewritten["flavor"]["nova_object.data"]["extra_specs"] == {"a": "b"}
+
+
+def test_a_second_flavor_object_anywhere_makes_the_text_unrecognisable_and_unrewritable():
+    flavor = json.loads(SAMPLES[0]["spec"])["nova_object.data"]["flavor"]
+    spec = _with_hint("flavor", flavor)  # a hint named "flavor" holding a Flavor object
+    assert find_flavor_start(spec) == -1
+    assert read_embedded_flavor(spec) == read_embedded_flavor(SAMPLES[0]["spec"])  # still readable
+    with pytest.raises(SpecShapeError, match="not in Nova's serialization format"):
+        rewrite_extra_specs(spec, {})
+
+
+def test_an_extra_spec_named_extra_specs_is_refused_not_guessed():
+    spec = rewrite_extra_specs(SAMPLES[0]["spec"], {"extra_specs": "x"})
+    assert read_embedded_flavor(spec).extra_specs == {"extra_specs": "x"}
+    with pytest.raises(SpecShapeError, match="cannot locate extra_specs"):
+        rewrite_extra_specs(spec, {})
+
+
+def test_a_spec_with_raw_non_ascii_text_is_read_but_never_rewritten():
+    spec = _with_hint("zone", ["zürich"]).replace("z\\u00fcrich", "zürich")
+    assert not spec.isascii()
+    assert read_embedded_flavor(spec) == read_embedded_flavor(SAMPLES[0]["spec"])
+    with pytest.raises(SpecShapeError, match="not in Nova's serialization format"):
+        rewrite_extra_specs(spec, {})
+
+
+def test_text_before_the_flavor_must_be_a_request_spec_for_it_to_be_recognised():
+    spec = SAMPLES[0]["spec"]
+    assert find_flavor_start(spec) > 0
+    assert find_flavor_start(spec.replace('"RequestSpec"', '"BuildRequest"', 1)) == -1
+    assert find_flavor_start(spec.replace('"nova_object.version": "1.', '"nova_object.version": "2.', 1)) == -1
