@@ -7,12 +7,13 @@ For each ``--db-url`` (the apply: the first one only, unless ``--apply-all``), i
 
 * **read floor**: a bare keyset read of every ``(id, spec)`` with PyMySQL and the engine's
   page size (``db.DEFAULT_PAGE_SIZE``), after a warm-up pass (shown, not used);
-* **engine read**: the engine's own read (``iter_spec_rows``: the queued-for-delete uuids,
-  then the pages, read by a child process for big tables; SpecRow objects), without planning;
+* **engine read**: the engine's own read in one process (``iter_spec_rows``: the
+  queued-for-delete uuids, then the pages; SpecRow objects), without planning;
 * **plan**: the dry run (``service.connect``, ``resolve_scope(all_keys=True)``,
   ``service.make_plan``) in a fresh Python process, timed inside it, with its peak RSS: the
-  planner's ``VmHWM`` plus the peak of the reader process it starts (``read_worker``); the
-  apply below uses the last of these plans, as ``--run`` uses its own;
+  planner's ``VmHWM`` plus, for each plan worker it starts (``plan_worker``, from
+  ``service.PLAN_WORKERS_FROM`` rows), the largest worker's peak; the apply below uses the last
+  of these plans, as ``--run`` uses its own;
 * **apply** of the plan's changed rows, three ways, each from the same bytes (the changed
   rows are copied to ``request_specs_orig`` first and put back after each):
   (a) the tool: ``service.back_up`` + ``service.apply_plan`` (CAS batches, default 500);
@@ -219,8 +220,10 @@ def plan_child(url: str, plan_out: Path | None) -> int:
     db.close()
     peak_kb = vm_status_kb("VmHWM")
     maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # The rows are read by a child process of the planner (read_worker): its peak counts too.
-    reader_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # Big tables are planned by worker processes (plan_worker): their memory counts too. The
+    # kernel gives the largest child's peak; count it once per worker (an upper bound).
+    workers = service.PLAN_WORKERS if plan.rows_read >= service.PLAN_WORKERS_FROM else 0
+    reader_kb = workers * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if plan_out is not None:
         with open(plan_out, "wb") as f:
             pickle.dump(plan, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -237,7 +240,8 @@ def plan_child(url: str, plan_out: Path | None) -> int:
                 "digest": plan.digest,
                 "vmhwm_kb": peak_kb + reader_kb,
                 "planner_vmhwm_kb": peak_kb,
-                "reader_maxrss_kb": reader_kb,
+                "workers_maxrss_kb": reader_kb,
+                "workers": workers,
                 "rss_before_kb": rss_before,
                 "ru_maxrss_kb": maxrss_kb,
                 "sent": sent_total(),
@@ -426,7 +430,8 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
         plans.append(child)
         steps.append(m)
         print(f"  plan #{attempt}: {child['seconds']:.2f} s, peak RSS {child['vmhwm_kb'] / 1024:.0f} MB "
-              f"(planner {child['planner_vmhwm_kb'] / 1024:.0f} + reader {child['reader_maxrss_kb'] / 1024:.0f}), "
+              f"(planner {child['planner_vmhwm_kb'] / 1024:.0f} + {child['workers']} workers "
+              f"{child['workers_maxrss_kb'] / 1024:.0f}), "
               f"{child['changes']:,} changes", flush=True)
     with step("engine read only") as m:
         m.rows = engine_read(params)

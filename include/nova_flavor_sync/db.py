@@ -19,7 +19,6 @@ from pymysql.constants import ER
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import ConfigError, DatabaseUnavailableError, NovaFlavorSyncError, SchemaError
 from nova_flavor_sync.plan import Flavor, SpecRow
-from nova_flavor_sync.read_worker import ReadRequest, read_in_child
 from nova_flavor_sync.throttle import ReplicaLag, ServerLoad
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,6 @@ RETRYABLE_ERRORS = {
 }
 
 DEFAULT_PAGE_SIZE = 1000
-# From how many rows on (by the highest id) a full read runs in a child process.
-CHILD_READER_MIN_ROWS = 50_000
 # Our row locks must not keep Nova waiting long: give up (and retry later) after this.
 LOCK_WAIT_TIMEOUT_S = 5
 # Leave room under max_allowed_packet for the statement around the spec texts.
@@ -257,15 +254,11 @@ class NovaApiDb:
         page_size: int = DEFAULT_PAGE_SIZE,
         instance_uuids: Sequence[str] | None = None,
         with_updated_at: bool = False,
-        in_child: bool | None = None,
+        id_range: tuple[int, int] | None = None,
     ) -> Iterator[SpecRow]:
         """Yield request_specs rows in id order, a keyset page at a time.
 
-        Big tables are read by a child process (``read_worker``), so that reading and
-        planning run side by side on two cores; ``in_child`` None chooses by the table's
-        size, and a read that needs ``updated_at`` (whole-scope backups) stays in-process.
-        The child reads the same pages on its own connection; a few pages sit in the pipe.
-
+        ``id_range`` ``(first, last)`` limits the read to those ids (a plan worker's share).
         Instances queued for delete are read once, up front, from instance_mappings: joining
         that table in every page costs a random index lookup per row, which at a million
         rows doubled the time of the read.
@@ -275,19 +268,16 @@ class NovaApiDb:
         if instance_uuids is not None:
             if not instance_uuids:
                 return
-            where = "AND instance_uuid IN %s "
-            extra = (tuple(instance_uuids),)
+            where += "AND instance_uuid IN %s "
+            extra += (tuple(instance_uuids),)
+        last_id = 0
+        if id_range is not None:
+            last_id = id_range[0] - 1
+            where += "AND id <= %s "
+            extra += (id_range[1],)
         queued = self.queued_for_delete()
         columns = "id, instance_uuid, spec" + (", updated_at" if with_updated_at else "")
         sql = f"SELECT {columns} FROM request_specs WHERE id > %s {where}ORDER BY id LIMIT %s"
-        if in_child is None:
-            in_child = not with_updated_at and instance_uuids is None and self._max_spec_id() >= CHILD_READER_MIN_ROWS
-        if in_child:
-            rows = read_in_child(ReadRequest(self.params, sql, extra, page_size))
-            for row_id, uuid, spec in rows:
-                yield SpecRow(row_id, uuid, spec, None, uuid in queued)
-            return
-        last_id = 0
         while True:
             with self.conn.cursor() as cur:
                 cur.execute(sql, (last_id, *extra, page_size))
@@ -297,9 +287,14 @@ class NovaApiDb:
             if len(page) < page_size:
                 return
             last_id = page[-1][0]
+            del page  # before the next page is read: one page in memory, not two
 
-    def _max_spec_id(self) -> int:
-        return int(self._scalar("SELECT MAX(id) FROM request_specs") or 0)
+    def spec_id_bounds(self) -> tuple[int, int] | None:
+        """The lowest and highest request_specs id (from the primary key: instant), or None."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT MIN(id), MAX(id) FROM request_specs")
+            low, high = cur.fetchone()
+        return None if low is None else (int(low), int(high))
 
     def queued_for_delete(self) -> frozenset[str]:
         """Instance uuids whose mapping says the instance is queued for delete."""
@@ -552,12 +547,12 @@ def _rollback_quietly(conn: pymysql.connections.Connection) -> None:
 
 
 def describe_error(exc: BaseException) -> str:
-    """A message for an error met while reading, free of secrets (for the child reader)."""
-    if isinstance(exc, DatabaseUnavailableError):
+    """A message for an error met in a plan worker, free of secrets (it crosses a pipe)."""
+    if isinstance(exc, NovaFlavorSyncError):
         return str(exc)
     if isinstance(exc, pymysql.err.MySQLError):
         return f"reading request_specs failed: {_error_text(exc)}"
-    return f"reading request_specs failed: {type(exc).__name__}"
+    return f"planning failed: {type(exc).__name__}: {exc}"
 
 
 def _error_text(exc: pymysql.err.MySQLError) -> str:

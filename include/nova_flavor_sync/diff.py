@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nova_flavor_sync.plan import (
+    ChangeList,
     Flavor,
     KeyChange,
     Plan,
@@ -38,9 +39,14 @@ OUT_OF_SCOPE = "out_of_scope"  # ... and for a row outside --flavor / --instance
 RowOutcome = RowChange | tuple[str, RowNote] | str
 
 
-def make_plan(flavors: Mapping[int, Flavor], rows: Iterable[SpecRow], scope: Scope) -> Plan:
-    """Compare every row with its flavor; rows must come in ascending id order."""
-    plan = Plan(scope=scope)
+def make_plan(
+    flavors: Mapping[int, Flavor], rows: Iterable[SpecRow], scope: Scope, *, spool_dir: str | None = None
+) -> Plan:
+    """Compare every row with its flavor; rows must come in ascending id order.
+
+    ``spool_dir``: where a long list of changes is spooled, by name (plan workers; see ChangeList).
+    """
+    plan = Plan(scope=scope, changes=ChangeList(spool_dir=spool_dir))
     digest = PlanDigest(scope)
     planner = RowPlanner(flavors, scope)
     for row in rows:
@@ -56,6 +62,28 @@ def make_plan(flavors: Mapping[int, Flavor], rows: Iterable[SpecRow], scope: Sco
         else:
             kind, note = outcome
             getattr(plan, kind).append(note)
+    plan.digest = digest.hexdigest()
+    return plan
+
+
+def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:
+    """One plan from the plans of consecutive id ranges, in id order (what workers return).
+
+    The same as make_plan over all the rows at once: counts add up, lists follow each
+    other, and the digest is computed again over every change in order.
+    """
+    plan = Plan(scope=scope)
+    digest = PlanDigest(scope)
+    for part in parts:
+        plan.rows_read += part.rows_read
+        plan.in_sync += part.in_sync
+        plan.out_of_scope += part.out_of_scope
+        for kind in ("held_back", "orphans", "errors", "queued_for_delete"):
+            getattr(plan, kind).extend(getattr(part, kind))
+        for change in part.changes:
+            plan.changes.append(change)
+            digest.add(change.id, change.old_sha256, change.new_sha256)
+        part.changes.close()
     plan.digest = digest.hexdigest()
     return plan
 

@@ -110,8 +110,12 @@ class ChangeList:
     _HEAD = struct.Struct("<q32s32sIB")  # id, old sha256, new sha256, diff index, uuid length
     _CHUNK = 1 << 20
 
-    def __init__(self, keep_in_memory: int = 2000) -> None:
+    def __init__(self, keep_in_memory: int = 2000, *, spool_dir: str | None = None) -> None:
         self._keep = keep_in_memory
+        # With spool_dir, the file has a name there, so that a plan worker's list can be
+        # pickled as that name and adopted by the parent process (see plan_worker).
+        self._spool_dir = spool_dir
+        self._spool_path: str | None = None
         self._rows: list[RowChange] = []
         self._file: Any = None
         self._pending: list[bytes] = []
@@ -131,7 +135,7 @@ class ChangeList:
         if self._file is None:
             self._rows.append(change)
             if len(self._rows) > self._keep:
-                self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
+                self._open_spool()
                 for row in self._rows:
                     self._pending.append(self._record(row))
                 self._rows = []
@@ -139,6 +143,13 @@ class ChangeList:
         self._pending.append(self._record(change))
         if len(self._pending) >= 4096:
             self._flush()
+
+    def _open_spool(self) -> None:
+        if self._spool_dir is None:
+            self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
+        else:
+            self._file = tempfile.NamedTemporaryFile(prefix="changes-", dir=self._spool_dir, delete=False)
+            self._spool_path = self._file.name
 
     def per_diff(self) -> list[tuple[SpecDiff, int]]:
         """Each distinct SpecDiff and how many changed rows share it."""
@@ -221,7 +232,7 @@ class ChangeList:
             self._flush()
             self._file.flush()
         state = {k: v for k, v in self.__dict__.items() if k != "_file"}
-        if self._file is not None:
+        if self._file is not None and self._spool_path is None:
             state["_spooled"] = os.pread(self._file.fileno(), os.fstat(self._file.fileno()).st_size, 0)
         return state
 
@@ -230,7 +241,12 @@ class ChangeList:
         self.__dict__.update(state, _file=None)
         # ids of the diffs changed with the objects: index them again
         self._diff_index = {id(diff): i for i, diff in enumerate(self._diffs)}
-        if spooled is not None:
+        if self._spool_path is not None:  # a worker's file: this process owns it from now on
+            self._file = open(self._spool_path, "r+b")  # noqa: SIM115 (closed with the list)
+            self._file.seek(0, os.SEEK_END)  # appends go after its records
+            os.unlink(self._spool_path)
+            self._spool_path = self._spool_dir = None
+        elif spooled is not None:
             self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
             self._file.write(spooled)
 

@@ -30,6 +30,7 @@ from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
 from nova_flavor_sync.plan import Flavor, Plan, RowChange, RowNote, SpecRow
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
+from nova_flavor_sync.plan_worker import plan_in_workers
 from nova_flavor_sync.restore import plan_restore
 from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text
@@ -38,6 +39,11 @@ from nova_flavor_sync.throttle import Pacer, PaceSettings, ServerBusyError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Planning a big table: how many worker processes, from how many rows (by id) on. Two use
+# both cores of a small machine; the database server needs its share too.
+PLAN_WORKERS = 2
+PLAN_WORKERS_FROM = 50_000
 
 
 def connect(params: DbParams) -> NovaApiDb:
@@ -78,15 +84,29 @@ def make_plan(
     flavors: dict[int, Flavor] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> Plan:
     """Read every request spec in scope, page by page, and plan what to change.
 
-    ``progress(rows_read, rows_expected)`` is called after every page.
+    ``progress(rows_read, rows_expected)`` is called after every page. A table of
+    PLAN_WORKERS_FROM rows or more (by its ids) is planned by PLAN_WORKERS processes, one id
+    range each (``plan_worker``); ``workers`` overrides that (1: in this process).
     """
     flavors = db.load_flavors() if flavors is None else flavors
+    expected = db.count_specs() if progress is not None else 0
+    bounds = db.spec_id_bounds() if scope.instance_uuids is None else None
+    if workers is None:
+        workers = PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1
+    if workers > 1 and bounds is not None:
+        report = None if progress is None else (lambda done: progress(done, max(expected, done)))
+        plan = plan_in_workers(db.params, flavors, scope, bounds, workers=workers, page_size=page_size,
+                               progress=report)
+        if progress is not None:
+            progress(plan.rows_read, max(expected, plan.rows_read))
+        return plan
     rows: Iterable[SpecRow] = _rows_in_scope(db, scope, page_size)
     if progress is not None:
-        rows = _counted(rows, db.count_specs(), page_size, progress)
+        rows = _counted(rows, expected, page_size, progress)
     return diff_make_plan(flavors, rows, scope)
 
 

@@ -12,6 +12,7 @@ from nova_flavor_sync import service
 from nova_flavor_sync.db import NovaApiDb
 from nova_flavor_sync.dburl import parse_db_url
 from nova_flavor_sync.errors import DatabaseUnavailableError, ExitCode, SchemaError
+from nova_flavor_sync.plan_worker import PlanWorkerError, split_ids
 
 pytestmark = pytest.mark.db
 
@@ -64,35 +65,41 @@ def test_keyset_pages_read_every_row_once_in_id_order(demo_db):
     assert [i for i, *_ in small] == sorted({i for i, *_ in small})
 
 
-@pytest.mark.parametrize("page_size", [7, 1000])
-def test_a_child_process_reads_exactly_the_rows_the_engine_reads_itself(demo_db, page_size):
+@pytest.mark.parametrize("workers", [2, 3])
+def test_plan_workers_make_exactly_the_plan_one_process_makes(demo_db, workers):
+    with connect(demo_db) as conn, conn.cursor() as cur:  # one row that is not ASCII
+        cur.execute("UPDATE request_specs SET spec = CONCAT(spec, ' ubuntü') WHERE id = 3")
+    seen = []
     with service.connect(demo_db) as db:
-        with connect(demo_db) as conn, conn.cursor() as cur:  # one row that is not ASCII
-            cur.execute("UPDATE request_specs SET spec = CONCAT(spec, ' ubuntü') WHERE id = 3")
-        own = list(db.iter_spec_rows(page_size=page_size, in_child=False))
-        child = list(db.iter_spec_rows(page_size=page_size, in_child=True))
-    assert child == own and len(own) == 1500
-    assert "ubuntü" in next(r.spec for r in child if r.id == 3)
+        flavors, scope = service.resolve_scope(db, all_keys=True)
+        alone = service.make_plan(db, scope, flavors=flavors, workers=1)
+        together = service.make_plan(db, scope, flavors=flavors, workers=workers,
+                                     progress=lambda done, expected: seen.append((done, expected)))
+    assert together.digest == alone.digest and list(together.changes) == list(alone.changes)
+    assert together.summary() == alone.summary() and together.errors == alone.errors
+    assert together.errors and together.orphans == alone.orphans and together.rows_read == 1500
+    assert seen[-1] == (1500, 1500)
+    assert not psutil.Process().children()  # every worker has exited
 
 
-def test_a_child_reader_that_fails_raises_a_clear_error_without_secrets(nova_db):
+def test_a_plan_worker_that_fails_raises_a_clear_error_without_secrets(demo_db):
     secret = "S3cret-pass-do-not-print"
-    with service.connect(nova_db) as db:
-        db.params = dataclasses.replace(nova_db, user="nfs_nobody", password=secret)
-        with pytest.raises(DatabaseUnavailableError, match="cannot connect to .*nfs_nobody:\\*\\*\\*@") as caught:
-            list(db.iter_spec_rows(in_child=True))
-    assert secret not in str(caught.value)
-
-
-def test_stopping_early_stops_the_child_reader(demo_db):
     with service.connect(demo_db) as db:
-        rows = db.iter_spec_rows(page_size=10, in_child=True)
-        first = next(rows)
-        children = psutil.Process().children()
-        assert len(children) == 1
-        rows.close()
-        assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
-        assert first.id == 1 and db.count_specs() == 1500  # the connection is still usable
+        flavors, scope = service.resolve_scope(db)
+        db.params = dataclasses.replace(demo_db, user="nfs_nobody", password=secret)
+        with pytest.raises(PlanWorkerError, match="cannot connect to .*nfs_nobody:\\*\\*\\*@") as caught:
+            service.make_plan(db, scope, flavors=flavors, workers=2)
+    assert secret not in str(caught.value) and caught.value.exit_code == ExitCode.REFUSED
+    assert not psutil.Process().children()
+
+
+def test_a_table_is_read_in_id_ranges_without_gaps_or_overlaps(demo_db):
+    with service.connect(demo_db) as db:
+        ranges = split_ids(db.spec_id_bounds(), 3)
+        parts = [[r.id for r in db.iter_spec_rows(page_size=7, id_range=ids)] for ids in ranges]
+        every = [r.id for r in db.iter_spec_rows()]
+    assert sum(parts, []) == every and all(parts)
+    assert split_ids((5, 6), 4) == [(5, 5), (6, 6)] and split_ids((1, 10), 1) == [(1, 10)]
 
 
 def test_rows_carry_queued_for_delete_from_instance_mappings(demo_db):

@@ -254,3 +254,21 @@ def test_a_copy_in_a_text_not_in_novas_format_is_an_error_only_when_it_must_be_r
     stale = make_plan(flavors(wanted), [row(1), SpecRow(2, "u", compact)], Scope())
     assert [c.id for c in stale.changes] == [1]
     assert "not in Nova's serialization format" in stale.errors[0].reason
+
+
+def test_plans_of_consecutive_id_ranges_merge_into_the_plan_of_all_rows():
+    from nova_flavor_sync.diff import merge_plans
+
+    samples = load_sample_specs()
+    rows, all_flavors = [], {}
+    for n, sample in enumerate(samples * 4):
+        copy = read_embedded_flavor(sample["spec"])
+        rows.append(SpecRow(n + 1, sample["instance_uuid"], sample["spec"]))
+        if copy.id % 3:
+            all_flavors[copy.id] = Flavor(copy.id, copy.flavorid, copy.name,
+                                          {**copy.extra_specs, "aggregate_instance_extra_specs:x": "y"})
+    whole = make_plan(all_flavors, rows, Scope())
+    parts = [make_plan(all_flavors, rows[a:b], Scope()) for a, b in ((0, 10), (10, 11), (11, 11), (11, len(rows)))]
+    merged = merge_plans(Scope(), parts)
+    assert merged.digest == whole.digest and list(merged.changes) == list(whole.changes)
+    assert merged.summary() == whole.summary() and merged.orphans == whole.orphans

@@ -60,3 +60,17 @@ def test_a_change_list_survives_pickling_in_memory_or_spooled(count):
     copy.append(RowChange(count + 1, "u", "0" * 64, "1" * 64, DIFFS[0]))
     assert len(copy) == count + 1 and len(changes) == count
     assert list(copy)[-1].diff == DIFFS[0]
+
+
+def test_a_list_spooled_in_a_named_file_is_handed_over_by_name(tmp_path):
+    import pickle
+
+    changes = ChangeList(keep_in_memory=10, spool_dir=str(tmp_path))
+    for change in _changes(50):
+        changes.append(change)
+    handed = pickle.dumps(changes)
+    assert len(handed) < 2000 and len(list(tmp_path.iterdir())) == 1  # the name, not the rows
+    adopted = pickle.loads(handed)
+    assert list(tmp_path.iterdir()) == []  # the receiver owns the (now unlinked) file
+    adopted.append(RowChange(51, "u", "0" * 64, "1" * 64, DIFFS[0]))
+    assert list(adopted) == _changes(50) + [RowChange(51, "u", "0" * 64, "1" * 64, DIFFS[0])]

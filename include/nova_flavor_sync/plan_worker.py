@@ -1,0 +1,189 @@
+"""Plan a big table in worker processes, one consecutive id range each, then merge.
+
+PyMySQL is pure Python: turning the server's packets into rows costs about as much CPU as
+planning them, and Python threads cannot do both at once (the GIL). One process planning a
+million rows took twice as long as a bare read of them. Here each worker reads and plans its
+own id range on its own connection, and the parent merges the plans (``diff.merge_plans``):
+the same plan, the same digest, as one process would make.
+
+A worker is ``python -m nova_flavor_sync.plan_worker``, started with ``subprocess`` (Celery's
+daemonic workers forbid ``multiprocessing`` children). It gets its PlanJob pickled on stdin
+(our own code on both ends; the password never appears in a command line or environment)
+and answers on stdout with frames ``<c kind><I length>payload``:
+
+    p  progress: rows planned so far (pickled int), every PROGRESS_EVERY rows
+    r  result: its Plan, pickled; its changes stay in a file in the job's spool_dir, which the
+       parent adopts by name, so the parent's memory does not grow with them
+    e  error: the exit code, a newline and a message free of secrets (UTF-8)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from nova_flavor_sync.dburl import DbParams
+from nova_flavor_sync.diff import make_plan, merge_plans
+from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
+from nova_flavor_sync.plan import Flavor, Plan
+from nova_flavor_sync.scope import Scope
+
+FRAME = struct.Struct("<cI")
+PROGRESS, RESULT, ERROR = b"p", b"r", b"e"
+PROGRESS_EVERY = 10_000
+STOP_TIMEOUT_S = 10
+
+
+class PlanWorkerError(NovaFlavorSyncError):
+    """A plan worker failed; str() says why, and exit_code is that of the worker's error."""
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.UNEXPECTED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class PlanJob:
+    """One worker's share: plan the rows with ids in ``id_range``, with these flavors and scope."""
+
+    params: DbParams
+    flavors: Mapping[int, Flavor]
+    scope: Scope
+    id_range: tuple[int, int]
+    page_size: int
+    spool_dir: str
+
+
+def split_ids(bounds: tuple[int, int], parts: int) -> list[tuple[int, int]]:
+    """Cut ``[low, high]`` into at most ``parts`` consecutive ranges of (nearly) equal width."""
+    low, high = bounds
+    parts = max(1, min(parts, high - low + 1))
+    width = (high - low + 1) / parts
+    edges = [low + round(i * width) for i in range(parts)] + [high + 1]
+    return [(edges[i], edges[i + 1] - 1) for i in range(parts)]
+
+
+def plan_in_workers(
+    params: DbParams,
+    flavors: Mapping[int, Flavor],
+    scope: Scope,
+    bounds: tuple[int, int],
+    *,
+    workers: int,
+    page_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> Plan:
+    """Plan every row with an id in ``bounds`` in ``workers`` processes; return the merged plan."""
+    with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
+        jobs = [PlanJob(params, flavors, scope, ids, page_size, spool_dir) for ids in split_ids(bounds, workers)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        children: list[subprocess.Popen] = []
+        messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
+        readers: list[threading.Thread] = []
+        try:
+            for index, job in enumerate(jobs):
+                # The child imports this package the way this process did (an Airflow worker
+                # may have it on sys.path only).
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "nova_flavor_sync.plan_worker"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                )
+                children.append(child)
+                assert child.stdin is not None and child.stdout is not None
+                pickle.dump(job, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                child.stdin.close()
+                reader = threading.Thread(target=_read_frames, args=(index, child.stdout, messages), daemon=True)
+                reader.start()
+                readers.append(reader)
+            results: list[Plan | None] = [None] * len(jobs)
+            done = [0] * len(jobs)
+            while any(result is None for result in results):
+                index, kind, payload = messages.get()
+                if kind == PROGRESS:
+                    done[index] = payload
+                    if progress is not None:
+                        progress(sum(done))
+                elif kind == RESULT:
+                    results[index] = payload
+                else:
+                    code, _, message = payload.partition("\n")
+                    raise PlanWorkerError(message, ExitCode(int(code)))
+            return merge_plans(scope, [r for r in results if r is not None])
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()  # only after a failure: a finished worker has exited
+            for child in children:
+                child.wait(timeout=STOP_TIMEOUT_S)
+            for reader in readers:
+                reader.join(timeout=STOP_TIMEOUT_S)
+
+
+def _read_frames(index: int, stream: BinaryIO, messages: queue.Queue) -> None:
+    """A thread per worker: turn its frames into messages; anything else is an error message."""
+    try:
+        with stream:
+            while True:
+                header = stream.read(FRAME.size)
+                if len(header) < FRAME.size:
+                    stopped = "a plan worker stopped before it finished (see its output above)"
+                    messages.put((index, ERROR, f"{int(ExitCode.UNEXPECTED)}\n{stopped}"))
+                    return
+                kind, length = FRAME.unpack(header)
+                payload = stream.read(length)
+                if kind == ERROR:
+                    messages.put((index, ERROR, payload.decode("utf-8", "replace")))
+                    return
+                messages.put((index, kind, pickle.loads(payload)))
+                if kind == RESULT:
+                    return
+    except Exception as exc:  # noqa: BLE001 (reported to the parent's loop, which raises it)
+        failed = f"reading a plan worker's answer failed: {type(exc).__name__}"
+        messages.put((index, ERROR, f"{int(ExitCode.UNEXPECTED)}\n{failed}"))
+
+
+def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
+    out.write(FRAME.pack(kind, len(payload)) + payload)
+    out.flush()
+
+
+def _work(job: PlanJob, out: BinaryIO) -> None:
+    from nova_flavor_sync.db import NovaApiDb  # the parent process does not need it
+
+    with NovaApiDb(job.params) as db:
+        rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range)
+
+        def counted():
+            for count, row in enumerate(rows, 1):
+                yield row
+                if count % PROGRESS_EVERY == 0:
+                    _send(out, PROGRESS, pickle.dumps(count))
+
+        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir)
+    _send(out, RESULT, pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def main() -> int:
+    out = sys.stdout.buffer
+    try:
+        _work(pickle.load(sys.stdin.buffer), out)
+    except Exception as exc:  # reported to the parent, which raises it
+        from nova_flavor_sync.db import describe_error
+
+        code = getattr(exc, "exit_code", ExitCode.UNEXPECTED)
+        _send(out, ERROR, f"{int(code)}\n{describe_error(exc)}".encode())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
