@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -125,22 +126,34 @@ def apply_batches(
     """
     result = ApplyResult()
     rows = iter(targets)
-    while batch := list(islice(rows, pacer.next_batch_size() if pacer is not None else batch_size)):
-        if pacer is not None:
-            try:
-                pacer.wait_turn(first=result.batches == 0)
-            except ServerBusyError as exc:
-                raise ServerBusyError(
-                    f"{exc}. Stopped before the batch of rows {batch[0].id}-{batch[-1].id}: every batch "
-                    f"before it is written in full ({len(result.updated)} rows written), this one and the rest "
-                    "not at all: run again when the server is less busy"
-                ) from None
-        started = time.monotonic()
-        result.add(apply_batch(db, batch, retry=retry))
-        if pacer is not None:
-            pacer.batch_done(len(batch), time.monotonic() - started)
-        if progress is not None:
-            progress(result, total)
+
+    def cut() -> list[RowTarget]:
+        return list(islice(rows, pacer.next_batch_size() if pacer is not None else batch_size))
+
+    batch = cut()
+    prepared: Prepared | None = None
+    with _ReadAhead(db) as ahead:
+        while batch:
+            # While this batch is written, the next one is read and rebuilt on a second
+            # connection (the compare-and-swap still decides what is written).
+            following = cut()
+            ahead.start(following)
+            if pacer is not None:
+                try:
+                    pacer.wait_turn(first=result.batches == 0)
+                except ServerBusyError as exc:
+                    raise ServerBusyError(
+                        f"{exc}. Stopped before the batch of rows {batch[0].id}-{batch[-1].id}: every batch "
+                        f"before it is written in full ({len(result.updated)} rows written), this one and the "
+                        "rest not at all: run again when the server is less busy"
+                    ) from None
+            started = time.monotonic()
+            result.add(apply_batch(db, batch, retry=retry, prepared=prepared))
+            if pacer is not None:
+                pacer.batch_done(len(batch), time.monotonic() - started)
+            if progress is not None:
+                progress(result, total)
+            batch, prepared = following, ahead.result()
     return result
 
 
@@ -150,13 +163,18 @@ def apply_batch(
     *,
     retry: RetryPolicy = RetryPolicy(),
     sleep: Callable[[float], None] = time.sleep,
+    prepared: Prepared | None = None,
 ) -> ApplyResult:
-    """Re-read, compare, write one batch; retry it whole on transient database errors."""
+    """Re-read, compare, write one batch; retry it whole on transient database errors.
+
+    ``prepared``: the batch already read and rebuilt (by the read-ahead); used for the first
+    try only, a retry reads again.
+    """
     label = f"rows {batch[0].id}-{batch[-1].id}" if batch else "empty batch"
     retries = 0
     while True:
         try:
-            outcome = _try_batch(db, batch)
+            outcome = _try_batch(db, batch, prepared if retries == 0 else None)
             outcome.batches, outcome.retries = 1, retries
             return outcome
         except Exception as exc:
@@ -176,7 +194,26 @@ def apply_batch(
             db.reopen_quietly()
 
 
-def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget]) -> ApplyResult:
+@dataclass
+class Prepared:
+    """A batch read and rebuilt, not yet written: what is decided already, and the writes."""
+
+    outcome: ApplyResult
+    writes: list[SpecWrite]
+
+
+def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget], prepared: Prepared | None = None) -> ApplyResult:
+    if prepared is None:
+        prepared = _prepare(db, batch)
+    outcome, writes = prepared.outcome, prepared.writes
+    written = db.write_specs(writes)
+    for write in writes:
+        (outcome.updated if write.id in written else outcome.conflicts).append(write.id)
+    return outcome
+
+
+def _prepare(db: NovaApiDb, batch: Sequence[RowTarget]) -> Prepared:
+    """Read the batch's rows and build the new texts of those still as planned (no write)."""
     outcome = ApplyResult()
     current = db.read_specs([t.id for t in batch], with_updated_at=False)
     writes: list[SpecWrite] = []
@@ -210,10 +247,56 @@ def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget]) -> ApplyResult:
                 outcome.errors[target.id] = "rebuilt spec differs from the planned one; not written"
                 continue
             writes.append(SpecWrite(target.id, sha, new_text, target.new_sha256))
-    written = db.write_specs(writes)
-    for write in writes:
-        (outcome.updated if write.id in written else outcome.conflicts).append(write.id)
-    return outcome
+    return Prepared(outcome, writes)
+
+
+class _ReadAhead:
+    """Prepares the next batch in a thread, on a second connection, while this one writes.
+
+    At a million rows the write of a batch keeps the server busy for about 0.1 s while this
+    process waits; reading and rebuilding the next batch meanwhile hid most of the re-read.
+    Anything that goes wrong here only costs the head start: the batch is then prepared
+    again on the main connection, with its retries.
+    """
+
+    def __init__(self, db: NovaApiDb) -> None:
+        self._db = db
+        self._reader: NovaApiDb | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def __enter__(self) -> _ReadAhead:
+        return self
+
+    def start(self, batch: Sequence[RowTarget]) -> None:
+        if not batch:
+            return
+        if self._pool is None:
+            self._reader = NovaApiDb(self._db.params, lock_wait_timeout=self._db.lock_wait_timeout)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-flavor-sync-read-ahead")
+        self._pending = self._pool.submit(self._prepare, batch)
+
+    def _prepare(self, batch: Sequence[RowTarget]) -> Prepared:
+        assert self._reader is not None
+        return _prepare(self._reader, batch)
+
+    def result(self) -> Prepared | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except Exception as exc:  # noqa: BLE001 (the main connection prepares it again)
+            log.info("Reading ahead failed (%s); the batch is read again", type(exc).__name__)
+            if self._reader is not None:
+                self._reader.close()
+            return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
 
 
 def _extra_specs_writer(target: dict[str, str]) -> Callable[[str], str]:

@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import orjson
+
 from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.spec_json import sha256_text
 
@@ -55,17 +57,20 @@ class BackupRecord:
         return cls(row_id, instance_uuid, spec, stamp, sha256_text(spec), new_sha256)
 
     def to_json(self) -> bytes:
-        """The record as one JSON object (a dict literal: dataclasses.asdict deep-copies)."""
-        return json.dumps(
-            {
-                "id": self.id,
-                "instance_uuid": self.instance_uuid,
-                "spec": self.spec,
-                "updated_at": self.updated_at,
-                "sha256": self.sha256,
-                "new_sha256": self.new_sha256,
-            }
-        ).encode()
+        """The record as one JSON object, laid out as json.dumps lays it out.
+
+        The values are encoded by orjson, a third of json's time for a spec (most of a
+        backup's CPU at a million rows); non-ASCII text stays UTF-8 instead of \\u escapes.
+        """
+        dumps = orjson.dumps
+        return b'{"id": %d, "instance_uuid": %s, "spec": %s, "updated_at": %s, "sha256": %s, "new_sha256": %s}' % (
+            self.id,
+            dumps(self.instance_uuid),
+            dumps(self.spec),
+            dumps(self.updated_at),
+            dumps(self.sha256),
+            dumps(self.new_sha256),
+        )
 
 
 @dataclass(frozen=True)
