@@ -192,10 +192,11 @@ def engine_read(params: DbParams) -> int:
         db.close()
 
 
-def plan_in_process(params: DbParams) -> tuple[Plan, Any]:
+def plan_in_process(params: DbParams, workers: int | None = None) -> tuple[Plan, Any]:
+    """The dry run as the CLI makes it (workers None: the engine decides)."""
     db = service.connect(params)
     flavors, scope = service.resolve_scope(db, all_keys=True)
-    plan = service.make_plan(db, scope, flavors=flavors)
+    plan = service.make_plan(db, scope, flavors=flavors, workers=workers)
     return plan, db
 
 
@@ -645,7 +646,7 @@ def profile(url: str, top: int) -> None:
     params = parse_db_url(url)
     profiler = cProfile.Profile()
     profiler.enable()
-    plan, db = plan_in_process(params)
+    plan, db = plan_in_process(params, workers=1)  # the planning code itself, in this process
     profiler.disable()
     db.close()
     print(f"plan of {plan.rows_read:,} rows under cProfile ({len(plan.changes):,} changes)")
