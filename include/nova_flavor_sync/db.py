@@ -114,12 +114,8 @@ class NovaApiDb:
         return self
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except pymysql.err.Error:
-                pass  # already gone: nothing to close
-            self._conn = None
+        _close_quietly(self._conn)
+        self._conn = None
 
     def reopen(self) -> None:
         """After a lost connection: drop whatever is left and connect again."""
@@ -415,12 +411,8 @@ class ReplicaDb:
         return self
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except pymysql.err.Error:
-                pass  # already gone
-            self._conn = None
+        _close_quietly(self._conn)
+        self._conn = None
 
     def __enter__(self) -> ReplicaDb:
         return self.open() if self._conn is None else self
@@ -537,6 +529,14 @@ def _cas_update(writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[A
 
 def _statement_cost(spec: str) -> int:
     return 2 * len(spec.encode("utf-8")) + 200  # escaping can double the text
+
+
+def _close_quietly(conn: pymysql.connections.Connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except pymysql.err.Error:
+            pass  # already gone: nothing to close
 
 
 def _rollback_quietly(conn: pymysql.connections.Connection) -> None:

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 
 import pytest
 
+from fake_time import FakeTime
 from dbtools import busy_sessions, connect, threads_running
 from nova_flavor_sync import pipeline, service
 from nova_flavor_sync.apply import apply_plan
@@ -46,19 +47,6 @@ def put_back(params, saved: dict[int, str]) -> None:
 def plan_all_keys(db):
     flavors, scope = service.resolve_scope(db, all_keys=True)
     return service.make_plan(db, scope, flavors=flavors)
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 # -- reading the load -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+from fake_time import FakeTime
 from nova_flavor_sync.errors import ApplyAbortedError, ExitCode, UsageError
 from nova_flavor_sync.throttle import (
     MAX_CHECK_S,
@@ -22,19 +23,6 @@ from nova_flavor_sync.throttle import (
 )
 
 QUIET = ServerLoad(threads_running=1)
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class Loads:
