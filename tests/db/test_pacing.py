@@ -16,8 +16,8 @@ from contextlib import ExitStack
 
 import pytest
 
-from fake_time import FakeTime
 from dbtools import busy_sessions, connect, threads_running
+from fake_time import FakeTime
 from nova_flavor_sync import pipeline, service
 from nova_flavor_sync.apply import apply_plan
 from nova_flavor_sync.db import ReplicaDb
