@@ -63,7 +63,7 @@ from nova_flavor_sync import apply as apply_mod  # noqa: E402
 from nova_flavor_sync import service  # noqa: E402
 from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, utcnow  # noqa: E402
 from nova_flavor_sync.dburl import DbParams, parse_db_url  # noqa: E402
-from nova_flavor_sync.plan import Plan  # noqa: E402
+from nova_flavor_sync.plan import Plan, batched  # noqa: E402
 from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text  # noqa: E402
 
 ORIG_TABLE = "request_specs_orig"
@@ -315,7 +315,7 @@ def write_spool(conn, plan: Plan, path: Path, batch_size: int) -> int:
     """The new texts the tool will write, batch by batch, pickled to ``path``."""
     written = 0
     with open(path, "wb") as out, conn.cursor() as cur:
-        for batch in plan.changes.batches(batch_size):
+        for batch in batched(plan.changes, batch_size):
             cur.execute("SELECT id, spec FROM request_specs WHERE id IN %s", (tuple(c.id for c in batch),))
             current = dict(cur.fetchall())
             texts = []

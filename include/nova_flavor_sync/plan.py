@@ -18,15 +18,17 @@ import os
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from itertools import islice
+from typing import Any, TypeVar
 
 from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.scope import Scope
 
 PLAN_DIGEST_VERSION = "nova-flavor-sync plan v1"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,13 @@ class RowNote:
     reason: str
     flavor: str = ""  # what the row's copy names, for reports
     diff: SpecDiff | None = None  # for held-back rows: what is held back
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` (a ChangeList, say) in lists of ``size``, in order (itertools.batched in 3.12)."""
+    rows = iter(items)
+    while batch := list(islice(rows, size)):
+        yield batch
 
 
 class ChangeList:
@@ -198,17 +207,6 @@ class ChangeList:
                 yield RowChange(row_id, uuid, old.hex(), new.hex(), diffs[index])
                 at = end
             buffer = buffer[at:]
-
-    def batches(self, size: int) -> Iterator[list[RowChange]]:
-        """The rows in id order, ``size`` at a time."""
-        batch: list[RowChange] = []
-        for change in self:
-            batch.append(change)
-            if len(batch) == size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
 
     def __getitem__(self, index: int | slice) -> Any:
         """For tests and small plans: reads every row (use iteration or batches() for big ones)."""

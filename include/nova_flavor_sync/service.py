@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -29,7 +28,7 @@ from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, ReplicaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
-from nova_flavor_sync.plan import Flavor, Plan, RowChange, RowNote, SpecRow
+from nova_flavor_sync.plan import Flavor, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
 from nova_flavor_sync.plan_worker import plan_in_workers
 from nova_flavor_sync.restore import plan_restore
@@ -163,7 +162,7 @@ def back_up(
                 planned = change if change is not None and change.id == row.id else None
                 yield record(row.id, row.instance_uuid, row.spec, row.updated_at, planned)
         else:
-            for batch, current in _read_ahead(db, _batched(plan.changes, page_size)):
+            for batch, current in _read_ahead(db, batched(plan.changes, page_size)):
                 for planned in batch:
                     if planned.id in current:
                         yield record(planned.id, *current[planned.id], planned)
@@ -374,10 +373,3 @@ def _read_ahead(db: NovaApiDb, batches: Iterable[list[T]]) -> Iterator[tuple[lis
             pending = ahead
         if pending is not None:
             yield pending[0], pending[1].result()
-
-
-def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """``items`` in lists of ``size`` (itertools.batched from Python 3.12)."""
-    rows = iter(items)
-    while batch := list(islice(rows, size)):
-        yield batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nova_flavor_sync.plan import ChangeList, RowChange, SpecDiff
+from nova_flavor_sync.plan import ChangeList, RowChange, SpecDiff, batched
 
 
 def _diff(name: str) -> SpecDiff:
@@ -37,7 +37,7 @@ def test_batches_cut_the_changes_in_order():
     changes = ChangeList(keep_in_memory=3)
     for change in _changes(11):
         changes.append(change)
-    assert [[c.id for c in b] for b in changes.batches(4)] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    assert [[c.id for c in b] for b in batched(changes, 4)] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
     assert changes[0].id == 1 and changes[-1].id == 11 and changes == _changes(11)
 
 
