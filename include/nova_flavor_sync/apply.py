@@ -274,11 +274,7 @@ class _ReadAhead:
         if self._pool is None:
             self._reader = NovaApiDb(self._db.params, lock_wait_timeout=self._db.lock_wait_timeout)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-flavor-sync-read-ahead")
-        self._pending = self._pool.submit(self._prepare, batch)
-
-    def _prepare(self, batch: Sequence[RowTarget]) -> Prepared:
-        assert self._reader is not None
-        return _prepare(self._reader, batch)
+        self._pending = self._pool.submit(_prepare, self._reader, batch)
 
     def result(self) -> Prepared | None:
         pending, self._pending = self._pending, None

@@ -94,7 +94,7 @@ def make_plan(
     """
     flavors = db.load_flavors() if flavors is None else flavors
     expected = db.count_specs() if progress is not None else 0
-    bounds = db.spec_id_bounds() if scope.instance_uuids is None else None
+    bounds = db.spec_id_bounds() if scope.instance_uuids is None and workers != 1 else None
     if workers is None:
         workers = PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1
     if workers > 1 and bounds is not None:
