@@ -8,6 +8,10 @@ Rewrite the stale flavor copies in Nova's RequestSpecs, with an approval gate.
 whatever happened. A dry run (the default) stops after the plan. Nothing is written
 before somebody presses **Approve** on the `approve` task (Required Actions), and every
 write is bound to the plan digest shown there: rows that changed since are conflicts.
+
+A run ends **success** after a dry run, when nothing needs changing, after a Reject, and
+after a sync that verify found complete. It ends **failed** when planning, the backup,
+any write or verify failed, or drift remains: `report_outcome` says which, then fails.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
+from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
 from nova_flavor_sync_airflow import NovaApiDbHook, RecordedApprovalOperator, conn_id_param, db_params
 
 from nova_flavor_sync import pipeline
+from nova_flavor_sync.errors import BackupError, ConfigError, SchemaError, UsageError
 from nova_flavor_sync.service import MAX_BATCH_SIZE
 
 STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
@@ -69,9 +75,31 @@ def apply_ranges(plan, params=None):
     return pipeline.apply_ranges(plan["plan_path"], params["batch_size"], auto_tune=bool(params["batch_seconds"]))
 
 
+# A failed apply_batch is tried again, on purpose: every try plans its rows again from the
+# database and writes only rows that still hold the approved before-bytes (compare-and-swap),
+# so a try after a partial write, a lost COMMIT or a killed worker finishes the range and
+# writes nothing twice. The engine already retries deadlocks and lost connections within a
+# batch (seconds); these retries outlast what that cannot: a dead worker or task process, a
+# database failover. 3 retries, 1, 2 then 4 minutes apart. Errors that a retry would only
+# repeat (bad params, a wrong database, a changed or unreadable plan file) fail at once.
+APPLY_RETRIES = 3
+APPLY_RETRY_DELAY = timedelta(minutes=1)
+APPLY_RETRY_POLICY = ExceptionRetryPolicy(rules=[
+    RetryRule(exception=[UsageError, ConfigError, SchemaError, BackupError], action=RetryAction.FAIL,
+              reason="a retry would fail the same way"),
+])
+
+
 # One range at a time by default: a single paced writer (batch_seconds, pause_seconds, load
 # checks). $NOVA_FLAVOR_SYNC_APPLY_PARALLELISM lets several workers write disjoint ranges at once.
-@task(map_index_template="{{ id_range }}", max_active_tis_per_dagrun=pipeline.apply_parallelism())
+@task(
+    map_index_template="{{ id_range }}",
+    max_active_tis_per_dagrun=pipeline.apply_parallelism(),
+    retries=APPLY_RETRIES,
+    retry_delay=APPLY_RETRY_DELAY,
+    retry_exponential_backoff=2.0,
+    retry_policy=APPLY_RETRY_POLICY,
+)
 def apply_batch(id_range, plan, backup, params=None):
     context = get_current_context()
     context["id_range"] = f"rows {id_range['first_id']}-{id_range['last_id']}"
@@ -100,12 +128,15 @@ def verify(plan_path, params=None):
     return pipeline.verify(db_params(params), plan_path)
 
 
+# The run's only last task, so Airflow judges the run by it: it fails when the sync did not
+# complete (see the DAG's doc), and succeeds after a dry run, a Reject or a verified sync.
 @task(trigger_rule="all_done")
-def report_outcome(plan, params=None):
+def report_outcome(params=None):
     ti = get_current_context()["ti"]
     return pipeline.sync_outcome(
-        plan,
+        ti.xcom_pull(task_ids="make_plan"),
         dry_run=params["dry_run"],
+        backed_up=ti.xcom_pull(task_ids="back_up"),
         answer=ti.xcom_pull(task_ids="approve", key="answer"),
         applied=ti.xcom_pull(task_ids="apply_batch"),
         verified=ti.xcom_pull(task_ids="verify"),
@@ -161,4 +192,4 @@ with DAG(
     checked = verify("{{ ti.xcom_pull(task_ids='make_plan')['plan_path'] }}")  # no edge from make_plan
 
     check_db() >> planned >> should_apply(planned) >> saved >> approve >> ranges
-    [ranges, applied] >> checked >> report_outcome(planned)
+    [ranges, applied] >> checked >> report_outcome()

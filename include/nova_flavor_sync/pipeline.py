@@ -20,7 +20,7 @@ from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import ApplyResult
 from nova_flavor_sync.backup import list_backups
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.errors import NovaFlavorSyncError
+from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.plan import Plan
 from nova_flavor_sync.plan_file import load_plan, load_plan_ids, save_plan
 from nova_flavor_sync.progress import Progress
@@ -259,38 +259,57 @@ def backups(backup_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+class SyncFailedError(NovaFlavorSyncError):
+    """A sync run whose planning, backup, approval, writes or verify failed: fails the run."""
+
+    exit_code = ExitCode.INCOMPLETE
+
+
+# The outcomes of a nova_flavor_sync run that leave it green; any other fails the run.
+SUCCESSFUL_OUTCOMES = frozenset({"dry_run", "in_sync", "rejected", "applied"})
+
+
 def sync_outcome(
-    plan: dict[str, Any],
+    plan: dict[str, Any] | None,
     *,
     dry_run: bool,
+    backed_up: dict[str, Any] | None,
     answer: dict[str, Any] | None,
     applied: Sequence[dict[str, Any]] | dict[str, Any] | None,
     verified: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """What a nova_flavor_sync run did, in one unmistakable line (logged and returned).
+    """What a nova_flavor_sync run did, in one unmistakable line (logged, returned).
 
+    The arguments are what the run's tasks returned (None: the task failed or never ran).
+    Raises SyncFailedError, after logging the line, unless the run planned only, found
+    nothing to do, was rejected, or applied the plan and verify found no drift: Airflow
+    judges a run by its last task, and this is it, so a failed write never ends green.
     ``applied`` is what the mapped apply tasks returned: Airflow's xcom_pull gives a list,
     or the value itself when the plan needed a single task.
     """
-    summary = plan["summary"]
     counts: dict[str, int] = {}
     if isinstance(applied, dict):
         applied = [applied]
     for result in applied or ():
         for key, value in result.items():
             counts[key] = counts.get(key, 0) + value
-    if dry_run:
+    summary = plan["summary"] if plan else {"to_update": 0, "digest": None}
+    if plan is None:
+        outcome, line = "plan_failed", "FAILED: checking the database or planning failed; nothing was written"
+    elif dry_run:
         outcome = "dry_run"
         line = f"DRY RUN: {summary['to_update']} RequestSpecs would be rewritten; nothing was written"
     elif not summary["to_update"]:
         outcome, line = "in_sync", "NOTHING TO DO: every RequestSpec in scope is in sync"
+    elif backed_up is None:
+        outcome, line = "backup_failed", "FAILED: the backup could not be written; nothing was written"
     elif answer is None:
-        outcome, line = "not_approved", "NOT APPROVED: the run stopped before an answer; nothing was written"
+        outcome, line = "not_approved", "FAILED: the approval ended without an answer; nothing was written"
     elif answer["choice"] != "Approve":
         outcome, line = "rejected", f"REJECTED by {answer['by']} at {answer['at']}: nothing was written"
     elif verified is None:
         outcome, line = "failed", (
-            f"APPROVED by {answer['by']} at {answer['at']}, but applying or verifying failed: "
+            f"FAILED: approved by {answer['by']} at {answer['at']}, but applying or verifying failed: "
             f"{counts.get('updated', 0)} rows written; see the failed task's log, then run again"
         )
     else:
@@ -300,6 +319,8 @@ def sync_outcome(
             f"{counts.get('conflicts', 0)} conflicts, {counts.get('errors', 0)} errors; verify found no drift"
         )
     log.info("%s", line)
+    if outcome not in SUCCESSFUL_OUTCOMES:
+        raise SyncFailedError(line)
     return {"outcome": outcome, "message": line, "digest": summary["digest"], **counts}
 
 

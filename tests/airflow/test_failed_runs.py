@@ -1,0 +1,126 @@
+"""A sync whose backup, writes or verify failed ends failed, in the REST API too; nothing is torn.
+
+Each failure is provoked for real in the test's own copy of the demo cloud: a trigger on
+request_specs makes MariaDB refuse the UPDATE (a SIGNAL, as a read-only or broken database
+would), or quietly keep the old spec (so drift remains for verify to find), and a file
+standing where the backup directory belongs makes the backup impossible to write.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from approval_answer import rest_api_run, run_with_answer
+from dbtools import connect, table_hash
+
+SYNC = "nova_flavor_sync"
+CONF = {"dry_run": False, "all_keys": True}
+SPEC_COLUMNS = "id, instance_uuid, spec"
+
+
+def refuse_updates(params, times: int) -> None:
+    """Make the server refuse the next ``times`` UPDATE statements on request_specs.
+
+    The count lives in a MyISAM table: it is not transactional, so the decrement survives
+    the rollback of the refused statement.
+    """
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE nfs_refusals (remaining INT NOT NULL) ENGINE=MyISAM")
+        cur.execute("INSERT INTO nfs_refusals VALUES (%s)", (times,))
+        cur.execute(
+            "CREATE TRIGGER nfs_refuse BEFORE UPDATE ON request_specs FOR EACH ROW "
+            "BEGIN "
+            "  IF (SELECT remaining FROM nfs_refusals) > 0 THEN "
+            "    UPDATE nfs_refusals SET remaining = remaining - 1; "
+            "    SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'writes refused by the test'; "
+            "  END IF; "
+            "END"
+        )
+
+
+def refusals_left(params) -> int:
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute("SELECT remaining FROM nfs_refusals")
+        return cur.fetchone()[0]
+
+
+def short_retry_delay(dag) -> None:
+    """The real retries, one second apart instead of minutes (dag.test() waits them out)."""
+    task = dag.get_task("apply_batch")
+    assert task.retries == 3  # what an operator's run gets
+    task.retry_delay = timedelta(seconds=1)
+
+
+def no_retries(dag) -> None:
+    dag.get_task("apply_batch").retries = 0
+
+
+def in_sync(params) -> bool:
+    from nova_flavor_sync import service
+
+    with service.connect(params) as db:
+        flavors, scope = service.resolve_scope(db, all_keys=True)
+        return service.make_plan(db, scope, flavors=flavors).changes == []
+
+
+def assert_failed_everywhere(dag_run, states) -> None:
+    assert dag_run.state == "failed", states
+    assert states["report_outcome"] == "failed", states
+    assert rest_api_run(SYNC, dag_run.run_id)["state"] == "failed"
+
+
+@pytest.mark.timeout(240)
+def test_a_database_that_refuses_the_writes_fails_the_run_and_writes_nothing(nova_env):
+    refuse_updates(nova_env, times=1_000_000)
+    before = table_hash(nova_env)
+
+    dag_run, states, _ = run_with_answer(SYNC, CONF, "Approve", adjust=no_retries)
+
+    assert_failed_everywhere(dag_run, states)
+    assert states["apply_batch[0]"] == "failed" and states["verify"] == "upstream_failed"
+    assert table_hash(nova_env) == before  # the refused batch was rolled back whole
+
+
+@pytest.mark.timeout(240)
+def test_a_batch_that_failed_once_is_retried_and_the_run_completes(nova_env):
+    refuse_updates(nova_env, times=1)
+
+    dag_run, states, _ = run_with_answer(SYNC, CONF, "Approve", adjust=short_retry_delay)
+
+    assert refusals_left(nova_env) == 0  # the first try really was refused
+    assert dag_run.state == "success", states
+    (apply_ti,) = [ti for ti in dag_run.get_task_instances() if ti.task_id == "apply_batch"]
+    assert apply_ti.try_number == 2
+    assert states["verify"] == "success"
+    assert rest_api_run(SYNC, dag_run.run_id)["state"] == "success"
+    assert in_sync(nova_env)
+
+
+@pytest.mark.timeout(240)
+def test_drift_left_after_the_writes_fails_verify_and_the_run(nova_env):
+    # Every UPDATE "succeeds" but the spec keeps its old bytes: drift remains for verify.
+    with connect(nova_env) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TRIGGER nfs_undo BEFORE UPDATE ON request_specs FOR EACH ROW SET NEW.spec = OLD.spec")
+    before = table_hash(nova_env, columns=SPEC_COLUMNS)
+
+    dag_run, states, _ = run_with_answer(SYNC, CONF, "Approve")
+
+    assert_failed_everywhere(dag_run, states)
+    assert states["apply_batch[0]"] == "success" and states["verify"] == "failed"
+    assert table_hash(nova_env, columns=SPEC_COLUMNS) == before
+
+
+@pytest.mark.timeout(240)
+def test_a_backup_that_cannot_be_written_fails_the_run_before_the_approval(nova_env, tmp_path):
+    # A file where the backup directory belongs: the backup cannot be created (even as root).
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "backups").write_text("not a directory")
+    before = table_hash(nova_env)
+
+    dag_run, states, _ = run_with_answer(SYNC, CONF, None)
+
+    assert_failed_everywhere(dag_run, states)
+    assert states["back_up"] == "failed" and states["approve"] == "upstream_failed"
+    assert table_hash(nova_env) == before
