@@ -1,6 +1,11 @@
-"""Read and rewrite the flavor copy inside one ``request_specs.spec`` text (pure).
+"""Read and rewrite the flavor copy inside one column's JSON text (pure).
 
-Nova stores ``jsonutils.dumps(request_spec.obj_to_primitive())``: ``json.dumps`` with its
+Nova keeps two copies of an instance's flavor, each in a JSON text (a ``CopyLayout``):
+``request_specs.spec`` (``REQUEST_SPEC``, the RequestSpec's flavor) and the cell database's
+``instance_extra.flavor`` (``INSTANCE_FLAVOR``, ``{"cur": ..., "old": ..., "new": ...}``:
+only ``cur``, the instance's flavor, is ever read for planning or rewritten here).
+
+Nova writes both with ``jsonutils.dumps``: ``json.dumps`` with its
 defaults (``", "`` and ``": "`` separators, ASCII only, key order kept). A rewrite is a
 splice: the text is cut just before and just after the flavor's ``extra_specs`` value, and
 only that value is replaced with ``json.dumps`` of the new dict. Every other byte is the
@@ -8,9 +13,10 @@ original text itself, so object versions, ``nova_object.changes``, field order a
 stay exactly as Nova wrote them.
 
 The cut is found in the text, not re-created: the flavor object is the only place the text
-``"flavor": {"nova_object.name": "Flavor"`` can occur (inside a JSON string every ``"`` is
-escaped), it must occur exactly once, and the parsed flavor found there must equal the one at
-``nova_object.data.flavor``. The old ``extra_specs`` value must read back byte for byte as
+``"flavor": {"nova_object.name": "Flavor"`` (in a RequestSpec) or ``{"cur": {"nova_object.name":
+"Flavor"`` (in an instance's flavor) can occur (inside a JSON string every ``"`` is escaped), it
+must occur exactly once, and the parsed flavor found there must equal the one a whole-document
+parse finds. The old ``extra_specs`` value must read back byte for byte as
 ``json.dumps`` writes it. A text that fails any of this was not written by Nova's serializer:
 it can be read, but it is never rewritten.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +43,59 @@ NOVA_SPEC_PREFIX = (
 # The flavor's key and the start of its value, as json.dumps writes them.
 FLAVOR_KEY = '"flavor": '
 FLAVOR_START = FLAVOR_KEY + '{"nova_object.name": "Flavor"'
+# An instance's flavor column: Instance._save_flavor writes the keys cur, old, new in this order.
+INSTANCE_FLAVOR_KEYS = ("cur", "old", "new")
+CUR_KEY = '{"cur": '
+CUR_START = CUR_KEY + '{"nova_object.name": "Flavor"'
 EXTRA_SPECS_KEY = '"extra_specs": '
 
 _decoder = json.JSONDecoder()
 
 
 class SpecShapeError(ValueError):
-    """The text is not a RequestSpec this tool can read or rewrite; str() says why."""
+    """The text is not a flavor copy this tool can read or rewrite; str() says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class CopyLayout:
+    """Where the flavor copy sits in the JSON text of one kind of column, and how it begins."""
+
+    what: str  # the text's name in messages: "spec", "instance flavor"
+    prefix: str  # every text Nova writes begins with this
+    marker: str  # occurs exactly once, where the flavor object starts
+    marker_skip: int  # from the marker to the flavor object's "{"
+    flavor_of: Callable[[Any], Any]  # the parsed document -> its flavor primitive, checked
+
+
+def _request_spec_flavor(document: Any) -> Any:
+    data = _check_object(document, "RequestSpec", "spec")
+    if data.get("flavor") is None:
+        raise SpecShapeError("spec has no flavor")
+    return data["flavor"]
+
+
+def _instance_cur_flavor(document: Any) -> Any:
+    if not isinstance(document, dict):
+        raise SpecShapeError("instance flavor is not a JSON object")
+    if tuple(document) != INSTANCE_FLAVOR_KEYS:
+        raise SpecShapeError(f"instance flavor has the keys {list(document)}, not cur, old, new")
+    for key in ("old", "new"):
+        if document[key] is not None:
+            _check_object(document[key], "Flavor", f"instance flavor's {key}")
+    if document["cur"] is None:
+        raise SpecShapeError("instance flavor has no cur flavor")
+    return document["cur"]
+
+
+REQUEST_SPEC = CopyLayout("spec", NOVA_SPEC_PREFIX, FLAVOR_START, len(FLAVOR_KEY), _request_spec_flavor)
+INSTANCE_FLAVOR = CopyLayout(
+    "instance flavor",
+    CUR_START + ', "nova_object.namespace": "nova", '
+    f'"nova_object.version": "{KNOWN_MAJOR_VERSIONS["Flavor"]}.',
+    CUR_START,
+    len(CUR_KEY),
+    _instance_cur_flavor,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,41 +156,43 @@ def dumps_extra_specs(extra_specs: Mapping[str, str]) -> str:
     return json.dumps(dict(sorted(extra_specs.items())))
 
 
-def read_embedded_flavor(spec_text: str) -> EmbeddedFlavor:
-    """Parse a spec and return its flavor copy, or raise SpecShapeError."""
-    return _flavor_of(_parse(spec_text))
+def read_embedded_flavor(spec_text: str, layout: CopyLayout = REQUEST_SPEC) -> EmbeddedFlavor:
+    """Parse a text and return its flavor copy, or raise SpecShapeError."""
+    return _checked_flavor(layout.flavor_of(_parse(spec_text, layout)), layout)
 
 
-def find_flavor_start(spec_text: str) -> int:
-    """Offset of the flavor object in a spec written the way Nova writes it, or -1.
+def find_flavor_start(spec_text: str, layout: CopyLayout = REQUEST_SPEC) -> int:
+    """Offset of the flavor object in a text written the way Nova writes it, or -1.
 
     Cheap (two substring searches); it proves nothing about the rest of the text. -1 means
     "not recognisably Nova's format": parse the whole text instead.
     """
-    if not spec_text.startswith(NOVA_SPEC_PREFIX):
+    if not spec_text.startswith(layout.prefix):
         return -1
-    at = spec_text.find(FLAVOR_START)
-    if at < 0 or spec_text.find(FLAVOR_START, at + 1) >= 0:
+    at = spec_text.find(layout.marker)
+    if at < 0 or spec_text.find(layout.marker, at + 1) >= 0:
         return -1
-    return at + len(FLAVOR_KEY)
+    return at + layout.marker_skip
 
 
-def locate_flavor(spec_text: str) -> tuple[int, FlavorText]:
-    """Parse the whole spec, check it, and find its flavor object in the text.
+def locate_flavor(spec_text: str, layout: CopyLayout = REQUEST_SPEC) -> tuple[int, FlavorText]:
+    """Parse the whole text, check it, and find its flavor object in the text.
 
     Returns the flavor object's offset and its FlavorText, or raises SpecShapeError: with
-    the reason the spec is unreadable, or, for a readable spec, why it cannot be rewritten.
+    the reason the text is unreadable, or, for a readable text, why it cannot be rewritten.
     """
-    flavor = _flavor_of(_parse(spec_text))
-    at = find_flavor_start(spec_text)
+    flavor = read_embedded_flavor(spec_text, layout)
+    at = find_flavor_start(spec_text, layout)
     if at < 0 or not spec_text.isascii():
         raise SpecShapeError(
-            "spec is not in Nova's serialization format (json.dumps defaults); refusing to rewrite it"
+            f"{layout.what} is not in Nova's serialization format (json.dumps defaults); refusing to rewrite it"
         )
-    return at, flavor_text_at(spec_text, at, expected=flavor)
+    return at, flavor_text_at(spec_text, at, expected=flavor, layout=layout)
 
 
-def flavor_text_at(spec_text: str, at: int, *, expected: EmbeddedFlavor | None = None) -> FlavorText:
+def flavor_text_at(
+    spec_text: str, at: int, *, expected: EmbeddedFlavor | None = None, layout: CopyLayout = REQUEST_SPEC
+) -> FlavorText:
     """Read the flavor object that starts at offset ``at`` and find its extra_specs value.
 
     With ``expected`` (the flavor the whole-document parse found), the two must agree.
@@ -146,14 +200,16 @@ def flavor_text_at(spec_text: str, at: int, *, expected: EmbeddedFlavor | None =
     try:
         value, end = _decoder.raw_decode(spec_text, at)
     except ValueError as exc:
-        raise SpecShapeError(f"spec is not valid JSON: {exc}") from None
-    flavor = _flavor_of({"nova_object.data": {"flavor": value}})
+        raise SpecShapeError(f"{layout.what} is not valid JSON: {exc}") from None
+    flavor = _checked_flavor(value, layout)
     if expected is not None and flavor != expected:
-        raise SpecShapeError("cannot locate the spec's flavor in its text")
+        raise SpecShapeError(f"cannot locate the {layout.what}'s flavor in its text")
     text = spec_text[at:end]
     key_at = text.find(EXTRA_SPECS_KEY)
     if key_at < 0 or text.find(EXTRA_SPECS_KEY, key_at + 1) >= 0:
-        raise SpecShapeError("spec is not in Nova's serialization format: cannot locate extra_specs in its flavor")
+        raise SpecShapeError(
+            f"{layout.what} is not in Nova's serialization format: cannot locate extra_specs in its flavor"
+        )
     start = key_at + len(EXTRA_SPECS_KEY)
     try:
         old, stop = _decoder.raw_decode(text, start)
@@ -165,7 +221,11 @@ def flavor_text_at(spec_text: str, at: int, *, expected: EmbeddedFlavor | None =
 
 
 def rewrite_extra_specs(
-    spec_text: str, extra_specs: Mapping[str, str] | None = None, *, new_specs_json: str | None = None
+    spec_text: str,
+    extra_specs: Mapping[str, str] | None = None,
+    *,
+    new_specs_json: str | None = None,
+    layout: CopyLayout = REQUEST_SPEC,
 ) -> str:
     """Return ``spec_text`` with the flavor's extra_specs replaced, ordered by key.
 
@@ -174,21 +234,32 @@ def rewrite_extra_specs(
     """
     if new_specs_json is None:
         new_specs_json = dumps_extra_specs(extra_specs or {})
-    at, flavor_text = locate_flavor(spec_text)
+    at, flavor_text = locate_flavor(spec_text, layout)
     return flavor_text.splice(spec_text, at, new_specs_json)
 
 
-def _parse(spec_text: str) -> dict[str, Any]:
+def instance_flavor_in_flux(flavor_text: str) -> bool:
+    """True when an instance's flavor column has ``old`` or ``new`` set: a resize or migration is under way.
+
+    Nova ends the text with ``"old": null, "new": null}`` when neither is set; any other text
+    is parsed (and raises SpecShapeError if it is not an instance flavor).
+    """
+    if flavor_text.endswith(', "old": null, "new": null}') and flavor_text.startswith(INSTANCE_FLAVOR.prefix):
+        return False
+    document = _parse(flavor_text, INSTANCE_FLAVOR)
+    INSTANCE_FLAVOR.flavor_of(document)  # checks the shape
+    return document["old"] is not None or document["new"] is not None
+
+
+def _parse(spec_text: str, layout: CopyLayout) -> Any:
     try:
-        document = orjson.loads(spec_text)
+        return orjson.loads(spec_text)
     except (TypeError, orjson.JSONDecodeError):
         # orjson refuses a few things json accepts (NaN, huge integers): ask json too.
         try:
-            document = json.loads(spec_text)
+            return json.loads(spec_text)
         except (TypeError, ValueError) as exc:
-            raise SpecShapeError(f"spec is not valid JSON: {exc}") from None
-    _check_object(document, "RequestSpec", "spec")
-    return document
+            raise SpecShapeError(f"{layout.what} is not valid JSON: {exc}") from None
 
 
 def _check_object(value: Any, name: str, where: str) -> dict[str, Any]:
@@ -211,12 +282,9 @@ def _check_object(value: Any, name: str, where: str) -> dict[str, Any]:
     return data
 
 
-def _flavor_of(document: dict[str, Any]) -> EmbeddedFlavor:
-    """Return a checked copy of the flavor in a parsed spec."""
-    data = document["nova_object.data"]
-    if data.get("flavor") is None:
-        raise SpecShapeError("spec has no flavor")
-    flavor = _check_object(data["flavor"], "Flavor", "spec's flavor")
+def _checked_flavor(value: Any, layout: CopyLayout) -> EmbeddedFlavor:
+    """Return a checked copy of a flavor primitive found in a text of ``layout``."""
+    flavor = _check_object(value, "Flavor", f"{layout.what}'s flavor")
     flavor_id, flavorid = flavor.get("id"), flavor.get("flavorid")
     if not isinstance(flavor_id, int) or isinstance(flavor_id, bool):
         raise SpecShapeError(f"flavor id is not an integer: {flavor_id!r}")

@@ -24,6 +24,8 @@ _HERE = Path(__file__).parent
 SCHEMA_SQL = _HERE / "nova_api_schema.sql"
 DEMO_DATA_SQL_GZ = _HERE / "nova_api_demo_data.sql.gz"
 SAMPLE_SPECS_JSONL = _HERE / "request_specs.sample.jsonl"
+CELL_SCHEMA_SQL = _HERE / "nova_cell_schema.sql"
+SAMPLE_INSTANCE_FLAVORS_JSONL = _HERE / "instance_extra.sample.jsonl"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 # Statements are sent to the server in batches of about this size (max_allowed_packet
@@ -139,6 +141,12 @@ def drop_database(connect_kwargs: dict[str, Any], name: str) -> None:
 def load_sample_specs() -> list[dict[str, Any]]:
     """The 19 sample ``request_specs`` rows (``id``, ``instance_uuid``, ``spec``, ``features``...)."""
     with SAMPLE_SPECS_JSONL.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_sample_instance_flavors() -> list[dict[str, Any]]:
+    """The real ``instance_extra`` rows (with their instance's states), as the README here describes."""
+    with SAMPLE_INSTANCE_FLAVORS_JSONL.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
