@@ -24,6 +24,8 @@ PYTEST_ARGS ?=
 # Extra arguments for pip-compile, e.g. make lock LOCK_ARGS=--upgrade
 LOCK_ARGS ?=
 LOCK_VENV ?= /tmp/nova-flavor-sync-lock-venv
+# What make lock's pip-compile needs, installed into LOCK_VENV from the lock itself.
+LOCK_TOOLS := pip,setuptools,wheel,pip-tools,build,pyproject-hooks,click,packaging
 
 # Debian packages that building mysqlclient (apache-airflow-providers-mysql) needs, besides
 # a C compiler and Python's headers. PyPI has no Linux wheel of mysqlclient: pip compiles it.
@@ -40,12 +42,13 @@ install: system-packages $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs only when the lock or the project metadata changed (so the system check below
-# runs only then, too).
-$(STAMP): requirements.lock pyproject.toml | $(PY)
+# Re-installs only when the lock, the project metadata or the install scripts changed (so the
+# system check below runs only then, too). Installs never resolve: the lock as written, by hash,
+# --no-deps, the sdists built with the locked setuptools and poetry-core, then the project
+# (editable) and scripts/check_lock.py. See scripts/install_lock.py.
+$(STAMP): requirements.lock pyproject.toml scripts/install_lock.py scripts/check_lock.py | $(PY)
 	@$(MAKE) --no-print-directory system-deps
-	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) scripts/install_lock.py
 	touch $@
 
 # Installs SYSTEM_DEPS and BROWSER_DEPS with apt-get when one is missing (as root; otherwise
@@ -124,12 +127,16 @@ bench-drop: install
 	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(ROWS)' --drop
 	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(BENCH_TENTH)' --drop
 
-# pip-tools lives in a throwaway venv outside the repo; the machine's pip config
-# (extra indexes, find-links) is ignored so the lock only points at the default index.
-# Resolving needs mysqlclient's metadata, which its setup.py gets from pkg-config: system-deps.
+# The one place that resolves. pip-tools lives in a throwaway venv outside the repo, installed
+# from the lock itself (LOCK_TOOLS, by hash); the pins already in requirements.lock are kept
+# unless LOCK_ARGS says --upgrade. The machine's pip config (extra indexes, find-links,
+# constraints) is ignored, so the lock only points at the default index. Resolving needs
+# mysqlclient's metadata, which its setup.py gets from pkg-config: system-deps.
 lock: system-deps
-	[[ -x $(LOCK_VENV)/bin/pip-compile ]] || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet "pip-tools>=7.4,<8"; }
-	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make lock" \
+	[[ -x $(LOCK_VENV)/bin/python ]] || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python scripts/install_lock.py --only $(LOCK_TOOLS)
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+	    CUSTOM_COMPILE_COMMAND="make lock" \
 	    $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --extra dev --extra airflow --strip-extras --allow-unsafe --no-emit-index-url \
 	    --output-file requirements.lock $(LOCK_ARGS) pyproject.toml
 
