@@ -1,5 +1,8 @@
 """Where the nova_api database is: --db-url, NOVA_API_DB_URL or nova.conf -> DbParams.
 
+A cell database's URL comes from ``nova_api.cell_mappings.database_connection``, which may
+be a template that Nova fills from ``[database] connection``: :func:`cell_db_params`.
+
 The password is kept out of str() and repr() so it cannot reach a log line by accident.
 Every message below shows the URL only through :func:`redact_url`, and no ConfigError is
 raised while an exception that might quote the URL or the file is being handled, so the
@@ -18,7 +21,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlparse
 
 from .errors import ConfigError, UsageError
 
@@ -276,6 +279,127 @@ def ssl_kwargs(query: dict[str, str], fail: Callable[[str], NoReturn]) -> dict[s
         # (encrypt, no certificate check, as MySQL's --ssl-mode=REQUIRED).
         out["ssl"] = {"check_hostname": False, "verify_mode": False}
     return out
+
+
+def format_cell_db_url(
+    template: str, default_url: str | None, *, source: str = "cell database_connection"
+) -> str:
+    """A cell's ``database_connection`` filled from ``[database] connection`` as Nova fills it.
+
+    Read from nova/objects/cell_mapping.py (``CellMapping.format_db_url``, ``_format_url``,
+    ``_parse_netloc``) at openstack/nova master 00a030403f67, i.e. Nova 34 before its
+    release. Nova runs ``template.format(**subs)`` on *every* database_connection, template
+    or not, with ``subs`` from ``urllib.parse.urlparse(default_url)``:
+
+    - username, password, hostname, port are urlparse's attributes: ``None`` for a part
+      the URL lacks, which str.format writes as the text ``None`` (``root@host`` gives the
+      password ``None``, ``root:@host`` an empty one); not percent-decoded, so an encoded
+      password is copied still encoded; hostname lower-cased and without IPv6 brackets
+      (a template needs ``[{hostname}]``); port an int;
+    - scheme; path without its leading "/"; query and fragment without "?" and "#";
+    - a netloc with "," (oslo.messaging's host list) also gives indexed variables, split
+      with oslo.utils' ``netutils.parse_host_port`` since Nova 34: a port that is no
+      number there (an unencoded "," in a password) makes the whole fill fail.
+
+    So a URL without braces comes back as it is, and "{{" and "}}" become "{" and "}".
+    Where Nova fails (an unknown variable, a lone brace, a default URL urlparse cannot
+    read) it logs "Failed to parse [database]/connection to format cell mapping" and uses
+    the text unfilled, which for a template names no real server: ConfigError here
+    instead, unless the text has no "{" (no template, so Nova's fallback is the right
+    URL). Without a default URL Nova uses the text as it is too (and logs an error for a
+    template). Messages show both URLs only through :func:`redact_url`.
+    """
+    if default_url is None:
+        if "{" in template:
+            raise ConfigError(
+                f"{source}: a template, but [database] connection is not set: "
+                f"{redact_url(template)}"
+            )
+        return template
+    subs = _nova_url_subs(default_url)
+    if subs is None:
+        problem = (
+            "cannot fill the template: Nova cannot parse [database] connection "
+            f"{redact_url(default_url)} (its port must be a number, an IPv6 address needs "
+            "[brackets], and a ',' in a password must be written %2C)"
+        )
+    else:
+        try:
+            return template.format(**subs)
+        except KeyError as e:
+            problem = _unknown_variable(str(e.args[0]), template, subs)
+        except IndexError:
+            problem = "a positional field such as {} or {0}; Nova fills named variables only"
+        except (AttributeError, TypeError, ValueError):
+            problem = (
+                "a malformed template: a lone '{' or '}' (write a literal one as '{{' or "
+                "'}}'), or a format Nova cannot apply to a variable"
+            )
+    if "{" not in template:
+        return template  # no template: Nova's fallback, the text as it is, is the URL
+    raise ConfigError(f"{source}: {problem}: {redact_url(template)}")
+
+
+def cell_db_params(
+    template: str, default_url: str | None, *, source: str = "cell database_connection"
+) -> DbParams:
+    """DbParams of a cell: its database_connection filled as Nova fills it, then parsed.
+
+    The filled URL is checked like any other (:func:`parse_db_url`). A part the default
+    URL lacks arrives as the text ``None``, as in Nova: a password ``None`` is kept (Nova
+    logs in with it too, and is refused), a port ``None`` is refused as no number.
+    """
+    url = format_cell_db_url(template, default_url, source=source)
+    where = source if url == template else f"{source} filled from [database] connection"
+    return parse_db_url(url, source=where)
+
+
+def _nova_url_subs(default_url: str) -> dict[str, Any] | None:
+    """The variables of Nova's ``CellMapping._format_url``; None where its parsing raises."""
+    try:
+        url = urlparse(default_url)
+        subs: dict[str, Any] = {
+            "username": url.username,
+            "password": url.password,
+            "hostname": url.hostname,
+            "port": url.port,  # ValueError when not a number from 0 to 65535
+            "scheme": url.scheme,
+            "query": url.query,
+            "fragment": url.fragment,
+            "path": url.path.lstrip("/"),
+        }
+        if "," in url.netloc:
+            for index, netloc in enumerate(url.netloc.split(","), start=1):
+                for key, value in _nova_parse_netloc(netloc).items():
+                    subs[f"{key}{index}"] = value
+    except ValueError:  # the text may quote the port, which may be a password: dropped
+        return None
+    return subs
+
+
+def _nova_parse_netloc(netloc: str) -> dict[str, Any]:
+    """Nova's ``cell_mapping._parse_netloc`` with oslo.utils' ``netutils.parse_host_port``."""
+    userpass, hostport = netloc.split("@", 1) if "@" in netloc else ("", netloc)
+    host: str | None = None
+    port: int | None = None
+    if hostport and hostport[0] == "[":
+        host, after = hostport[1:].split("]")  # ValueError unless exactly one "]"
+        port = int(after.split(":")[1]) if ":" in after else None
+    elif hostport.count(":") == 1:
+        host, port_text = hostport.split(":")
+        port = int(port_text)
+    elif hostport:
+        host = hostport  # no port, or an IPv6 address without brackets
+    user, password = userpass.split(":", 1) if ":" in userpass else (userpass, None)
+    return {"username": user, "password": password, "hostname": host, "port": port}
+
+
+def _unknown_variable(name: str, template: str, subs: Mapping[str, Any]) -> str:
+    """The message for ``{name}``; the name is left out when it sits in the masked password."""
+    shown = redact_url(template)
+    field_ = f"{{{name}}}" if re.fullmatch(r"\w{1,40}", name) and f"{{{name}" in shown else ""
+    known = ", ".join(f"{{{k}}}" for k in subs)
+    return f"unknown variable {field_ or 'in the masked part'}; Nova fills only {known}"
 
 
 def read_nova_conf(path: str) -> DbParams:
