@@ -85,7 +85,7 @@ def _demo_copy(server_kwargs, template) -> Iterator[DbParams]:
 
 @pytest.fixture
 def demo_db(server_kwargs: dict[str, Any], _demo_template) -> Iterator[DbParams]:
-    """A fresh database with the real schema and the demo cloud (23 flavors, 1,500 specs)."""
+    """A fresh database with the real schema and the demo cloud (22 flavors, 1,500 specs; its cell_mappings name no database of this test)."""
     yield from _demo_copy(server_kwargs, _demo_template)
 
 

@@ -32,7 +32,7 @@ from demo_airflow import SYNC, USERNAME, demo_airflow
 from local_airflow import Airflow, free_port
 
 from dbtools import new_database_name
-from nova_flavor_sync.demo import drop_database
+from nova_flavor_sync.demo import DEMO_CELLS, cell_database_name, drop_database
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "demo_airflow.py"
@@ -118,7 +118,8 @@ def demo(server_kwargs, tmp_path_factory) -> Iterator[Demo]:
     finally:
         stopped = script("stop", "--home", str(demo.home))
         left = demo.airflow().stop()  # whatever the script could not stop
-        drop_database(server_kwargs, database)
+        for name in [database, *(cell_database_name(database, cell) for cell in DEMO_CELLS)]:
+            drop_database(server_kwargs, name)
         assert stopped.returncode == 0 and not left, f"{shown(stopped)}\nleft: {left}"
 
 

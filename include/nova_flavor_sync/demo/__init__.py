@@ -1,9 +1,9 @@
-"""Real Nova ``nova_api`` schema and demo data, and a loader for them (PyMySQL only).
+"""Real Nova schemas and a demo cloud (nova_api and three cells), and a loader for them (PyMySQL only).
 
 The files next to this module were produced by real Nova 34.0.0 (see ``README.md`` here)
 and are shipped unedited. ``make demo`` and the DB tests load them with
-``create_nova_api_database``; ``python -m nova_flavor_sync.demo --db-url URL`` does the same
-from the command line.
+``create_nova_api_database`` and ``create_demo_cloud``; ``python -m nova_flavor_sync.demo
+--db-url URL`` loads the whole cloud from the command line.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ SCHEMA_SQL = _HERE / "nova_api_schema.sql"
 DEMO_DATA_SQL_GZ = _HERE / "nova_api_demo_data.sql.gz"
 SAMPLE_SPECS_JSONL = _HERE / "request_specs.sample.jsonl"
 CELL_SCHEMA_SQL = _HERE / "nova_cell_schema.sql"
+# The demo cloud's cells as its cell_mappings name them, each with its data (nova_cell<N> there).
+DEMO_CELLS = ("cell0", "cell1", "cell2")
 SAMPLE_INSTANCE_FLAVORS_JSONL = _HERE / "instance_extra.sample.jsonl"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
@@ -98,12 +100,79 @@ def create_nova_api_database(
 ) -> None:
     """Create database ``name`` with the real nova_api schema, and the demo data if asked.
 
+    The demo's ``cell_mappings`` still name ``nova_cell0``-``2`` on 127.0.0.1:3306: use
+    ``create_demo_cloud`` for a cloud whose cells exist.
+
     :param connect_kwargs: ``pymysql.connect`` keyword arguments; a ``database`` key is ignored.
     :param name: the database to create (a plain identifier).
-    :param with_demo_data: also load the demo cloud (23 flavors, 1,500 request specs).
+    :param with_demo_data: also load the demo cloud's API data (22 flavors, 1,500 request specs).
     :param replace: drop ``name`` first if it exists; otherwise an existing one is refused.
     :raises ValueError: bad name, or ``name`` exists and ``replace`` is false.
     """
+    _create_database(connect_kwargs, name, [SCHEMA_SQL] + ([DEMO_DATA_SQL_GZ] if with_demo_data else []), replace)
+
+
+def create_nova_cell_database(
+    connect_kwargs: dict[str, Any], name: str, *, demo_cell: str | None, replace: bool = False
+) -> None:
+    """Create database ``name`` with the real cell schema, and a demo cell's data (``cell1``...) if asked."""
+    if demo_cell is not None and demo_cell not in DEMO_CELLS:
+        raise ValueError(f"no demo cell {demo_cell!r}; the demo has {', '.join(DEMO_CELLS)}")
+    dumps = [CELL_SCHEMA_SQL] + ([_HERE / f"nova_{demo_cell}_demo_data.sql.gz"] if demo_cell else [])
+    _create_database(connect_kwargs, name, dumps, replace)
+
+
+def cell_database_name(api_name: str, cell: str) -> str:
+    """Where ``create_demo_cloud`` puts a demo cell: next to the API database, named after it."""
+    return check_database_name(f"{api_name}_{cell}")
+
+
+def create_demo_cloud(connect_kwargs: dict[str, Any], api_name: str, *, replace: bool = False) -> dict[str, str]:
+    """The whole demo cloud: the API database ``api_name`` and its three cells, mapped to each other.
+
+    The cells are ``<api_name>_cell0`` to ``_cell2`` on the same server, and the API
+    database's ``cell_mappings`` point at them (``point_cell_mappings``). Returns
+    ``{cell name: database name}``.
+    """
+    create_nova_api_database(connect_kwargs, api_name, with_demo_data=True, replace=replace)
+    cells = {cell: cell_database_name(api_name, cell) for cell in DEMO_CELLS}
+    for cell, database in cells.items():
+        create_nova_cell_database(connect_kwargs, database, demo_cell=cell, replace=replace)
+    point_cell_mappings(connect_kwargs, api_name, cells)
+    return cells
+
+
+def point_cell_mappings(connect_kwargs: dict[str, Any], api_name: str, cells: dict[str, str]) -> None:
+    """Point the demo's ``cell_mappings`` at ``cells`` ({cell name: database}) on this server.
+
+    A plain ``database_connection`` gets this server's host, port, user and password; the
+    template (cell2's) keeps its ``{placeholders}`` and only its database name changes, so
+    it is still filled from ``[database] connection`` as Nova fills it.
+    """
+    from urllib.parse import quote  # only the loader needs it
+
+    server = _server_kwargs(connect_kwargs)
+    auth = quote(server.get("user") or "", safe="") + ":" + quote(server.get("password") or "", safe="")
+    where = f"{server.get('host', '127.0.0.1')}:{server.get('port', 3306)}"
+    conn = pymysql.connect(**{**server, "database": check_database_name(api_name)})
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT id, name, database_connection FROM cell_mappings")
+            for row_id, cell, url in cursor.fetchall():
+                if cell not in cells:
+                    raise ValueError(f"cell_mappings has cell {cell!r}, which is not one of {sorted(cells)}")
+                database = check_database_name(cells[cell])
+                if "{" in url:
+                    new_url = re.sub(r"/nova_cell\d+\?", f"/{database}?", url)
+                else:
+                    new_url = f"mysql+pymysql://{auth}@{where}/{database}?charset=utf8"
+                cursor.execute("UPDATE cell_mappings SET database_connection = %s WHERE id = %s", (new_url, row_id))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _create_database(connect_kwargs: dict[str, Any], name: str, dumps: list[Path], replace: bool) -> None:
     check_database_name(name)
     conn = pymysql.connect(**_server_kwargs(connect_kwargs))
     try:
@@ -116,9 +185,8 @@ def create_nova_api_database(
             cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb3 COLLATE utf8mb3_general_ci")
             try:
                 conn.select_db(name)
-                _execute_dump(cursor, SCHEMA_SQL)
-                if with_demo_data:
-                    _execute_dump(cursor, DEMO_DATA_SQL_GZ)
+                for dump in dumps:
+                    _execute_dump(cursor, dump)
             except BaseException:
                 # Leave nothing half-loaded behind: we created it, so it is ours to drop.
                 cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
@@ -156,24 +224,25 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m nova_flavor_sync.demo",
-        description="Create a nova_api database with the real Nova schema and the demo data.",
+        description="Create the demo cloud: a nova_api database and its three cell databases "
+        "(<dbname>_cell0, _cell1, _cell2), with the real Nova schemas and the demo data.",
     )
-    parser.add_argument("--db-url", required=True, help="mysql+pymysql://user@host:port/dbname")
-    parser.add_argument("--replace", action="store_true", help="drop the database first if it exists")
-    parser.add_argument("--schema-only", action="store_true", help="empty tables, no demo data")
+    parser.add_argument("--db-url", required=True, help="mysql+pymysql://user@host:port/dbname (the API database)")
+    parser.add_argument("--replace", action="store_true", help="drop the databases first if they exist")
+    parser.add_argument("--schema-only", action="store_true", help="the nova_api schema only: empty tables, no cells")
     args = parser.parse_args(argv)
 
     params = parse_db_url(args.db_url)
     try:
-        create_nova_api_database(
-            params.connect_kwargs(),
-            params.database,
-            with_demo_data=not args.schema_only,
-            replace=args.replace,
-        )
+        if args.schema_only:
+            create_nova_api_database(params.connect_kwargs(), params.database, with_demo_data=False,
+                                     replace=args.replace)
+            print(f"Loaded the nova_api schema into {params}")
+            return 0
+        cells = create_demo_cloud(params.connect_kwargs(), params.database, replace=args.replace)
     except (ValueError, pymysql.MySQLError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    what = "schema" if args.schema_only else "schema and demo data"
-    print(f"Loaded the nova_api {what} into {params}")
+    print(f"Loaded the demo cloud: nova_api into {params}, cells " +
+          ", ".join(f"{cell} into {database}" for cell, database in cells.items()))
     return 0
