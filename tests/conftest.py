@@ -16,6 +16,8 @@ import pymysql
 import pytest
 
 from dbtools import (
+    DemoCloud,
+    copy_database,
     copy_rows,
     create_secret_account,
     db_params,
@@ -25,9 +27,16 @@ from dbtools import (
     tables_with_rows,
 )
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.demo import create_nova_api_database, drop_database
+from nova_flavor_sync.demo import (
+    DEMO_CELLS,
+    cell_database_name,
+    create_demo_cloud,
+    create_nova_api_database,
+    drop_database,
+    point_cell_mappings,
+)
 
-_DB_FIXTURES = {"server_kwargs", "nova_db", "demo_db", "other_demo_db", "secret_account"}
+_DB_FIXTURES = {"server_kwargs", "nova_db", "demo_db", "other_demo_db", "secret_account", "demo_cloud"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -103,3 +112,31 @@ def secret_account(demo_db: DbParams) -> Iterator[tuple[str, str]]:
         yield user, url
     finally:
         drop_account(demo_db, user)
+
+
+@pytest.fixture(scope="session")
+def _cloud_template(server_kwargs: dict[str, Any]) -> Iterator[str]:
+    """The whole demo cloud, loaded once by the loader itself: the template API database's name."""
+    name = new_database_name()
+    create_demo_cloud(server_kwargs, name)
+    try:
+        yield name
+    finally:
+        for database in [name, *(cell_database_name(name, cell) for cell in DEMO_CELLS)]:
+            drop_database(server_kwargs, database)
+
+
+@pytest.fixture
+def demo_cloud(server_kwargs: dict[str, Any], _cloud_template: str) -> Iterator[DemoCloud]:
+    """A fresh copy of the whole demo cloud: nova_api, and cell0-2 next to it, mapped to each other."""
+    name = new_database_name()
+    cells = {cell: cell_database_name(name, cell) for cell in DEMO_CELLS}
+    try:
+        copy_database(server_kwargs, _cloud_template, name)
+        for cell, database in cells.items():
+            copy_database(server_kwargs, cell_database_name(_cloud_template, cell), database)
+        point_cell_mappings(server_kwargs, name, cells)
+        yield DemoCloud(db_params(server_kwargs, name), {c: db_params(server_kwargs, d) for c, d in cells.items()})
+    finally:
+        for database in [name, *cells.values()]:
+            drop_database(server_kwargs, database)

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -102,6 +103,25 @@ def copy_rows(server_kwargs: dict[str, Any], source: str, target: str, tables: l
         for name in tables:
             cur.execute(f"INSERT INTO `{target}`.`{name}` SELECT * FROM `{source}`.`{name}`")
         conn.commit()
+
+
+def copy_database(server_kwargs: dict[str, Any], source: str, target: str) -> None:
+    """A new database ``target`` with every table of ``source`` (CREATE TABLE ... LIKE) and its rows."""
+    with connect(db_params(server_kwargs, source)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (source,))
+        tables = [name for (name,) in cur.fetchall()]
+        cur.execute(f"CREATE DATABASE `{target}` CHARACTER SET utf8mb3 COLLATE utf8mb3_general_ci")
+        for name in tables:
+            cur.execute(f"CREATE TABLE `{target}`.`{name}` LIKE `{source}`.`{name}`")
+    copy_rows(server_kwargs, source, target, tables_with_rows(server_kwargs, source))
+
+
+@dataclass(frozen=True)
+class DemoCloud:
+    """The demo cloud of one test: its nova_api database and its cells' ({cell name: database})."""
+
+    api: DbParams
+    cells: dict[str, DbParams]
 
 
 def threads_running(params: DbParams) -> int:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 import pymysql
 from pymysql.constants import ER
@@ -24,11 +24,17 @@ from nova_flavor_sync.throttle import ReplicaLag, ServerLoad
 log = logging.getLogger(__name__)
 
 # What the tool reads and writes; anything missing means this is not a nova_api database.
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+API_REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "request_specs": ("id", "instance_uuid", "spec", "created_at", "updated_at"),
     "flavors": ("id", "flavorid", "name"),
     "flavor_extra_specs": ("flavor_id", "key", "value"),
-    "instance_mappings": ("instance_uuid", "queued_for_delete"),
+    "instance_mappings": ("instance_uuid", "cell_id", "queued_for_delete"),
+    "cell_mappings": ("id", "uuid", "name", "database_connection", "disabled"),
+}
+# ... in a cell database (cell0 and every other cell have the same schema).
+CELL_REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "instances": ("uuid", "vm_state", "task_state", "deleted", "instance_type_id"),
+    "instance_extra": ("id", "instance_uuid", "flavor", "updated_at", "deleted"),
 }
 
 # Errors after which the same batch can simply be tried again.
@@ -74,8 +80,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
 
 
-class NovaApiDb:
-    """A connection to one nova_api database, re-opened after a lost connection."""
+class NovaDb:
+    """A connection to one Nova database, re-opened after a lost connection.
+
+    A subclass says which database it is: its kind (for messages) and the tables and
+    columns it must have (``check_schema``).
+    """
+
+    KIND = "Nova"
+    REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {}
 
     def __init__(
         self, params: DbParams, *, connect_timeout: int = 10, lock_wait_timeout: int = LOCK_WAIT_TIMEOUT_S
@@ -89,7 +102,7 @@ class NovaApiDb:
 
     # -- connecting ---------------------------------------------------------------------
 
-    def open(self) -> NovaApiDb:
+    def open(self) -> Self:
         """Connect, or raise DatabaseUnavailableError with a message free of secrets."""
         self.close()
         try:
@@ -129,7 +142,7 @@ class NovaApiDb:
         except DatabaseUnavailableError as exc:
             log.warning("Reconnecting failed: %s", exc)
 
-    def __enter__(self) -> NovaApiDb:
+    def __enter__(self) -> Self:
         return self.open() if self._conn is None else self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -150,13 +163,13 @@ class NovaApiDb:
             cur.execute(
                 "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
                 "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN %s",
-                (tuple(REQUIRED_COLUMNS),),
+                (tuple(self.REQUIRED_COLUMNS),),
             )
             present = {(t.lower(), c.lower()) for t, c in cur.fetchall()}
-        missing_tables = [t for t in REQUIRED_COLUMNS if not any(p[0] == t for p in present)]
+        missing_tables = [t for t in self.REQUIRED_COLUMNS if not any(p[0] == t for p in present)]
         missing_columns = [
             f"{t}.{c}"
-            for t, cols in REQUIRED_COLUMNS.items()
+            for t, cols in self.REQUIRED_COLUMNS.items()
             if t not in missing_tables
             for c in cols
             if (t, c) not in present
@@ -164,7 +177,7 @@ class NovaApiDb:
         if missing_tables or missing_columns:
             what = [f"table {t}" for t in missing_tables] + [f"column {c}" for c in missing_columns]
             raise SchemaError(
-                f"{self.params.database} is not a nova_api database this tool can use: "
+                f"{self.params.database} is not a {self.KIND} database this tool can use: "
                 f"missing {', '.join(what)}"
             )
 
@@ -231,7 +244,26 @@ class NovaApiDb:
             recv_queue=_int_or_none(status.get("wsrep_local_recv_queue")),
         )
 
+    def _scalar(self, sql: str, column: int = 0) -> Any:
+        with self.conn.cursor() as cur:
+            cur.execute(sql)
+            row = cur.fetchone()
+            return row[column] if row else None
+
+
+class NovaApiDb(NovaDb):
+    """The nova_api database: flavors, request_specs (the RequestSpec copies), cell mappings."""
+
+    KIND = "nova_api"
+    REQUIRED_COLUMNS = API_REQUIRED_COLUMNS
+
     # -- reading ------------------------------------------------------------------------
+
+    def cell_mappings(self) -> list[tuple[str, str | None, str, bool]]:
+        """Every cell_mappings row as ``(uuid, name, database_connection, disabled)``, by id."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT uuid, name, database_connection, disabled FROM cell_mappings ORDER BY id")
+            return [(uuid, name, url or "", bool(disabled)) for uuid, name, url, disabled in cur.fetchall()]
 
     def load_flavors(self) -> dict[int, Flavor]:
         """Every flavor with its extra specs, read once per run."""
@@ -376,13 +408,26 @@ class NovaApiDb:
         if chunk:
             yield chunk
 
-    # -- helpers ------------------------------------------------------------------------
 
-    def _scalar(self, sql: str, column: int = 0) -> Any:
+class NovaCellDb(NovaDb):
+    """A cell database: its instances, and each one's own flavor copy (instance_extra.flavor)."""
+
+    KIND = "Nova cell"
+    REQUIRED_COLUMNS = CELL_REQUIRED_COLUMNS
+
+    def instance_counts(self) -> dict[str, int]:
+        """How many instances the cell holds: ``total``, ``deleted`` (soft-deleted), ``busy``.
+
+        Busy: in the middle of an operation (``vm_state`` resized or a ``task_state`` set),
+        the instances whose copies are left alone.
+        """
         with self.conn.cursor() as cur:
-            cur.execute(sql)
-            row = cur.fetchone()
-            return row[column] if row else None
+            cur.execute(
+                "SELECT COUNT(*), COALESCE(SUM(deleted != 0), 0), "
+                "COALESCE(SUM(deleted = 0 AND (vm_state = 'resized' OR task_state IS NOT NULL)), 0) FROM instances"
+            )
+            total, deleted, busy = cur.fetchone()
+        return {"total": int(total), "deleted": int(deleted), "busy": int(busy)}
 
 
 class ReplicaDb:

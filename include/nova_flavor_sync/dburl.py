@@ -405,6 +405,30 @@ def _unknown_variable(name: str, template: str, subs: Mapping[str, Any]) -> str:
 def read_nova_conf(path: str) -> DbParams:
     """DbParams from ``[api_database] connection`` of the nova.conf at ``path``."""
     where = f"{path} [api_database] connection"
+    cp = _read_nova_conf(path)
+    if not cp.has_section("api_database"):
+        hint = " ([database] connection is the cell database, not nova_api)"
+        hint = hint if cp.has_section("database") else ""
+        raise ConfigError(f"nova.conf {path}: no [api_database] section{hint}")
+    if not cp.has_option("api_database", "connection"):
+        raise ConfigError(f"nova.conf {path}: [api_database] has no connection option")
+    value = _option_value(cp.get("api_database", "connection"))
+    if not value:
+        raise ConfigError(f"nova.conf {path}: [api_database] connection is empty")
+    return parse_db_url(value, source=where)
+
+
+def read_nova_conf_cell_url(path: str) -> str | None:
+    """``[database] connection`` of the nova.conf at ``path`` (None if unset): what Nova fills
+    a cell's ``database_connection`` template from (``format_cell_db_url``)."""
+    cp = _read_nova_conf(path)
+    if not cp.has_option("database", "connection"):
+        return None
+    return _option_value(cp.get("database", "connection")) or None
+
+
+def _read_nova_conf(path: str) -> configparser.ConfigParser:
+    """The nova.conf at ``path``, parsed as oslo.config reads it, or ConfigError saying why not."""
     problem = text = None
     try:
         with open(path, encoding="utf-8") as f:
@@ -433,18 +457,14 @@ def read_nova_conf(path: str) -> DbParams:
         problem = f"cannot parse ({type(e).__name__})"
     if problem:
         raise ConfigError(f"nova.conf {path}: {problem}")
-    if not cp.has_section("api_database"):
-        hint = " ([database] connection is the cell database, not nova_api)"
-        hint = hint if cp.has_section("database") else ""
-        raise ConfigError(f"nova.conf {path}: no [api_database] section{hint}")
-    if not cp.has_option("api_database", "connection"):
-        raise ConfigError(f"nova.conf {path}: [api_database] has no connection option")
-    value = cp.get("api_database", "connection").strip()
+    return cp
+
+
+def _option_value(raw: str) -> str:
+    value = raw.strip()
     if len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
         value = value[1:-1]  # oslo.config drops one pair of surrounding quotes
-    if not value:
-        raise ConfigError(f"nova.conf {path}: [api_database] connection is empty")
-    return parse_db_url(value, source=where)
+    return value
 
 
 def resolve_db_params(

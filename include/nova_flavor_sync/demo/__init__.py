@@ -163,7 +163,7 @@ def point_cell_mappings(connect_kwargs: dict[str, Any], api_name: str, cells: di
                     raise ValueError(f"cell_mappings has cell {cell!r}, which is not one of {sorted(cells)}")
                 database = check_database_name(cells[cell])
                 if "{" in url:
-                    new_url = re.sub(r"/nova_cell\d+\?", f"/{database}?", url)
+                    new_url = re.sub(r"/\w+(?=\?|$)", f"/{database}", url)  # the path: the database
                 else:
                     new_url = f"mysql+pymysql://{auth}@{where}/{database}?charset=utf8"
                 cursor.execute("UPDATE cell_mappings SET database_connection = %s WHERE id = %s", (new_url, row_id))

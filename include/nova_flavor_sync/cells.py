@@ -1,0 +1,142 @@
+"""Nova's cells: which cell databases there are, where each one is, and opening them all.
+
+``nova_api.cell_mappings`` lists the cells. A cell's ``database_connection`` may be a
+template that Nova fills from ``[database] connection`` (``dburl.format_cell_db_url``); the
+operator may also give a cell's URL directly (``--cell-db-url NAME_OR_UUID=URL``), which
+wins. cell0 holds the instances that never scheduled: it is opened and counted, never
+written. Every cell is opened and its schema checked before anything is written, so a cell
+that cannot be reached, or is no Nova cell database, stops the run up front, named.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from nova_flavor_sync.db import NovaApiDb, NovaCellDb
+from nova_flavor_sync.dburl import DbParams, cell_db_params, parse_db_url, redact_url
+from nova_flavor_sync.errors import ConfigError, NovaFlavorSyncError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Nova's CellMapping.CELL0_UUID: the cell of instances that failed to schedule.
+CELL0_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+@dataclass(frozen=True, slots=True)
+class CellMapping:
+    """A row of ``cell_mappings``; ``database_connection`` may hold a password: never log it as is."""
+
+    uuid: str
+    name: str | None
+    database_connection: str
+    disabled: bool = False
+
+    @property
+    def is_cell0(self) -> bool:
+        return self.uuid == CELL0_UUID
+
+    @property
+    def label(self) -> str:
+        """How messages name the cell: ``cell1 (835ce9b0-...)``."""
+        return f"{self.name} ({self.uuid})" if self.name else self.uuid
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """A cell and where its database is (``source`` says where that came from)."""
+
+    mapping: CellMapping
+    params: DbParams
+    source: str
+
+
+def read_cell_mappings(api: NovaApiDb) -> list[CellMapping]:
+    """The cells nova_api knows, in the order Nova made them."""
+    return [CellMapping(uuid, name, url, disabled) for uuid, name, url, disabled in api.cell_mappings()]
+
+
+def parse_cell_urls(values: Iterable[str]) -> dict[str, str]:
+    """``--cell-db-url NAME_OR_UUID=URL`` values as ``{name or uuid: URL}``; UsageError if malformed."""
+    urls: dict[str, str] = {}
+    for value in values:
+        which, sep, url = value.partition("=")
+        which, url = which.strip(), url.strip()
+        if not sep or not which or not url or "://" in which:
+            raise UsageError(
+                f"--cell-db-url {redact_url(value)!r} must be CELL=URL, the cell by name or uuid, "
+                "e.g. cell1=mysql+pymysql://nova:***@db1/nova_cell1"
+            )
+        if which in urls:
+            raise UsageError(f"--cell-db-url names cell {which!r} twice")
+        urls[which] = url
+    return urls
+
+
+def locate_cells(
+    mappings: Sequence[CellMapping], *, template_url: str | None = None, cell_urls: Mapping[str, str] | None = None
+) -> list[Cell]:
+    """Where each cell's database is: the operator's URL for it, else its mapping as Nova fills it.
+
+    ``template_url`` is ``[database] connection``, which Nova fills templates from.
+    Raises UsageError for a ``cell_urls`` key that names no cell, or several, and
+    ConfigError, naming the cell, for a mapping that gives no usable URL.
+    """
+    if not mappings:
+        raise ConfigError("nova_api has no cell_mappings: Nova has no cells here (nova-manage cell_v2 list_cells)")
+    chosen: dict[str, str] = {}  # cell uuid -> the operator's URL
+    for which, url in (cell_urls or {}).items():
+        matches = [m for m in mappings if which in (m.uuid, m.name)]
+        if not matches:
+            known = ", ".join(m.label for m in mappings)
+            raise UsageError(f"--cell-db-url {which}=...: no cell has that name or uuid (cells: {known})")
+        if len(matches) > 1:
+            raise UsageError(f"--cell-db-url {which}=...: several cells have that name: give its uuid")
+        chosen[matches[0].uuid] = url
+    cells = []
+    for mapping in mappings:
+        if mapping.uuid in chosen:
+            source = f"--cell-db-url for cell {mapping.label}"
+            cells.append(Cell(mapping, parse_db_url(chosen[mapping.uuid], source=source), source))
+            continue
+        source = f"cell {mapping.label} database_connection"
+        if "{" in mapping.database_connection and template_url is None:
+            raise ConfigError(
+                f"{source} is a template ({redact_url(mapping.database_connection)}) that Nova fills from "
+                f"[database] connection: give --nova-conf, or --cell-db-url {mapping.name or mapping.uuid}=URL"
+            )
+        params = cell_db_params(mapping.database_connection, template_url, source=source)
+        filled = "{" in mapping.database_connection
+        cells.append(Cell(mapping, params, f"{source} filled from [database] connection" if filled else source))
+    return cells
+
+
+@contextmanager
+def open_cells(cells: Sequence[Cell]) -> Iterator[dict[str, NovaCellDb]]:
+    """Every cell's database, opened and checked (``{cell uuid: NovaCellDb}``), closed at the end.
+
+    All or nothing: a cell that cannot be reached or is no Nova cell database raises (its
+    message names the cell) after the ones already opened are closed, before anything is
+    written anywhere.
+    """
+    opened: dict[str, NovaCellDb] = {}
+    try:
+        for cell in cells:
+            db = NovaCellDb(cell.params)
+            try:
+                db.open()
+                db.check_schema()
+            except NovaFlavorSyncError as exc:  # DatabaseUnavailableError, SchemaError: exit 4
+                db.close()
+                raise type(exc)(f"cell {cell.mapping.label}: {exc}") from None
+            except BaseException:
+                db.close()
+                raise
+            opened[cell.mapping.uuid] = db
+            log.info("Cell %s: %s (%s)", cell.mapping.label, cell.params.safe_url(), cell.source)
+        yield opened
+    finally:
+        for db in opened.values():
+            db.close()
