@@ -132,7 +132,7 @@ def ensure_running(airflow: Airflow, *, timeout: float) -> str:
 def summary_lines(plan: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
     """The dry run's summary, as ``make_plan`` logged it (from its XCom)."""
     s = {key: "?" for key in ("rows_read", "to_update", "in_sync", "held_back_only", "orphans",
-                               "queued_for_delete", "errors", "digest")} | plan["summary"]
+                               "left_alone", "errors", "digest")} | plan["summary"]
 
     def counts(values: dict[str, int]) -> str:
         return ", ".join(f"{name}={count}" for name, count in values.items())
@@ -140,7 +140,7 @@ def summary_lines(plan: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
     lines = [
         f"Read {s['rows_read']} request specs: {s['to_update']} to update, {s['in_sync']} in sync, "
         f"{s['held_back_only']} with only risky changes (held back), {s['orphans']} orphans, "
-        f"{s['queued_for_delete']} queued for delete, {s['errors']} errors"
+        f"{s['left_alone']} left alone, {s['errors']} errors"
     ]
     for title, key in (
         ("To update by flavor", "by_flavor"),

@@ -19,6 +19,7 @@ from pymysql.constants import ER
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import ConfigError, DatabaseUnavailableError, NovaFlavorSyncError, SchemaError
 from nova_flavor_sync.plan import Flavor, SpecRow
+from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC, CopyLayout
 from nova_flavor_sync.throttle import ReplicaLag, ServerLoad
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,20 @@ CELL_REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "instances": ("uuid", "vm_state", "task_state", "deleted", "instance_type_id"),
     "instance_extra": ("id", "instance_uuid", "flavor", "updated_at", "deleted"),
 }
+
+
+
+@dataclass(frozen=True, slots=True)
+class CopyTable:
+    """Where one kind of flavor copy is kept: its table, the JSON column, and the JSON's layout."""
+
+    table: str
+    column: str
+    layout: CopyLayout
+
+
+REQUEST_SPECS = CopyTable("request_specs", "spec", REQUEST_SPEC)  # in nova_api
+INSTANCE_EXTRA = CopyTable("instance_extra", "flavor", INSTANCE_FLAVOR)  # in each cell database
 
 # Errors after which the same batch can simply be tried again.
 RETRYABLE_ERRORS = {
@@ -89,6 +104,7 @@ class NovaDb:
 
     KIND = "Nova"
     REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {}
+    COPY: CopyTable  # the table of flavor copies this database holds
 
     def __init__(
         self, params: DbParams, *, connect_timeout: int = 10, lock_wait_timeout: int = LOCK_WAIT_TIMEOUT_S
@@ -244,6 +260,82 @@ class NovaDb:
             recv_queue=_int_or_none(status.get("wsrep_local_recv_queue")),
         )
 
+    # -- the flavor copies: read and compare-and-swap -----------------------------------
+
+    def read_specs(
+        self, ids: Sequence[int], *, with_updated_at: bool = True
+    ) -> dict[int, tuple[str, str, datetime | None]]:
+        """Current ``(instance_uuid, text, updated_at)`` of the given rows of COPY; gone rows are absent.
+
+        Without ``with_updated_at`` it is not read (None): PyMySQL's datetime parsing is a
+        noticeable part of re-reading a batch.
+        """
+        if not ids:
+            return {}
+        column = "updated_at" if with_updated_at else "NULL"
+        with self.conn.cursor() as cur:
+            cur.execute(
+                f"SELECT id, instance_uuid, {self.COPY.column}, {column} FROM {self.COPY.table} WHERE id IN %s",
+                (tuple(ids),),
+            )
+            return {row_id: (uuid, spec, updated_at) for row_id, uuid, spec, updated_at in cur.fetchall()}
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write_specs(self, writes: Sequence[SpecWrite]) -> set[int]:
+        """Compare-and-swap the rows of COPY in one transaction; return the ids that were written.
+
+        A row is written only if its text still hashes to ``expected_sha256``, so nothing
+        Nova wrote after we read is ever overwritten. One multi-row UPDATE per chunk; the
+        rows are re-read only when the affected-row count says some lost the compare.
+        """
+        if not writes:
+            return set()
+        now = utcnow()
+        written: set[int] = set()
+        conn = self.conn
+        conn.begin()
+        try:
+            with conn.cursor() as cur:
+                for chunk in self._chunks(writes):
+                    affected = cur.execute(*_cas_update(self.COPY, chunk, now))
+                    if affected == len(chunk):
+                        written.update(w.id for w in chunk)
+                        continue
+                    cur.execute(
+                        f"SELECT id, SHA2({self.COPY.column}, 256) FROM {self.COPY.table} WHERE id IN %s",
+                        (tuple(w.id for w in chunk),),
+                    )
+                    now_there = dict(cur.fetchall())
+                    written.update(w.id for w in chunk if now_there.get(w.id) == w.new_sha256)
+            conn.commit()
+        except BaseException:
+            _rollback_quietly(conn)
+            raise
+        return written
+
+    def fits_in_one_statement(self, spec: str) -> bool:
+        """Whether a spec this long can be sent at all under the server's max_allowed_packet."""
+        return _statement_cost(spec) <= self._statement_budget()
+
+    def _statement_budget(self) -> int:
+        return max(self._max_packet // 2 - PACKET_HEADROOM, 1)
+
+    def _chunks(self, writes: Sequence[SpecWrite]) -> Iterator[Sequence[SpecWrite]]:
+        """Split writes so no statement exceeds the server's max_allowed_packet."""
+        budget = self._statement_budget()
+        chunk: list[SpecWrite] = []
+        size = 0
+        for write in writes:
+            cost = _statement_cost(write.new_spec)
+            if chunk and size + cost > budget:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(write)
+            size += cost
+        if chunk:
+            yield chunk
+
     def _scalar(self, sql: str, column: int = 0) -> Any:
         with self.conn.cursor() as cur:
             cur.execute(sql)
@@ -256,6 +348,7 @@ class NovaApiDb(NovaDb):
 
     KIND = "nova_api"
     REQUIRED_COLUMNS = API_REQUIRED_COLUMNS
+    COPY = REQUEST_SPECS
 
     # -- reading ------------------------------------------------------------------------
 
@@ -311,7 +404,8 @@ class NovaApiDb(NovaDb):
                 cur.execute(sql, (last_id, *extra, page_size))
                 page = cur.fetchall()
             for row_id, uuid, spec, *updated_at in page:
-                yield SpecRow(row_id, uuid, spec, updated_at[0] if updated_at else None, uuid in queued)
+                yield SpecRow(row_id, uuid, spec, updated_at[0] if updated_at else None,
+                              "instance is queued for delete" if uuid in queued else "")
             if len(page) < page_size:
                 return
             last_id = page[-1][0]
@@ -334,86 +428,12 @@ class NovaApiDb(NovaDb):
         """How many request_specs rows there are (for progress; one index scan)."""
         return int(self._scalar("SELECT COUNT(*) FROM request_specs"))
 
-    def read_specs(
-        self, ids: Sequence[int], *, with_updated_at: bool = True
-    ) -> dict[int, tuple[str, str, datetime | None]]:
-        """Current ``(instance_uuid, spec, updated_at)`` of the given rows; gone rows are absent.
-
-        Without ``with_updated_at`` it is not read (None): PyMySQL's datetime parsing is a
-        noticeable part of re-reading a batch.
-        """
-        if not ids:
-            return {}
-        column = "updated_at" if with_updated_at else "NULL"
-        with self.conn.cursor() as cur:
-            cur.execute(
-                f"SELECT id, instance_uuid, spec, {column} FROM request_specs WHERE id IN %s",
-                (tuple(ids),),
-            )
-            return {row_id: (uuid, spec, updated_at) for row_id, uuid, spec, updated_at in cur.fetchall()}
-
-    # -- writing ------------------------------------------------------------------------
-
-    def write_specs(self, writes: Sequence[SpecWrite]) -> set[int]:
-        """Compare-and-swap the rows in one transaction; return the ids that were written.
-
-        A row is written only if its spec still hashes to ``expected_sha256``, so nothing
-        Nova wrote after we read is ever overwritten. One multi-row UPDATE per chunk; the
-        rows are re-read only when the affected-row count says some lost the compare.
-        """
-        if not writes:
-            return set()
-        now = utcnow()
-        written: set[int] = set()
-        conn = self.conn
-        conn.begin()
-        try:
-            with conn.cursor() as cur:
-                for chunk in self._chunks(writes):
-                    affected = cur.execute(*_cas_update(chunk, now))
-                    if affected == len(chunk):
-                        written.update(w.id for w in chunk)
-                        continue
-                    cur.execute(
-                        "SELECT id, SHA2(spec, 256) FROM request_specs WHERE id IN %s",
-                        (tuple(w.id for w in chunk),),
-                    )
-                    now_there = dict(cur.fetchall())
-                    written.update(w.id for w in chunk if now_there.get(w.id) == w.new_sha256)
-            conn.commit()
-        except BaseException:
-            _rollback_quietly(conn)
-            raise
-        return written
-
-    def fits_in_one_statement(self, spec: str) -> bool:
-        """Whether a spec this long can be sent at all under the server's max_allowed_packet."""
-        return _statement_cost(spec) <= self._statement_budget()
-
-    def _statement_budget(self) -> int:
-        return max(self._max_packet // 2 - PACKET_HEADROOM, 1)
-
-    def _chunks(self, writes: Sequence[SpecWrite]) -> Iterator[Sequence[SpecWrite]]:
-        """Split writes so no statement exceeds the server's max_allowed_packet."""
-        budget = self._statement_budget()
-        chunk: list[SpecWrite] = []
-        size = 0
-        for write in writes:
-            cost = _statement_cost(write.new_spec)
-            if chunk and size + cost > budget:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(write)
-            size += cost
-        if chunk:
-            yield chunk
-
-
 class NovaCellDb(NovaDb):
     """A cell database: its instances, and each one's own flavor copy (instance_extra.flavor)."""
 
     KIND = "Nova cell"
     REQUIRED_COLUMNS = CELL_REQUIRED_COLUMNS
+    COPY = INSTANCE_EXTRA
 
     def instance_counts(self) -> dict[str, int]:
         """How many instances the cell holds: ``total``, ``deleted`` (soft-deleted), ``busy``.
@@ -553,17 +573,19 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _cas_update(writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[Any]]:
+def _cas_update(copy: CopyTable, writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[Any]]:
     """One UPDATE for many rows, each guarded by the hash of the bytes it was planned from.
 
     SHA2 compares bytes; ``spec = %s`` would compare with the table's case-insensitive,
-    pad-space collation and could match text that is not what we read.
+    pad-space collation and could match text that is not what we read. ``updated_at`` is
+    set as Nova's ORM sets it on both tables.
     """
+    table, column = copy.table, copy.column
     whens = " ".join("WHEN %s THEN %s" for _ in writes)
     sql = (
-        f"UPDATE request_specs SET spec = CASE id {whens} END, updated_at = %s "
+        f"UPDATE {table} SET {column} = CASE id {whens} END, updated_at = %s "
         f"WHERE id IN ({', '.join('%s' for _ in writes)}) "
-        f"AND SHA2(spec, 256) = CASE id {whens} END"
+        f"AND SHA2({column}, 256) = CASE id {whens} END"
     )
     params: list[Any] = [v for w in writes for v in (w.id, w.new_spec)]
     params.append(now)

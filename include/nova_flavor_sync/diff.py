@@ -78,7 +78,7 @@ def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:
         plan.rows_read += part.rows_read
         plan.in_sync += part.in_sync
         plan.out_of_scope += part.out_of_scope
-        for kind in ("held_back", "orphans", "errors", "queued_for_delete"):
+        for kind in ("held_back", "orphans", "errors", "left_alone"):
             getattr(plan, kind).extend(getattr(part, kind))
         for change in part.changes:
             plan.changes.append(change)
@@ -117,8 +117,8 @@ class RowPlanner:
         scope = self.scope
         if scope.instance_uuids is not None and row.instance_uuid not in scope.instance_uuids:
             return OUT_OF_SCOPE
-        if row.queued_for_delete:
-            return "queued_for_delete", RowNote(row.id, row.instance_uuid, "instance is queued for delete")
+        if row.left_alone:
+            return "left_alone", RowNote(row.id, row.instance_uuid, row.left_alone)
         spec = row.spec
         at = find_flavor_start(spec)
         found = self._recognise(spec, at) if at >= 0 else None

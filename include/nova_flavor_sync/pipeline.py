@@ -340,7 +340,7 @@ def approval_body(plan: Plan) -> str:
         f"| held back (risky keys only) | {len(plan.held_back)} |",
         f"| orphans (flavor deleted or re-created) | {len(plan.orphans)} |",
         f"| unreadable rows | {len(plan.errors)} |",
-        f"| queued for delete | {len(plan.queued_for_delete)} |",
+        f"| left alone (instance busy, deleted or queued for delete) | {len(plan.left_alone)} |",
     ]
     for title, counts in (
         ("To update by flavor", summary["by_flavor"]),

@@ -43,13 +43,18 @@ class Flavor:
 
 @dataclass(frozen=True, slots=True)
 class SpecRow:
-    """A row of ``request_specs``, with its instance mapping's queued_for_delete."""
+    """A row holding a flavor copy (``request_specs`` or ``instance_extra``), as read.
+
+    ``spec`` is the JSON text of the copy's column. ``left_alone`` says why the row must not
+    be written whatever its copy says (its instance is queued for delete, deleted, or in the
+    middle of a resize or migration); empty for a row the planner may judge.
+    """
 
     id: int
     instance_uuid: str
     spec: str
     updated_at: datetime | None = None
-    queued_for_delete: bool = False
+    left_alone: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +96,7 @@ class RowChange:
 
 @dataclass(frozen=True, slots=True)
 class RowNote:
-    """A row this run does not touch, and why (held back, orphan, error, queued for delete)."""
+    """A row this run does not touch, and why (held back, orphan, error, left alone)."""
 
     id: int
     instance_uuid: str
@@ -258,7 +263,7 @@ class Plan:
     held_back: list[RowNote] = field(default_factory=list)  # drift only in risky keys
     orphans: list[RowNote] = field(default_factory=list)  # flavor deleted or re-created
     errors: list[RowNote] = field(default_factory=list)  # unreadable rows
-    queued_for_delete: list[RowNote] = field(default_factory=list)
+    left_alone: list[RowNote] = field(default_factory=list)  # its instance is busy, deleted, queued for delete
     rows_read: int = 0
     in_sync: int = 0
     out_of_scope: int = 0  # rows outside --flavor / --instance
@@ -295,7 +300,8 @@ class Plan:
             "held_back_only": len(self.held_back),
             "orphans": len(self.orphans),
             "errors": len(self.errors),
-            "queued_for_delete": len(self.queued_for_delete),
+            "left_alone": len(self.left_alone),
+            "left_alone_by_reason": dict(sorted(Counter(note.reason for note in self.left_alone).items())),
             "skipped": self.skipped,
             "by_flavor": dict(sorted(by_flavor.items())),
             "by_key": dict(sorted(by_key.items())),

@@ -48,7 +48,7 @@ def plan_lines(plan: Plan, *, verbose: bool) -> list[str]:
             )
     lines += _notes("Error", plan.errors, verbose=True)
     lines += _notes("Orphan", plan.orphans, verbose=verbose)
-    lines += _notes("Queued for delete", plan.queued_for_delete, verbose=verbose)
+    lines += _notes("Left alone", plan.left_alone, verbose=verbose)
     return lines
 
 
@@ -58,7 +58,7 @@ def summary_lines(plan: Plan) -> list[str]:
     lines = [
         f"Read {plan.rows_read} request specs: {len(plan.changes)} to update, {plan.in_sync} in sync, "
         f"{len(plan.held_back)} with only risky changes (held back), {len(plan.orphans)} orphans, "
-        f"{len(plan.queued_for_delete)} queued for delete, {len(plan.errors)} errors"
+        f"{len(plan.left_alone)} left alone, {len(plan.errors)} errors"
         + (f", {plan.out_of_scope} out of scope" if plan.out_of_scope else "")
     ]
     if summary["by_flavor"]:

@@ -109,8 +109,8 @@ def test_rows_carry_queued_for_delete_from_instance_mappings(demo_db):
         cur.execute("UPDATE instance_mappings SET queued_for_delete = (instance_uuid = %s) "
                     "WHERE instance_uuid IN (%s, %s)", (queued, queued, kept))
     with service.connect(demo_db) as db:
-        flags = {r.instance_uuid: r.queued_for_delete for r in db.iter_spec_rows(page_size=2)}
-    assert flags[queued] is True and flags[kept] is False
+        flags = {r.instance_uuid: r.left_alone for r in db.iter_spec_rows(page_size=2)}
+    assert flags[queued] == "instance is queued for delete" and flags[kept] == ""
 
 
 def test_flavors_are_loaded_with_their_extra_specs(demo_db):

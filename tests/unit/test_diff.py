@@ -107,10 +107,11 @@ def test_an_id_that_now_has_another_flavorid_makes_an_orphan():
     assert plan.changes == [] and "now has flavorid" in plan.orphans[0].reason
 
 
-def test_an_instance_queued_for_delete_is_skipped_and_reported():
+def test_a_row_to_leave_alone_is_skipped_and_reported_with_its_reason():
     wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
-    plan = make_plan(flavors(wanted), [row(queued_for_delete=True)], Scope())
-    assert plan.changes == [] and len(plan.queued_for_delete) == 1
+    plan = make_plan(flavors(wanted), [row(left_alone="instance is queued for delete")], Scope())
+    assert plan.changes == [] and [n.reason for n in plan.left_alone] == ["instance is queued for delete"]
+    assert plan.summary()["left_alone_by_reason"] == {"instance is queued for delete": 1}
 
 
 def test_a_malformed_row_is_an_error_entry_and_the_run_goes_on():
