@@ -15,10 +15,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 
-from nova_flavor_sync.db import NovaApiDb, SpecWrite, retryable_reason
+from nova_flavor_sync.db import NovaDb, SpecWrite, retryable_reason
 from nova_flavor_sync.errors import ApplyAbortedError
 from nova_flavor_sync.plan import Plan, RowChange
-from nova_flavor_sync.spec_json import SpecShapeError, dumps_extra_specs, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.spec_json import (
+    REQUEST_SPEC,
+    CopyLayout,
+    SpecShapeError,
+    dumps_extra_specs,
+    rewrite_extra_specs,
+    sha256_text,
+)
 from nova_flavor_sync.throttle import DEFAULT_BATCH_SIZE, Pacer, ServerBusyError
 
 log = logging.getLogger(__name__)
@@ -73,18 +80,18 @@ class ApplyResult:
         self.retries += other.retries
 
 
-def sync_targets(changes: Iterable[RowChange]) -> Iterator[RowTarget]:
+def sync_targets(changes: Iterable[RowChange], layout: CopyLayout = REQUEST_SPEC) -> Iterator[RowTarget]:
     """The writes a sync plan asks for, one by one: rebuild each row with its target extra specs."""
     writers: dict[int, Callable[[str], str]] = {}  # one per shared SpecDiff
     for change in changes:
         writer = writers.get(id(change.diff))
         if writer is None:
-            writer = writers[id(change.diff)] = _extra_specs_writer(dict(change.diff.target_extra_specs))
+            writer = writers[id(change.diff)] = _extra_specs_writer(dict(change.diff.target_extra_specs), layout)
         yield RowTarget(change.id, change.old_sha256, change.new_sha256, writer)
 
 
 def apply_plan(
-    db: NovaApiDb,
+    db: NovaDb,
     plan: Plan,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -93,7 +100,7 @@ def apply_plan(
     retry: RetryPolicy = RetryPolicy(),
     pacer: Pacer | None = None,
 ) -> ApplyResult:
-    """Write every change of the plan; rows in ``exclude_ids`` are reported as conflicts.
+    """Write every change of the plan into ``db``'s copies; rows in ``exclude_ids`` are reported as conflicts.
 
     The changes are streamed from the plan (which may have spooled them to a file).
     """
@@ -101,7 +108,8 @@ def apply_plan(
     skipped = sorted(c.id for c in plan.changes if c.id in excluded) if excluded else []
     changes = (c for c in plan.changes if c.id not in excluded)
     result = apply_batches(
-        db, sync_targets(changes), total=len(plan.changes) - len(skipped), batch_size=batch_size, pacer=pacer,
+        db, sync_targets(changes, db.COPY.layout), total=len(plan.changes) - len(skipped), batch_size=batch_size,
+        pacer=pacer,
         progress=progress, retry=retry,
     )
     result.conflicts = skipped + result.conflicts
@@ -109,7 +117,7 @@ def apply_plan(
 
 
 def apply_batches(
-    db: NovaApiDb,
+    db: NovaDb,
     targets: Iterable[RowTarget],
     *,
     total: int,
@@ -158,7 +166,7 @@ def apply_batches(
 
 
 def apply_batch(
-    db: NovaApiDb,
+    db: NovaDb,
     batch: Sequence[RowTarget],
     *,
     retry: RetryPolicy = RetryPolicy(),
@@ -202,7 +210,7 @@ class Prepared:
     writes: list[SpecWrite]
 
 
-def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget], prepared: Prepared | None = None) -> ApplyResult:
+def _try_batch(db: NovaDb, batch: Sequence[RowTarget], prepared: Prepared | None = None) -> ApplyResult:
     if prepared is None:
         prepared = _prepare(db, batch)
     outcome, writes = prepared.outcome, prepared.writes
@@ -212,7 +220,7 @@ def _try_batch(db: NovaApiDb, batch: Sequence[RowTarget], prepared: Prepared | N
     return outcome
 
 
-def _prepare(db: NovaApiDb, batch: Sequence[RowTarget]) -> Prepared:
+def _prepare(db: NovaDb, batch: Sequence[RowTarget]) -> Prepared:
     """Read the batch's rows and build the new texts of those still as planned (no write)."""
     outcome = ApplyResult()
     current = db.read_specs([t.id for t in batch], with_updated_at=False)
@@ -259,9 +267,9 @@ class _ReadAhead:
     again on the main connection, with its retries.
     """
 
-    def __init__(self, db: NovaApiDb) -> None:
+    def __init__(self, db: NovaDb) -> None:
         self._db = db
-        self._reader: NovaApiDb | None = None
+        self._reader: NovaDb | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
@@ -272,7 +280,7 @@ class _ReadAhead:
         if not batch:
             return
         if self._pool is None:
-            self._reader = NovaApiDb(self._db.params, lock_wait_timeout=self._db.lock_wait_timeout)
+            self._reader = type(self._db)(self._db.params, lock_wait_timeout=self._db.lock_wait_timeout)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-flavor-sync-read-ahead")
         self._pending = self._pool.submit(_prepare, self._reader, batch)
 
@@ -295,6 +303,6 @@ class _ReadAhead:
             self._reader.close()
 
 
-def _extra_specs_writer(target: dict[str, str]) -> Callable[[str], str]:
+def _extra_specs_writer(target: dict[str, str], layout: CopyLayout) -> Callable[[str], str]:
     new_specs_json = dumps_extra_specs(target)  # once for every row that gets this target
-    return lambda text: rewrite_extra_specs(text, new_specs_json=new_specs_json)
+    return lambda text: rewrite_extra_specs(text, new_specs_json=new_specs_json, layout=layout)

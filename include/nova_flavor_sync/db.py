@@ -19,7 +19,7 @@ from pymysql.constants import ER
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import ConfigError, DatabaseUnavailableError, NovaFlavorSyncError, SchemaError
 from nova_flavor_sync.plan import Flavor, SpecRow
-from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC, CopyLayout
+from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC, CopyLayout, SpecShapeError, instance_flavor_in_flux
 from nova_flavor_sync.throttle import ReplicaLag, ServerLoad
 
 log = logging.getLogger(__name__)
@@ -448,6 +448,63 @@ class NovaCellDb(NovaDb):
             )
             total, deleted, busy = cur.fetchone()
         return {"total": int(total), "deleted": int(deleted), "busy": int(busy)}
+
+    def iter_flavor_rows(
+        self,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        queued_for_delete: frozenset[str] = frozenset(),
+        with_updated_at: bool = False,
+    ) -> Iterator[SpecRow]:
+        """Yield instance_extra rows (the instances' own flavor copies) in id order, a keyset page at a time.
+
+        Each row says why it must be left alone, if it must (``instance_state_reason``):
+        ``queued_for_delete`` are the uuids nova_api's instance_mappings marks so.
+        """
+        updated = "e.updated_at" if with_updated_at else "NULL"
+        sql = (
+            f"SELECT e.id, e.instance_uuid, e.flavor, {updated}, e.deleted, i.uuid, i.deleted, i.vm_state, "
+            "i.task_state FROM instance_extra e LEFT JOIN instances i ON i.uuid = e.instance_uuid "
+            "WHERE e.id > %s ORDER BY e.id LIMIT %s"
+        )
+        last_id = 0
+        while True:
+            with self.conn.cursor() as cur:
+                cur.execute(sql, (last_id, page_size))
+                page = cur.fetchall()
+            for row_id, uuid, flavor, updated_at, extra_deleted, found, deleted, vm_state, task_state in page:
+                if found is None:
+                    reason = "instance row missing from its cell"
+                elif uuid in queued_for_delete:
+                    reason = "instance is queued for delete"
+                else:
+                    reason = instance_state_reason(bool(extra_deleted or deleted), vm_state, task_state, flavor)
+                yield SpecRow(row_id, uuid, flavor, updated_at, reason)
+            if len(page) < page_size:
+                return
+            last_id = page[-1][0]
+            del page
+
+
+def instance_state_reason(deleted: bool, vm_state: str | None, task_state: str | None, flavor: str | None) -> str:
+    """Why an instance's copies must be left alone now, or "" if they may be synced.
+
+    Nova itself reads and rewrites both copies while a resize or migration runs, so a copy
+    changed under it is overwritten or ends up mixing two flavors; a deleted instance's
+    copies are history.
+    """
+    if deleted:
+        return "instance is deleted"
+    if vm_state == "resized":
+        return "resize or migration waits for confirm or revert (vm_state resized)"
+    if task_state:
+        return f"an operation is under way (task_state {task_state})"
+    try:
+        if flavor is not None and instance_flavor_in_flux(flavor):
+            return "resize or migration under way (old or new flavor set)"
+    except SpecShapeError:
+        pass  # unreadable: the planner reports it as an error
+    return ""
 
 
 class ReplicaDb:

@@ -24,6 +24,8 @@ from nova_flavor_sync.plan import (
 )
 from nova_flavor_sync.policy import classify_key, is_risky
 from nova_flavor_sync.spec_json import (
+    REQUEST_SPEC,
+    CopyLayout,
     EmbeddedFlavor,
     FlavorText,
     SpecShapeError,
@@ -40,15 +42,21 @@ RowOutcome = RowChange | tuple[str, RowNote] | str
 
 
 def make_plan(
-    flavors: Mapping[int, Flavor], rows: Iterable[SpecRow], scope: Scope, *, spool_dir: str | None = None
+    flavors: Mapping[int, Flavor],
+    rows: Iterable[SpecRow],
+    scope: Scope,
+    *,
+    spool_dir: str | None = None,
+    layout: CopyLayout = REQUEST_SPEC,
 ) -> Plan:
     """Compare every row with its flavor; rows must come in ascending id order.
 
     ``spool_dir``: where a long list of changes is spooled, by name (plan workers; see ChangeList).
+    ``layout``: which kind of flavor copy the rows hold (RequestSpecs by default).
     """
     plan = Plan(scope=scope, changes=ChangeList(spool_dir=spool_dir))
     digest = PlanDigest(scope)
-    planner = RowPlanner(flavors, scope)
+    planner = RowPlanner(flavors, scope, layout)
     for row in rows:
         plan.rows_read += 1
         outcome = planner.plan_row(row)
@@ -104,9 +112,10 @@ class RowPlanner:
     WINDOW = 160
     MAX_KNOWN_COPIES = 10_000
 
-    def __init__(self, flavors: Mapping[int, Flavor], scope: Scope) -> None:
+    def __init__(self, flavors: Mapping[int, Flavor], scope: Scope, layout: CopyLayout = REQUEST_SPEC) -> None:
         self.flavors = flavors
         self.scope = scope
+        self.layout = layout
         self._flavors_by_flavorid = {f.flavorid: f for f in flavors.values()}
         self._diffs: dict[tuple[int, tuple[tuple[str, str], ...]], SpecDiff] = {}
         self._known: dict[str, list[tuple[FlavorText, _Verdict]]] = {}
@@ -119,12 +128,12 @@ class RowPlanner:
             return OUT_OF_SCOPE
         if row.left_alone:
             return "left_alone", RowNote(row.id, row.instance_uuid, row.left_alone)
-        spec = row.spec
-        at = find_flavor_start(spec)
+        spec, layout = row.spec, self.layout
+        at = find_flavor_start(spec, layout)
         found = self._recognise(spec, at) if at >= 0 else None
         if found is None:
             try:
-                copy = read_embedded_flavor(spec)
+                copy = read_embedded_flavor(spec, layout)
             except SpecShapeError as exc:
                 return "errors", RowNote(row.id, row.instance_uuid, str(exc))
             verdict = self._judge(copy)
@@ -138,7 +147,7 @@ class RowPlanner:
         # checks every row it rewrites), so a plan costs no parse for it.
         if flavor_text is None or not spec.isascii():
             try:
-                at, flavor_text = locate_flavor(spec)  # raises with the reason
+                at, flavor_text = locate_flavor(spec, layout)  # raises with the reason
             except SpecShapeError as exc:
                 return "errors", RowNote(row.id, row.instance_uuid, str(exc), verdict.label)
         assert verdict.diff is not None and verdict.new_specs_json is not None
@@ -153,7 +162,7 @@ class RowPlanner:
 
     def _remember(self, spec: str, at: int, copy: EmbeddedFlavor, verdict: _Verdict) -> FlavorText | None:
         try:
-            flavor_text = flavor_text_at(spec, at, expected=copy)
+            flavor_text = flavor_text_at(spec, at, expected=copy, layout=self.layout)
         except SpecShapeError:
             return None  # readable but not in Nova's format: every such row is parsed
         if self._known_count < self.MAX_KNOWN_COPIES:

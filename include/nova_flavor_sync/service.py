@@ -24,7 +24,7 @@ from nova_flavor_sync.backup import (
     load_backup,
     write_backup,
 )
-from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, ReplicaDb
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, ReplicaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
@@ -33,7 +33,7 @@ from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
 from nova_flavor_sync.plan_worker import plan_in_workers
 from nova_flavor_sync.restore import plan_restore
 from nova_flavor_sync.scope import Scope, build_scope
-from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text
+from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
 from nova_flavor_sync.throttle import Pacer, PaceSettings, ServerBusyError
 
@@ -108,6 +108,24 @@ def make_plan(
     if progress is not None:
         rows = _counted(rows, expected, page_size, progress)
     return diff_make_plan(flavors, rows, scope)
+
+
+def make_cell_plan(
+    cell: NovaCellDb,
+    scope: Scope,
+    *,
+    flavors: dict[int, Flavor],
+    queued_for_delete: frozenset[str] = frozenset(),
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> Plan:
+    """Plan the instances' own flavor copies (``cur`` in instance_extra.flavor) of one cell.
+
+    ``flavors`` come from nova_api (where flavors live); ``queued_for_delete`` from its
+    instance_mappings. Instances that are deleted or in the middle of a resize or
+    migration are left alone, with the reason (``db.instance_state_reason``).
+    """
+    rows = cell.iter_flavor_rows(page_size=page_size, queued_for_delete=queued_for_delete)
+    return diff_make_plan(flavors, rows, scope, layout=INSTANCE_FLAVOR)
 
 
 def _counted(rows: Iterable[SpecRow], expected: int, every: int, progress: Callable[[int, int], None]):
