@@ -15,14 +15,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from nova_flavor_sync.db import NovaApiDb, NovaCellDb
+from nova_flavor_sync.db import CELL0_UUID, NovaApiDb, NovaCellDb
 from nova_flavor_sync.dburl import DbParams, cell_db_params, parse_db_url, redact_url
 from nova_flavor_sync.errors import ConfigError, NovaFlavorSyncError, UsageError
 
 log = logging.getLogger(__name__)
-
-# Nova's CellMapping.CELL0_UUID: the cell of instances that failed to schedule.
-CELL0_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +108,23 @@ def locate_cells(
         filled = "{" in mapping.database_connection
         cells.append(Cell(mapping, params, f"{source} filled from [database] connection" if filled else source))
     return cells
+
+
+def instances_to_leave_alone(api: NovaApiDb, cells: Mapping[str, NovaCellDb]) -> dict[str, str]:
+    """Every instance whose copies (both) must not be written now, with the reason.
+
+    Queued for delete, in no cell (still being built, no mapping, cell0), and each cell's
+    deleted and busy instances. ``cells`` are the open cells by uuid (cell0's is skipped:
+    its instances are left alone as a whole).
+    """
+    reasons = dict.fromkeys(api.queued_for_delete(), "instance is queued for delete")
+    for uuid, reason in api.instances_without_a_cell().items():
+        reasons.setdefault(uuid, reason)
+    for cell_uuid, cell in cells.items():
+        if cell_uuid != CELL0_UUID:
+            for uuid, reason in cell.busy_instances().items():
+                reasons.setdefault(uuid, reason)
+    return reasons
 
 
 @contextmanager

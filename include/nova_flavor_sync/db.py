@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -51,6 +51,9 @@ class CopyTable:
 
 REQUEST_SPECS = CopyTable("request_specs", "spec", REQUEST_SPEC)  # in nova_api
 INSTANCE_EXTRA = CopyTable("instance_extra", "flavor", INSTANCE_FLAVOR)  # in each cell database
+
+# Nova's CellMapping.CELL0_UUID: the cell of instances that failed to schedule.
+CELL0_UUID = "00000000-0000-0000-0000-000000000000"
 
 # Errors after which the same batch can simply be tried again.
 RETRYABLE_ERRORS = {
@@ -376,13 +379,16 @@ class NovaApiDb(NovaDb):
         instance_uuids: Sequence[str] | None = None,
         with_updated_at: bool = False,
         id_range: tuple[int, int] | None = None,
+        left_alone: Mapping[str, str] | None = None,
     ) -> Iterator[SpecRow]:
         """Yield request_specs rows in id order, a keyset page at a time.
 
         ``id_range`` ``(first, last)`` limits the read to those ids (a plan worker's share).
-        Instances queued for delete are read once, up front, from instance_mappings: joining
-        that table in every page costs a random index lookup per row, which at a million
-        rows doubled the time of the read.
+        ``left_alone`` maps the uuids of instances whose copies must not be written to why
+        (``cells.instances_to_leave_alone``); by default, those instance_mappings marks as
+        queued for delete. Either is read once, up front: joining instance_mappings in
+        every page costs a random index lookup per row, which at a million rows doubled
+        the time of the read.
         """
         where = ""
         extra: tuple[Any, ...] = ()
@@ -396,7 +402,8 @@ class NovaApiDb(NovaDb):
             last_id = id_range[0] - 1
             where += "AND id <= %s "
             extra += (id_range[1],)
-        queued = self.queued_for_delete()
+        if left_alone is None:
+            left_alone = dict.fromkeys(self.queued_for_delete(), "instance is queued for delete")
         columns = "id, instance_uuid, spec" + (", updated_at" if with_updated_at else "")
         sql = f"SELECT {columns} FROM request_specs WHERE id > %s {where}ORDER BY id LIMIT %s"
         while True:
@@ -404,8 +411,7 @@ class NovaApiDb(NovaDb):
                 cur.execute(sql, (last_id, *extra, page_size))
                 page = cur.fetchall()
             for row_id, uuid, spec, *updated_at in page:
-                yield SpecRow(row_id, uuid, spec, updated_at[0] if updated_at else None,
-                              "instance is queued for delete" if uuid in queued else "")
+                yield SpecRow(row_id, uuid, spec, updated_at[0] if updated_at else None, left_alone.get(uuid, ""))
             if len(page) < page_size:
                 return
             last_id = page[-1][0]
@@ -423,6 +429,28 @@ class NovaApiDb(NovaDb):
         with self.conn.cursor() as cur:
             cur.execute("SELECT instance_uuid FROM instance_mappings WHERE queued_for_delete = 1")
             return frozenset(uuid for (uuid,) in cur.fetchall())
+
+    def instances_without_a_cell(self) -> dict[str, str]:
+        """RequestSpecs' instances that are in no cell Nova could write them to, with the reason.
+
+        No instance_mappings row, or one without a cell (the instance is still being
+        built: Nova has a build_requests row for it), or in cell0 (it never scheduled).
+        """
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT r.instance_uuid, m.id, m.cell_id, c.uuid FROM request_specs r "
+                "LEFT JOIN instance_mappings m ON m.instance_uuid = r.instance_uuid "
+                "LEFT JOIN cell_mappings c ON c.id = m.cell_id "
+                "WHERE m.id IS NULL OR m.cell_id IS NULL OR c.uuid = %s",
+                (CELL0_UUID,),
+            )
+            rows = cur.fetchall()
+        return {
+            uuid: "instance has no instance mapping" if mapping is None
+            else "instance has no cell yet (still being built)" if cell_id is None
+            else "instance never scheduled (in cell0)"
+            for uuid, mapping, cell_id, _cell_uuid in rows
+        }
 
     def count_specs(self) -> int:
         """How many request_specs rows there are (for progress; one index scan)."""
@@ -449,18 +477,44 @@ class NovaCellDb(NovaDb):
             total, deleted, busy = cur.fetchone()
         return {"total": int(total), "deleted": int(deleted), "busy": int(busy)}
 
+    def busy_instances(self) -> dict[str, str]:
+        """The cell's instances whose copies must be left alone now, with the reason (few, normally).
+
+        Deleted, or in the middle of a resize or migration (``instance_state_reason``).
+        """
+        found: dict[str, str] = {}
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT uuid, deleted, vm_state, task_state FROM instances "
+                "WHERE deleted != 0 OR vm_state = 'resized' OR task_state IS NOT NULL"
+            )
+            for uuid, deleted, vm_state, task_state in cur.fetchall():
+                found[uuid] = instance_state_reason(bool(deleted), vm_state, task_state, None)
+            # old or new set: Nova writes '..., "old": null, "new": null}' when neither is
+            cur.execute(
+                "SELECT e.instance_uuid, e.flavor FROM instance_extra e "
+                "WHERE e.deleted = 0 AND e.flavor NOT LIKE %s",
+                ('%"old": null, "new": null}',),
+            )
+            for uuid, flavor in cur.fetchall():
+                reason = instance_state_reason(False, None, None, flavor)
+                if reason:
+                    found.setdefault(uuid, reason)
+        return found
+
     def iter_flavor_rows(
         self,
         *,
         page_size: int = DEFAULT_PAGE_SIZE,
-        queued_for_delete: frozenset[str] = frozenset(),
+        left_alone: Mapping[str, str] | None = None,
         with_updated_at: bool = False,
     ) -> Iterator[SpecRow]:
         """Yield instance_extra rows (the instances' own flavor copies) in id order, a keyset page at a time.
 
-        Each row says why it must be left alone, if it must (``instance_state_reason``):
-        ``queued_for_delete`` are the uuids nova_api's instance_mappings marks so.
+        Each row says why it must be left alone, if it must: the reason in ``left_alone``
+        (from nova_api, e.g. queued for delete), or its own state (``instance_state_reason``).
         """
+        left_alone = left_alone or {}
         updated = "e.updated_at" if with_updated_at else "NULL"
         sql = (
             f"SELECT e.id, e.instance_uuid, e.flavor, {updated}, e.deleted, i.uuid, i.deleted, i.vm_state, "
@@ -475,8 +529,8 @@ class NovaCellDb(NovaDb):
             for row_id, uuid, flavor, updated_at, extra_deleted, found, deleted, vm_state, task_state in page:
                 if found is None:
                     reason = "instance row missing from its cell"
-                elif uuid in queued_for_delete:
-                    reason = "instance is queued for delete"
+                elif uuid in left_alone:
+                    reason = left_alone[uuid]
                 else:
                     reason = instance_state_reason(bool(extra_deleted or deleted), vm_state, task_state, flavor)
                 yield SpecRow(row_id, uuid, flavor, updated_at, reason)

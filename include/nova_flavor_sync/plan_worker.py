@@ -61,6 +61,7 @@ class PlanJob:
     id_range: tuple[int, int]
     page_size: int
     spool_dir: str
+    left_alone: Mapping[str, str] | None = None  # see NovaApiDb.iter_spec_rows
 
 
 def split_ids(bounds: tuple[int, int], parts: int) -> list[tuple[int, int]]:
@@ -81,10 +82,12 @@ def plan_in_workers(
     workers: int,
     page_size: int,
     progress: Callable[[int], None] | None = None,
+    left_alone: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan every row with an id in ``bounds`` in ``workers`` processes; return the merged plan."""
     with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
-        jobs = [PlanJob(params, flavors, scope, ids, page_size, spool_dir) for ids in split_ids(bounds, workers)]
+        jobs = [PlanJob(params, flavors, scope, ids, page_size, spool_dir, left_alone)
+                for ids in split_ids(bounds, workers)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         children: list[subprocess.Popen] = []
         messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
@@ -160,7 +163,7 @@ def _work(job: PlanJob, out: BinaryIO) -> None:
     from nova_flavor_sync.db import NovaApiDb  # the parent process does not need it
 
     with NovaApiDb(job.params) as db:
-        rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range)
+        rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
 
         def counted():
             for count, row in enumerate(rows, 1):

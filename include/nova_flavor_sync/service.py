@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,8 +85,12 @@ def make_plan(
     page_size: int = DEFAULT_PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    left_alone: Mapping[str, str] | None = None,
 ) -> Plan:
     """Read every request spec in scope, page by page, and plan what to change.
+
+    ``left_alone``: instances whose RequestSpecs must not be written, and why
+    (``cells.instances_to_leave_alone``); by default those queued for delete.
 
     ``progress(rows_read, rows_expected)`` is called after every page. A table of
     PLAN_WORKERS_FROM rows or more (by its ids) is planned by PLAN_WORKERS processes, one id
@@ -100,11 +104,11 @@ def make_plan(
     if workers > 1 and bounds is not None:
         report = None if progress is None else (lambda done: progress(done, max(expected, done)))
         plan = plan_in_workers(db.params, flavors, scope, bounds, workers=workers, page_size=page_size,
-                               progress=report)
+                               progress=report, left_alone=left_alone)
         if progress is not None:
             progress(plan.rows_read, max(expected, plan.rows_read))
         return plan
-    rows: Iterable[SpecRow] = _rows_in_scope(db, scope, page_size)
+    rows: Iterable[SpecRow] = _rows_in_scope(db, scope, page_size, left_alone=left_alone)
     if progress is not None:
         rows = _counted(rows, expected, page_size, progress)
     return diff_make_plan(flavors, rows, scope)
@@ -115,16 +119,16 @@ def make_cell_plan(
     scope: Scope,
     *,
     flavors: dict[int, Flavor],
-    queued_for_delete: frozenset[str] = frozenset(),
+    left_alone: Mapping[str, str] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
 ) -> Plan:
     """Plan the instances' own flavor copies (``cur`` in instance_extra.flavor) of one cell.
 
-    ``flavors`` come from nova_api (where flavors live); ``queued_for_delete`` from its
-    instance_mappings. Instances that are deleted or in the middle of a resize or
-    migration are left alone, with the reason (``db.instance_state_reason``).
+    ``flavors`` come from nova_api (where flavors live); ``left_alone`` is
+    ``cells.instances_to_leave_alone``. Instances that are deleted or in the middle of a
+    resize or migration are left alone too, with the reason (``db.instance_state_reason``).
     """
-    rows = cell.iter_flavor_rows(page_size=page_size, queued_for_delete=queued_for_delete)
+    rows = cell.iter_flavor_rows(page_size=page_size, left_alone=left_alone)
     return diff_make_plan(flavors, rows, scope, layout=INSTANCE_FLAVOR)
 
 
@@ -369,10 +373,16 @@ def restore(
 
 
 def _rows_in_scope(
-    db: NovaApiDb, scope: Scope, page_size: int, *, with_updated_at: bool = False
+    db: NovaApiDb,
+    scope: Scope,
+    page_size: int,
+    *,
+    with_updated_at: bool = False,
+    left_alone: Mapping[str, str] | None = None,
 ) -> Iterator[SpecRow]:
     uuids = sorted(scope.instance_uuids) if scope.instance_uuids is not None else None
-    return db.iter_spec_rows(page_size=page_size, instance_uuids=uuids, with_updated_at=with_updated_at)
+    return db.iter_spec_rows(page_size=page_size, instance_uuids=uuids, with_updated_at=with_updated_at,
+                             left_alone=left_alone)
 
 
 def _read_ahead(db: NovaApiDb, batches: Iterable[list[T]]) -> Iterator[tuple[list[T], dict]]:

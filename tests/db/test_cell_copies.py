@@ -19,9 +19,9 @@ from nova_flavor_sync.db import NovaCellDb
 def plan_cell(cloud, cell: str, *, all_keys: bool = True):
     with service.connect(cloud.api) as api:
         flavors, scope = service.resolve_scope(api, all_keys=all_keys)
-        queued = api.queued_for_delete()
+        queued = dict.fromkeys(api.queued_for_delete(), "instance is queued for delete")
     with NovaCellDb(cloud.cells[cell]) as db:
-        return service.make_cell_plan(db, scope, flavors=flavors, queued_for_delete=queued)
+        return service.make_cell_plan(db, scope, flavors=flavors, left_alone=queued)
 
 
 def flavor_rows(params) -> dict[int, tuple[str, str, datetime | None]]:
@@ -68,3 +68,26 @@ def test_a_sync_of_a_cell_rewrites_only_curs_extra_specs_and_a_rerun_finds_nothi
         assert json.dumps(new) == new_text  # Nova's own format
         assert new_updated >= started  # as Nova's ORM would set it
     assert plan_cell(demo_cloud, "cell1").changes == []
+
+
+def test_both_copies_of_busy_deleted_unbuilt_and_cell0_instances_are_left_alone(demo_cloud):
+    from nova_flavor_sync.cells import instances_to_leave_alone, locate_cells, open_cells, read_cell_mappings
+
+    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}"
+                 for name, p in demo_cloud.cells.items()}
+    with service.connect(demo_cloud.api) as api:
+        flavors, scope = service.resolve_scope(api, all_keys=True)
+        with open_cells(locate_cells(read_cell_mappings(api), cell_urls=cell_urls)) as cells:
+            left_alone = instances_to_leave_alone(api, cells)
+            api_plan = service.make_plan(api, scope, flavors=flavors, left_alone=left_alone)
+            cell_plans = [service.make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone)
+                          for uuid, db in cells.items() if uuid != "00000000-0000-0000-0000-000000000000"]
+
+    reasons = api_plan.summary()["left_alone_by_reason"]
+    assert reasons["instance is queued for delete"] == 56
+    assert reasons["instance has no cell yet (still being built)"] == 10
+    assert reasons["instance never scheduled (in cell0)"] == 30
+    assert sum(n for r, n in reasons.items() if "resize" in r or "task_state" in r) == 106
+    # The same instances are stale in both copies (the demo's copies agree): 409 + 317.
+    assert len(api_plan.changes) == sum(len(p.changes) for p in cell_plans) == 726
+    assert {c.instance_uuid for c in api_plan.changes} == {c.instance_uuid for p in cell_plans for c in p.changes}
