@@ -326,3 +326,72 @@ class PlanDigest:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+# What a CloudPlan's digest covers; bump when that changes.
+BOTH_COPIES_DIGEST_VERSION = "nova-flavor-sync both copies v1"
+
+
+@dataclass
+class CopyPlan:
+    """The plan for the flavor copies of one database: nova_api's RequestSpecs or one cell's instances."""
+
+    where: str  # "nova_api", or the cell as messages name it: "cell1 (835ce9b0-...)"
+    cell_uuid: str | None  # None: the RequestSpecs in nova_api
+    plan: Plan
+
+    @property
+    def what(self) -> str:
+        return "RequestSpecs" if self.cell_uuid is None else "Instance copies"
+
+
+@dataclass
+class CloudPlan:
+    """Both copies of every instance: the RequestSpecs' plan and each cell's, under one digest.
+
+    ``never_written``: cells whose instances are counted, never written (cell0: instances that
+    never scheduled), with their instance counts.
+    """
+
+    scope: Scope
+    copies: list[CopyPlan]
+    never_written: dict[str, int] = field(default_factory=dict)
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            digest = hashlib.sha256(BOTH_COPIES_DIGEST_VERSION.encode())
+            for copy in self.copies:  # each part's digest covers the scope and its changes
+                digest.update(f"{copy.cell_uuid or 'nova_api'} {copy.plan.digest}\n".encode())
+            self.digest = digest.hexdigest()
+
+    @property
+    def to_update(self) -> int:
+        return sum(len(copy.plan.changes) for copy in self.copies)
+
+    def disagreeing_instances(self) -> list[str]:
+        """Instances stale in one copy and not in the other (e.g. after a run stopped between the two writes).
+
+        Only instances planned in both (not left alone, orphaned or unreadable in either) count.
+        """
+        stale: dict[bool, set[str]] = {True: set(), False: set()}
+        judged: dict[bool, set[str]] = {True: set(), False: set()}
+        for copy in self.copies:
+            is_api = copy.cell_uuid is None
+            stale[is_api].update(change.instance_uuid for change in copy.plan.changes)
+            untouched = copy.plan.left_alone + copy.plan.orphans + copy.plan.errors + copy.plan.held_back
+            judged[is_api].update(note.instance_uuid for note in untouched)
+        both_judged = stale[True] | stale[False]
+        one_sided = (stale[True] ^ stale[False]) - judged[True] - judged[False]
+        return sorted(one_sided & both_judged)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports and XCom: the totals, and each copy's summary by where it is."""
+        return {
+            "digest": self.digest,
+            "scope": self.scope.as_dict(),
+            "to_update": self.to_update,
+            "disagreeing": len(self.disagreeing_instances()),
+            "never_written": dict(self.never_written),
+            "copies": {copy.where: {"what": copy.what, **copy.plan.summary()} for copy in self.copies},
+        }

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nova_flavor_sync.backup import BackupInfo
-from nova_flavor_sync.plan import KeyChange, Plan, RowChange, RowNote
+from nova_flavor_sync.plan import CloudPlan, KeyChange, Plan, RowChange, RowNote
 from nova_flavor_sync.policy import RiskClass
 
 if TYPE_CHECKING:
@@ -73,6 +73,32 @@ def summary_lines(plan: Plan) -> list[str]:
             + _counts(summary["held_back_by_key"])
         )
     lines.append(f"Plan digest: {plan.digest}")
+    return lines
+
+
+def both_copies_lines(cloud: CloudPlan) -> list[str]:
+    """One line per copy and cell, what is never written, instances whose copies disagree, the digest."""
+    lines = []
+    for copy in cloud.copies:
+        plan = copy.plan
+        lines.append(
+            f"{copy.what} in {copy.where}: read {plan.rows_read}, {len(plan.changes)} to update, "
+            f"{plan.in_sync} in sync, {len(plan.held_back)} held back, {len(plan.orphans)} orphans, "
+            f"{len(plan.left_alone)} left alone, {len(plan.errors)} errors"
+        )
+        reasons = plan.summary()["left_alone_by_reason"]
+        if reasons:
+            lines.append(f"  left alone in {copy.where}: " + _counts(reasons))
+    for where, instances in cloud.never_written.items():
+        lines.append(f"Cell {where}: {instances} instances that never scheduled; counted, never written")
+    disagreeing = cloud.disagreeing_instances()
+    if disagreeing:
+        lines.append(
+            f"Copies disagree for {len(disagreeing)} instances (stale in one copy only; a run that stopped "
+            f"between its two writes leaves this; run again): {', '.join(disagreeing[:5])}"
+            + (" ..." if len(disagreeing) > 5 else "")
+        )
+    lines.append(f"Both copies: {cloud.to_update} to update; plan digest {cloud.digest}")
     return lines
 
 

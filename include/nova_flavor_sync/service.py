@@ -24,11 +24,12 @@ from nova_flavor_sync.backup import (
     load_backup,
     write_backup,
 )
+from nova_flavor_sync.cells import CellMapping, instances_to_leave_alone
 from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, ReplicaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
-from nova_flavor_sync.plan import Flavor, Plan, RowChange, RowNote, SpecRow, batched
+from nova_flavor_sync.plan import CloudPlan, CopyPlan, Flavor, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
 from nova_flavor_sync.plan_worker import plan_in_workers
 from nova_flavor_sync.restore import plan_restore
@@ -130,6 +131,32 @@ def make_cell_plan(
     """
     rows = cell.iter_flavor_rows(page_size=page_size, left_alone=left_alone)
     return diff_make_plan(flavors, rows, scope, layout=INSTANCE_FLAVOR)
+
+
+def plan_both_copies(
+    api: NovaApiDb,
+    cells: Sequence[tuple[CellMapping, NovaCellDb]],
+    scope: Scope,
+    *,
+    flavors: dict[int, Flavor],
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> CloudPlan:
+    """Plan both copies of every instance: the RequestSpecs in nova_api and each cell's instance copies.
+
+    ``cells`` are the open cells in cell_mappings order; cell0's instances are counted, never
+    planned. Both copies of an instance that must be left alone are (``instances_to_leave_alone``).
+    """
+    left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
+    copies = [CopyPlan("nova_api", None, make_plan(api, scope, flavors=flavors, page_size=page_size,
+                                                    left_alone=left_alone))]
+    never_written: dict[str, int] = {}
+    for mapping, db in cells:
+        if mapping.is_cell0:
+            never_written[mapping.label] = db.instance_counts()["total"]
+            continue
+        plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size)
+        copies.append(CopyPlan(mapping.label, mapping.uuid, plan))
+    return CloudPlan(scope, copies, never_written)
 
 
 def _counted(rows: Iterable[SpecRow], expected: int, every: int, progress: Callable[[int, int], None]):

@@ -91,3 +91,59 @@ def test_both_copies_of_busy_deleted_unbuilt_and_cell0_instances_are_left_alone(
     # The same instances are stale in both copies (the demo's copies agree): 409 + 317.
     assert len(api_plan.changes) == sum(len(p.changes) for p in cell_plans) == 726
     assert {c.instance_uuid for c in api_plan.changes} == {c.instance_uuid for p in cell_plans for c in p.changes}
+
+
+def plan_cloud(cloud):
+    from nova_flavor_sync.cells import locate_cells, open_cells, read_cell_mappings
+
+    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}" for name, p in cloud.cells.items()}
+    with service.connect(cloud.api) as api:
+        flavors, scope = service.resolve_scope(api, all_keys=True)
+        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
+        with open_cells(cells) as opened:
+            return service.plan_both_copies(api, [(c.mapping, opened[c.mapping.uuid]) for c in cells], scope,
+                                            flavors=flavors)
+
+
+def test_one_plan_for_both_copies_reports_each_cell_and_one_digest(demo_cloud):
+    from nova_flavor_sync.report import both_copies_lines
+
+    cloud = plan_cloud(demo_cloud)
+    lines = both_copies_lines(cloud)
+
+    assert cloud.to_update == 726 * 2 and cloud.disagreeing_instances() == []
+    assert [c.where.split()[0] for c in cloud.copies] == ["nova_api", "cell1", "cell2"]
+    assert lines[0].startswith("RequestSpecs in nova_api: read 1500, 726 to update")
+    assert any(line.startswith("Instance copies in cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca): read 884, "
+                               "409 to update") for line in lines)
+    assert "Cell cell0 (00000000-0000-0000-0000-000000000000): 30 instances that never scheduled; counted, " \
+           "never written" in lines
+    assert lines[-1] == f"Both copies: 1452 to update; plan digest {cloud.digest}"
+    assert plan_cloud(demo_cloud).digest == cloud.digest  # the same data, the same digest
+
+
+def test_an_instance_synced_in_one_copy_only_is_reported_as_disagreeing(demo_cloud):
+    from nova_flavor_sync.report import both_copies_lines
+
+    cloud = plan_cloud(demo_cloud)
+    cell1 = next(c for c in cloud.copies if c.where.startswith("cell1"))
+    first = next(iter(cell1.plan.changes))
+    with NovaCellDb(demo_cloud.cells["cell1"]) as db:  # as if a run stopped after this instance's first write
+        plan = service.make_cell_plan(db, cloud.scope, flavors=load_flavors(demo_cloud))
+        only = [c for c in plan.changes if c.id == first.id]
+        plan.changes = type(plan.changes)()
+        for change in only:
+            plan.changes.append(change)
+        assert len(service.apply_plan(db, plan).updated) == 1
+
+    again = plan_cloud(demo_cloud)
+
+    assert again.disagreeing_instances() == [first.instance_uuid]
+    assert again.digest != cloud.digest
+    assert any(line.startswith(f"Copies disagree for 1 instances (stale in one copy only; ") and
+               first.instance_uuid in line for line in both_copies_lines(again))
+
+
+def load_flavors(cloud):
+    with service.connect(cloud.api) as api:
+        return api.load_flavors()
