@@ -105,15 +105,16 @@ def copy_rows(server_kwargs: dict[str, Any], source: str, target: str, tables: l
         conn.commit()
 
 
-def copy_database(server_kwargs: dict[str, Any], source: str, target: str) -> None:
-    """A new database ``target`` with every table of ``source`` (CREATE TABLE ... LIKE) and its rows."""
+def copy_database(server_kwargs: dict[str, Any], source: str, target: str, tables: list[str] | None = None) -> None:
+    """A new database ``target`` with ``tables`` of ``source`` (all by default), made LIKE them, and their rows."""
     with connect(db_params(server_kwargs, source)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (source,))
-        tables = [name for (name,) in cur.fetchall()]
+        if tables is None:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (source,))
+            tables = [name for (name,) in cur.fetchall()]
         cur.execute(f"CREATE DATABASE `{target}` CHARACTER SET utf8mb3 COLLATE utf8mb3_general_ci")
         for name in tables:
             cur.execute(f"CREATE TABLE `{target}`.`{name}` LIKE `{source}`.`{name}`")
-    copy_rows(server_kwargs, source, target, tables_with_rows(server_kwargs, source))
+    copy_rows(server_kwargs, source, target, [t for t in tables_with_rows(server_kwargs, source) if t in tables])
 
 
 @dataclass(frozen=True)
