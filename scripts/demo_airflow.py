@@ -195,11 +195,16 @@ def run_failure(airflow: Airflow, run_id: str, problem: str) -> str:
 
 
 def cli_command(params: DbParams, data_dir: Path) -> str:
-    """The same dry run with the command line, its log and backups next to the DAG's."""
+    """The same dry run with the command line, its log and backups next to the DAG's.
+
+    ``--database-connection`` is what a Nova service's nova.conf would give as ``[database]
+    connection``: the demo's cell2 is mapped through a template filled from it.
+    """
     program = shown(Path(sys.executable).with_name("nova-flavor-sync"))
+    cells = f"mysql+pymysql://{params.user}:{'***' if params.password else ''}@{params.host}:{params.port}/nova"
     return (
-        f"{program} --db-url '{params.safe_url()}' --log-file {shown(data_dir / 'nova-flavor-sync.log')} "
-        f"--backup-dir {shown(data_dir / 'backups')}"
+        f"{program} --db-url '{params.safe_url()}' --database-connection '{cells}' "
+        f"--log-file {shown(data_dir / 'nova-flavor-sync.log')} --backup-dir {shown(data_dir / 'backups')}"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import quote
 
 import pymysql
 import pytest
@@ -73,10 +74,9 @@ def _fresh_database(server_kwargs: dict[str, Any], *, demo_data: bool = False) -
 
 
 @pytest.fixture(scope="session")
-def _demo_template(server_kwargs: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
-    """The demo dump, loaded once: (database name, tables that hold rows)."""
-    with _fresh_database(server_kwargs, demo_data=True) as name:
-        yield name, tables_with_rows(server_kwargs, name)
+def _demo_template(_cloud_template: str, server_kwargs: dict[str, Any]) -> tuple[str, list[str]]:
+    """The demo cloud's API database, loaded once: (database name, tables that hold rows)."""
+    return _cloud_template, tables_with_rows(server_kwargs, _cloud_template)
 
 
 @pytest.fixture
@@ -87,15 +87,38 @@ def nova_db(server_kwargs: dict[str, Any]) -> Iterator[DbParams]:
 
 
 def _demo_copy(server_kwargs, template) -> Iterator[DbParams]:
+    """A fresh copy of the demo cloud: its API database, and its cells next to it, mapped to them."""
     source, tables = template
     with _fresh_database(server_kwargs) as name:
-        copy_rows(server_kwargs, source, name, tables)
-        yield db_params(server_kwargs, name)
+        cells = {cell: cell_database_name(name, cell) for cell in DEMO_CELLS}
+        try:
+            copy_rows(server_kwargs, source, name, tables)
+            for cell, database in cells.items():
+                # Only the cell tables the tool reads (made LIKE the real ones): 2 tables, not 111,
+                # keeps a test's cloud quick to make and to drop. test_demo_loader loads whole cells.
+                copy_database(server_kwargs, cell_database_name(source, cell), database, CELL_TABLES)
+            point_cell_mappings(server_kwargs, name, cells)
+            yield db_params(server_kwargs, name)
+        finally:
+            for database in cells.values():
+                drop_database(server_kwargs, database)
+
+
+def _database_connection(server_kwargs: dict[str, Any]) -> str:
+    """What the nova.conf of a Nova service of the demo cloud has as [database] connection."""
+    auth = quote(server_kwargs["user"], safe="") + ":" + quote(server_kwargs["password"] or "", safe="")
+    return f"mysql+pymysql://{auth}@{server_kwargs['host']}:{server_kwargs['port']}/nova"
 
 
 @pytest.fixture
-def demo_db(server_kwargs: dict[str, Any], _demo_template) -> Iterator[DbParams]:
-    """A fresh database with the real schema and the demo cloud (22 flavors, 1,500 specs; its cell_mappings name no database of this test)."""
+def demo_db(server_kwargs: dict[str, Any], _demo_template, monkeypatch: pytest.MonkeyPatch) -> Iterator[DbParams]:
+    """A fresh copy of the demo cloud (22 flavors, 1,500 specs, three cells): its API database.
+
+    Its cell_mappings point at the cells made for this test (``<name>_cell0`` to ``_cell2``);
+    cell2's is a template, filled from ``[database] connection`` as Nova fills it: the test's
+    environment gives that as NOVA_DATABASE_CONNECTION (the CLI reads it), as an operator would.
+    """
+    monkeypatch.setenv("NOVA_DATABASE_CONNECTION", _database_connection(server_kwargs))
     yield from _demo_copy(server_kwargs, _demo_template)
 
 
@@ -131,18 +154,8 @@ def _cloud_template(server_kwargs: dict[str, Any]) -> Iterator[str]:
 
 
 @pytest.fixture
-def demo_cloud(server_kwargs: dict[str, Any], _cloud_template: str) -> Iterator[DemoCloud]:
-    """A fresh copy of the whole demo cloud: nova_api, and cell0-2 next to it, mapped to each other."""
-    name = new_database_name()
-    cells = {cell: cell_database_name(name, cell) for cell in DEMO_CELLS}
-    try:
-        copy_database(server_kwargs, _cloud_template, name)
-        for cell, database in cells.items():
-            # Only the cell tables the tool reads (made LIKE the real ones): 2 tables, not 111,
-            # keeps a test's cloud quick to make and to drop. test_demo_loader loads whole cells.
-            copy_database(server_kwargs, cell_database_name(_cloud_template, cell), database, CELL_TABLES)
-        point_cell_mappings(server_kwargs, name, cells)
-        yield DemoCloud(db_params(server_kwargs, name), {c: db_params(server_kwargs, d) for c, d in cells.items()})
-    finally:
-        for database in [name, *cells.values()]:
-            drop_database(server_kwargs, database)
+def demo_cloud(server_kwargs: dict[str, Any], _demo_template) -> Iterator[DemoCloud]:
+    """Like ``demo_db``, with the cells' databases too."""
+    for api in _demo_copy(server_kwargs, _demo_template):
+        yield DemoCloud(api, {cell: db_params(server_kwargs, cell_database_name(api.database, cell))
+                              for cell in DEMO_CELLS})

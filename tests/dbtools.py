@@ -125,6 +125,33 @@ class DemoCloud:
     cells: dict[str, DbParams]
 
 
+def map_instances(params: DbParams, uuids: list[str], cell: str = "cell1") -> None:
+    """instance_mappings rows placing these instances in ``cell``: a RequestSpec without one is left alone."""
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO instance_mappings (created_at, instance_uuid, cell_id, project_id, queued_for_delete) "
+            "SELECT NOW(), %s, id, 'p', 0 FROM cell_mappings WHERE name = %s",
+            [(uuid, cell) for uuid in uuids],
+        )
+
+
+def plan_request_specs(params: DbParams, *, all_keys: bool = True):
+    """The RequestSpecs' plan as the CLI makes it: with every cell open, busy instances left alone.
+
+    Cell URL templates are filled from $NOVA_DATABASE_CONNECTION (the ``demo_db`` fixture sets it).
+    """
+    from nova_flavor_sync import service
+    from nova_flavor_sync.cells import locate_cells, open_cells, read_cell_mappings
+
+    with service.connect(params) as db:
+        flavors, scope = service.resolve_scope(db, all_keys=all_keys)
+        cells = locate_cells(read_cell_mappings(db), template_url=os.environ.get("NOVA_DATABASE_CONNECTION"))
+        with open_cells(cells) as opened:
+            both = service.plan_both_copies(db, [(c.mapping, opened[c.mapping.uuid]) for c in cells], scope,
+                                            flavors=flavors)
+    return both.copies[0].plan
+
+
 def threads_running(params: DbParams) -> int:
     """The server's Threads_running now (this query's own session counts as one)."""
     with connect(params) as conn, conn.cursor() as cur:

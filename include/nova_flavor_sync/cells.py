@@ -149,7 +149,7 @@ def open_cells(cells: Sequence[Cell]) -> Iterator[dict[str, NovaCellDb]]:
                 db.close()
                 raise
             opened[cell.mapping.uuid] = db
-            log.info("Cell %s: %s (%s)", cell.mapping.label, cell.params.safe_url(), cell.source)
+            log.debug("Cell %s: %s (%s)", cell.mapping.label, cell.params.safe_url(), cell.source)
         yield opened
     finally:
         for db in opened.values():

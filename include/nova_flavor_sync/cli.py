@@ -28,8 +28,9 @@ from typing import NoReturn
 from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE
 from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, list_backups, private_dir
-from nova_flavor_sync.db import NovaApiDb
-from nova_flavor_sync.dburl import DbParams, parse_db_url, redact_url, resolve_db_params
+from nova_flavor_sync.cells import CellMapping, locate_cells, open_cells, parse_cell_urls, read_cell_mappings
+from nova_flavor_sync.db import NovaApiDb, NovaCellDb
+from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_url, redact_url, resolve_db_params
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
 from nova_flavor_sync.plan import Plan
 from nova_flavor_sync.progress import terminal_progress
@@ -47,6 +48,14 @@ from nova_flavor_sync.throttle import (
 )
 
 PROG = "nova-flavor-sync"
+# The environment's word for --database-connection (as NOVA_API_DB_URL is for --db-url).
+DATABASE_CONNECTION_ENV = "NOVA_DATABASE_CONNECTION"
+# How resolve_db_params names a nova.conf as the API database's source: "<path> [api_database] connection".
+NOVA_CONF_SOURCE = " [api_database] connection"
+# Said with every plan until the sync writes the instances' own copies too.
+INSTANCE_COPIES_NOT_WRITTEN = (
+    "Instance copies (instance_extra.flavor in the cells) are reported, not yet written: --run writes the RequestSpecs"
+)
 DEFAULT_LOG_FILE = Path("~/.nova-flavor-fixes/nova-flavor-sync.log")
 log = logging.getLogger("nova_flavor_sync")
 
@@ -84,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_argument_group("database (one of; default /etc/nova/nova.conf)")
     where.add_argument("--db-url", help="mysql+pymysql://user:pass@host:port/nova_api (or env NOVA_API_DB_URL)")
     where.add_argument("--nova-conf", metavar="FILE", help="read [api_database] connection from this nova.conf")
+    cells = parser.add_argument_group(
+        "cells (found in nova_api's cell_mappings; every one is opened before anything is written)")
+    cells.add_argument("--cell-db-url", action="append", default=[], metavar="CELL=URL",
+                       help="the database of a cell, by name or uuid (repeatable); wins over its cell_mappings URL")
+    cells.add_argument("--database-connection", metavar="URL",
+                       help="Nova's [database] connection, which cell URL templates in cell_mappings are filled "
+                       "from as Nova fills them (or env NOVA_DATABASE_CONNECTION; default: from the nova.conf "
+                       "the API database came from)")
 
     mode = parser.add_argument_group("what to do (default: dry run)")
     mode.add_argument("--run", action="store_true", help="write the changes (with --restore: restore)")
@@ -223,13 +240,21 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return ExitCode.OK
     params, source = resolve_db_params(args.db_url, args.nova_conf, os.environ)
     log.debug("Database %s (from %s)", params.safe_url(), source)
+    cell_urls = parse_cell_urls(args.cell_db_url)
+    template_url = args.database_connection or os.environ.get(DATABASE_CONNECTION_ENV, "").strip() or None
+    if template_url is None and source.endswith(NOVA_CONF_SOURCE):  # the API database came from a nova.conf
+        template_url = read_nova_conf_cell_url(source.removesuffix(NOVA_CONF_SOURCE))
     with service.connect(params) as db, service.pacing(db, args.pace, args.replica_db_url) as pacer:
         if args.restore:
             return _restore(db, args, argv, pacer)
-        return _sync(db, args, argv, pacer)
+        cells = locate_cells(read_cell_mappings(db), template_url=template_url, cell_urls=cell_urls)
+        with open_cells(cells) as opened:
+            return _sync(db, [(cell.mapping, opened[cell.mapping.uuid]) for cell in cells], args, argv, pacer)
 
 
-def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str], pacer: Pacer) -> int:
+def _sync(
+    db: NovaApiDb, cells: list[tuple[CellMapping, NovaCellDb]], args: argparse.Namespace, argv: list[str], pacer: Pacer
+) -> int:
     flavors, scope = service.resolve_scope(
         db,
         flavor_selectors=args.flavor,
@@ -240,16 +265,21 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str], pacer: Pacer
     if args.run and not args.no_backup:
         private_dir(args.backup_dir)  # refuse a bad backup directory before reading everything
     reading = terminal_progress("Reading request specs", enabled=args.verbose)
-    plan = service.make_plan(db, scope, flavors=flavors, progress=reading.update if reading else None)
+    both = service.plan_both_copies(db, cells, scope, flavors=flavors, progress=reading.update if reading else None)
+    plan = both.copies[0].plan  # the RequestSpecs: what --run writes
     if reading:
         reading.finish()
     if args.verify:
         _log_lines(report.summary_lines(plan)[:1])
+        stale = {copy.where.split()[0]: len(copy.plan.changes) for copy in both.copies[1:]}
+        log.info("Instance copies: %d stale (%s); reported, not yet written by --run", sum(stale.values()),
+                 ", ".join(f"{cell}={count}" for cell, count in stale.items()))
         _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
         return _pending_code(plan)
 
     _log_lines(report.plan_lines(plan, verbose=args.verbose))
     _log_lines(report.summary_lines(plan))
+    _log_lines(report.both_copies_lines(both)[1:-1] + [INSTANCE_COPIES_NOT_WRITTEN])
     if not args.run:
         _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
         if plan.changes:
@@ -286,8 +316,10 @@ def _sync(db: NovaApiDb, args: argparse.Namespace, argv: list[str], pacer: Pacer
     conflicts = service.explain_conflicts(db, plan.scope, result.conflicts)
     _log_lines(report.apply_lines(result, conflicts))
 
-    after = service.verify(db, scope)
+    after_both = service.plan_both_copies(db, cells, scope)
+    after = after_both.copies[0].plan
     log.info("Verify: %d request specs still out of sync in scope", len(after.changes))
+    _log_lines(report.both_copies_lines(after_both)[1:-1])
     if after.changes and not (result.conflicts or result.errors):
         log.warning(
             "Drift remains although no conflicts were seen: Nova may have saved some rows from a copy it "

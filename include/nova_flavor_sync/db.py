@@ -19,7 +19,13 @@ from pymysql.constants import ER
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import ConfigError, DatabaseUnavailableError, NovaFlavorSyncError, SchemaError
 from nova_flavor_sync.plan import Flavor, SpecRow
-from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC, CopyLayout, SpecShapeError, instance_flavor_in_flux
+from nova_flavor_sync.spec_json import (
+    INSTANCE_FLAVOR,
+    REQUEST_SPEC,
+    CopyLayout,
+    SpecShapeError,
+    instance_flavor_in_flux,
+)
 from nova_flavor_sync.throttle import ReplicaLag, ServerLoad
 
 log = logging.getLogger(__name__)

@@ -138,17 +138,21 @@ def plan_both_copies(
     cells: Sequence[tuple[CellMapping, NovaCellDb]],
     scope: Scope,
     *,
-    flavors: dict[int, Flavor],
+    flavors: dict[int, Flavor] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CloudPlan:
     """Plan both copies of every instance: the RequestSpecs in nova_api and each cell's instance copies.
 
     ``cells`` are the open cells in cell_mappings order; cell0's instances are counted, never
     planned. Both copies of an instance that must be left alone are (``instances_to_leave_alone``).
+    ``progress`` follows the reading of the RequestSpecs (see make_plan). Without ``flavors``
+    they are read now (a verify after writing reads everything again).
     """
+    flavors = api.load_flavors() if flavors is None else flavors
     left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
     copies = [CopyPlan("nova_api", None, make_plan(api, scope, flavors=flavors, page_size=page_size,
-                                                    left_alone=left_alone))]
+                                                    left_alone=left_alone, progress=progress))]
     never_written: dict[str, int] = {}
     for mapping, db in cells:
         if mapping.is_cell0:

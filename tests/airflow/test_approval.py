@@ -10,6 +10,7 @@ import pytest
 from approval_answer import run_with_answer
 from dbtools import table_hash
 
+
 @pytest.mark.timeout(240)
 def test_approve_writes_the_plan_and_the_database_ends_in_sync(nova_env, tmp_path):
     from nova_flavor_sync import service

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import struct
@@ -153,6 +154,18 @@ def test_make_demo_starts_airflow_and_prints_the_dry_run_summary(demo, server_kw
     connection = airflow.api.get_json("/api/v2/connections/nova_api_db")
     assert connection["conn_type"] == "mysql" and connection["schema"] == demo.database, connection
     assert "Loaded executor: :LocalExecutor:" in airflow.output("scheduler")
+
+
+def test_the_printed_command_line_dry_run_runs_as_printed(demo, tmp_path):
+    out = demo.outputs[0].stdout
+    line = out.splitlines()[out.splitlines().index(
+        "The same dry run from the command line (it prints the command that applies the plan):") + 1]
+    argv = shlex.split(line.strip())
+    argv[0] = str(Path(sys.executable).with_name("nova-flavor-sync"))
+    env = {k: v for k, v in os.environ.items() if k not in ("NOVA_DATABASE_CONNECTION", "NOVA_API_DB_URL")}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 3, shown(result)  # changes pending: a dry run of every cell
+    assert "Instance copies in cell2 " in result.stdout, shown(result)
 
 
 @pytest.mark.timeout(300)

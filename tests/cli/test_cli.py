@@ -21,10 +21,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import quote
 
 import pytest
 
-from dbtools import SECRET, assert_no_secret, busy_sessions, connect, table_hash, threads_running
+from dbtools import SECRET, assert_no_secret, busy_sessions, connect, map_instances, table_hash, threads_running
 from nova_flavor_sync import cli, dburl, service
 from nova_flavor_sync.dburl import DbParams
 
@@ -77,7 +78,8 @@ def run(capsys: pytest.CaptureFixture[str], log_file: Path, backup_dir: Path) ->
     """``run(*args)``: call ``cli.main`` and return ``(code, out, err)`` of that call only.
 
     ``--log-file`` and ``--backup-dir`` come first, so a test may override either (argparse
-    keeps the last value). argparse's own errors raise SystemExit(2): that is the code then.
+    keeps the last value). The demo cloud's template cell is filled from NOVA_DATABASE_CONNECTION,
+    which the ``demo_db`` fixture sets. argparse's own errors raise SystemExit(2): that is the code then.
     """
 
     def run(*args: object) -> Result:
@@ -642,6 +644,7 @@ def test_a_malformed_row_is_reported_left_alone_and_does_not_stop_the_run(run, d
             (bad_uuid, spec[: len(spec) // 2]),
         )
         bad_id = cur.lastrowid
+    map_instances(demo_db, [bad_uuid])
 
     def bad_row():
         with connect(demo_db) as conn, conn.cursor() as cur:
@@ -769,3 +772,79 @@ def test_a_server_busy_for_longer_than_max_load_wait_exits_5_with_nothing_writte
     assert "Waiting before the next batch: Threads_running is" in busy.out
     assert table_hash(demo_db) == before
     assert len(backups_in(backup_dir)) == 1  # the backup comes first, as for any run
+
+
+# -- 7. cells --------------------------------------------------------------------------------
+
+
+def test_every_cell_is_found_and_both_copies_are_reported_per_cell(run, demo_db):
+    dry = run("--db-url", db_url(demo_db), "--all-keys")
+    assert dry.code == 3, dry.shown
+    shown = messages(dry.out)
+    assert "Read 1500 request specs: 726 to update, 512 in sync, 0 with only risky changes (held back), " \
+           "60 orphans, 202 left alone, 0 errors" in shown, dry.shown
+    assert any(line.startswith("Instance copies in cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca): read 884, "
+                               "409 to update") for line in shown), dry.shown
+    assert any(line.startswith("Instance copies in cell2 (ada1b992-1bb5-5458-b47a-3407ad251e9e): read 576, "
+                               "317 to update") for line in shown), dry.shown
+    assert "Cell cell0 (00000000-0000-0000-0000-000000000000): 30 instances that never scheduled; counted, " \
+           "never written" in shown
+    left_alone = next(line for line in shown if line.startswith("  left alone in nova_api: "))
+    for reason in ("instance is queued for delete=56", "instance has no cell yet (still being built)=10",
+                   "instance never scheduled (in cell0)=30", "task_state resize_prep)=17"):
+        assert reason in left_alone, left_alone
+
+
+def test_requestspecs_of_busy_instances_are_never_written(run, demo_db):
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT name, database_connection FROM cell_mappings WHERE name = 'cell1'")
+        cell1 = dburl.parse_db_url(cur.fetchone()[1])
+    with connect(cell1) as conn, conn.cursor() as cur:
+        cur.execute("SELECT uuid FROM instances WHERE deleted = 0 AND (vm_state = 'resized' OR task_state IS NOT NULL)")
+        busy = [uuid for (uuid,) in cur.fetchall()]
+    assert len(busy) == 71
+
+    def busy_specs():
+        with connect(demo_db) as conn, conn.cursor() as cur:
+            cur.execute("SELECT id, spec, updated_at FROM request_specs WHERE instance_uuid IN %s", (tuple(busy),))
+            return cur.fetchall()
+
+    before = busy_specs()
+    applied = run("--db-url", db_url(demo_db), "--all-keys", "--run")
+    assert applied.code == 0, applied.shown
+    assert busy_specs() == before  # byte for byte, updated_at too
+
+
+def test_a_cell_that_cannot_be_reached_stops_the_run_before_anything_is_written(run, demo_db, backup_dir):
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE cell_mappings SET database_connection = "
+                    "REPLACE(database_connection, '127.0.0.1:', '127.0.0.1:1') WHERE name = 'cell1'")
+    before = table_hash(demo_db)
+    result = run("--db-url", db_url(demo_db), "--all-keys", "--run")
+    assert result.code == 4, result.shown
+    assert re.search(r"\[ERROR\] cell cell1 \(835ce9b0-6a5b-5709-b701-5eb36f22fdca\): cannot connect to "
+                     r"mysql\+pymysql://", result.err), result.shown
+    assert table_hash(demo_db) == before and backups_in(backup_dir) == []
+
+
+def test_a_template_cell_needs_database_connection_or_its_own_url(demo_db, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NOVA_DATABASE_CONNECTION")
+    base = ["--log-file", str(tmp_path / "log"), "--backup-dir", str(tmp_path / "b"), "--db-url", db_url(demo_db)]
+    assert cli.main(base) == 4
+    assert re.search(r"cell cell2 \(ada1b992-1bb5-5458-b47a-3407ad251e9e\) database_connection is a template "
+                     r".* give --nova-conf, or --cell-db-url cell2=URL", capsys.readouterr().err)
+
+    cell2 = db_url(demo_db, database=f"{demo_db.database}_cell2")
+    assert cli.main([*base, "--cell-db-url", f"cell2={cell2}"]) == 3  # a dry run with changes pending
+    capsys.readouterr()
+
+    # What a Nova service's nova.conf holds. "user:@host" is an empty password; "user@host" would
+    # fill the template with the password "None", as Nova fills it (dburl.format_cell_db_url).
+    auth = f"{demo_db.user}:{quote(demo_db.password or '', safe='')}"
+    conf = tmp_path / "nova.conf"
+    conf.write_text(f"[api_database]\nconnection = {db_url(demo_db)}\n"
+                    f"[database]\nconnection = mysql+pymysql://{auth}@{demo_db.host}:{demo_db.port}/nova\n")
+    assert cli.main(base[:4] + ["--nova-conf", str(conf)]) == 3
+    capsys.readouterr()
+    monkeypatch.setenv("NOVA_DATABASE_CONNECTION", f"mysql+pymysql://{auth}@{demo_db.host}:{demo_db.port}/nova")
+    assert cli.main(base) == 3

@@ -55,6 +55,7 @@ def test_a_sync_of_a_cell_rewrites_only_curs_extra_specs_and_a_rerun_finds_nothi
     changed = {c.id for c in plan.changes}
     for row_id, (uuid, old_text, old_updated) in before.items():
         new_uuid, new_text, new_updated = after[row_id]
+        assert new_uuid == uuid
         if row_id not in changed:
             assert (new_text, new_updated) == (old_text, old_updated), row_id  # left alone, byte for byte
             continue
@@ -140,7 +141,7 @@ def test_an_instance_synced_in_one_copy_only_is_reported_as_disagreeing(demo_clo
 
     assert again.disagreeing_instances() == [first.instance_uuid]
     assert again.digest != cloud.digest
-    assert any(line.startswith(f"Copies disagree for 1 instances (stale in one copy only; ") and
+    assert any(line.startswith("Copies disagree for 1 instances (stale in one copy only; ") and
                first.instance_uuid in line for line in both_copies_lines(again))
 
 

@@ -458,9 +458,13 @@ def test_the_init_script_loads_the_same_nova_api_as_the_python_loader(server_kwa
         loaded = db_params(server_kwargs, database)
         tables = tables_with_rows(server_kwargs, demo_db.database)
         assert sorted(tables_with_rows(server_kwargs, database)) == sorted(tables)
-        # Every row of every table, byte for byte as python -m nova_flavor_sync.demo loads them.
+        # Every row of every table, byte for byte as python -m nova_flavor_sync.demo loads them;
+        # cell_mappings too, but for the database names the demo_db fixture points them at.
         for table in tables:
-            assert table_hash(loaded, table, "*") == table_hash(demo_db, table, "*"), table
+            if table != "cell_mappings":
+                assert table_hash(loaded, table, "*") == table_hash(demo_db, table, "*"), table
+        columns = "id, uuid, name, transport_url, disabled"
+        assert table_hash(loaded, "cell_mappings", columns) == table_hash(demo_db, "cell_mappings", columns)
         with connect(root) as conn, conn.cursor() as cur:
             cur.execute("SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA "
                         "WHERE SCHEMA_NAME = %s", (database,))

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from dbtools import connect
+from dbtools import connect, map_instances
 from nova_flavor_sync import cli, service
 from nova_flavor_sync.errors import ExitCode
 
@@ -36,6 +36,7 @@ def flavor_data(document: dict) -> dict:
 def put_row(params, text: str) -> None:
     with connect(params) as conn, conn.cursor() as cur:
         cur.execute("INSERT INTO request_specs (id, instance_uuid, spec) VALUES (%s, %s, %s)", (BAD_ID, UUID, text))
+    map_instances(params, [UUID])  # an instance in cell1, so its RequestSpec is judged
 
 
 def mutate(change):

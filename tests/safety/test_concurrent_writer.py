@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import connect
+from dbtools import connect, map_instances
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import load_backup
 from nova_flavor_sync.spec_json import read_embedded_flavor, rewrite_extra_specs, sha256_text
@@ -77,6 +77,7 @@ def enlarge(params, total: int, seed: int) -> None:
             "INSERT INTO request_specs (created_at, updated_at, instance_uuid, spec) VALUES (%s, %s, %s, %s)", rows
         )
         conn.commit()
+    map_instances(params, [row[2] for row in rows])  # instances in cell1: their RequestSpecs are judged
 
 
 def read_table(params) -> dict[int, tuple[str, str]]:

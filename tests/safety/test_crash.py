@@ -37,8 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import connect, table_hash
-from nova_flavor_sync import service
+from dbtools import connect, plan_request_specs, table_hash
 from nova_flavor_sync.backup import load_backup
 from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text
 
@@ -127,9 +126,7 @@ class Lane:
     def __init__(self, params, reset, workdir: Path) -> None:
         self.params, self.reset, self.workdir = params, reset, workdir
         self.original = read_specs(params)
-        with service.connect(params) as db:
-            flavors, scope = service.resolve_scope(db, all_keys=True)
-            plan = service.make_plan(db, scope, flavors=flavors)
+        plan = plan_request_specs(params)
         self.new_text = {
             c.id: rewrite_extra_specs(self.original[c.id], dict(c.diff.target_extra_specs)) for c in plan.changes
         }
