@@ -21,7 +21,14 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
 from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
-from nova_flavor_sync_airflow import NovaApiDbHook, RecordedApprovalOperator, conn_id_param, db_params
+from nova_flavor_sync_airflow import (
+    NovaApiDbHook,
+    RecordedApprovalOperator,
+    cell_template_url,
+    conn_id_param,
+    database_conn_id_param,
+    db_params,
+)
 
 from nova_flavor_sync import pipeline
 from nova_flavor_sync.errors import BackupError, ConfigError, SchemaError, UsageError
@@ -33,7 +40,7 @@ UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-
 
 @task
 def check_db(params=None):
-    return pipeline.check_database(db_params(params))
+    return pipeline.check_database(db_params(params), template_url=cell_template_url(params))
 
 
 @task
@@ -45,6 +52,7 @@ def make_plan(params=None):
         instances=params["instances"],
         key_prefixes=params["key_prefixes"],
         all_keys=params["all_keys"],
+        template_url=cell_template_url(params),
     )
 
 
@@ -125,7 +133,7 @@ def apply_batch(id_range, plan, backup, params=None):
 # apply_batch); skipped on a dry run or a Reject, where both upstreams are skipped.
 @task(trigger_rule="none_failed_min_one_success")
 def verify(plan_path, params=None):
-    return pipeline.verify(db_params(params), plan_path)
+    return pipeline.verify(db_params(params), plan_path, template_url=cell_template_url(params))
 
 
 # The run's only last task, so Airflow judges the run by it: it fails when the sync did not
@@ -154,6 +162,7 @@ with DAG(
     tags=["nova", "flavor"],
     params={
         "conn_id": conn_id_param(),
+        "database_conn_id": database_conn_id_param(),
         "dry_run": Param(True, type="boolean", description="Plan only; nothing is written"),
         "all_keys": Param(False, type="boolean", description="Also sync placement/topology keys (risky)"),
         "flavors": Param([], **STRINGS, description="Flavor ids, names or flavorids; empty = all"),

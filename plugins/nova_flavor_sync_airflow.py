@@ -9,11 +9,13 @@ ApprovalOperator skips downstream tasks without writing any XCom.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseHook, Param
+from airflow.sdk.exceptions import AirflowNotFoundException
 
-from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, params_from_connection
+from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, DEFAULT_DATABASE_CONN_ID, params_from_connection
 from nova_flavor_sync.dburl import DbParams
 
 
@@ -41,6 +43,31 @@ def conn_id_param() -> Param:
 def db_params(params: dict[str, Any]) -> DbParams:
     """The database of a run's ``conn_id`` param; call it inside a task, never at parse time."""
     return NovaApiDbHook(params["conn_id"]).get_db_params()
+
+
+def database_conn_id_param() -> Param:
+    """The ``database_conn_id`` param: which Connection holds Nova's [database] connection."""
+    return Param(DEFAULT_DATABASE_CONN_ID, type="string", minLength=1,
+                 description="Connection holding Nova's [database] connection (cell URL templates are filled "
+                 "from it); optional")
+
+
+def cell_template_url(params: dict[str, Any]) -> str | None:
+    """Nova's [database] connection from the run's ``database_conn_id`` Connection, if there is one.
+
+    The URL carries the password: it is handed to the engine, which fills templates with it
+    and never logs it. It always has the ``user:password@`` form, so an empty password stays
+    empty (Nova fills ``user@host`` with the password text ``None``). Call it inside a task,
+    never at parse time.
+    """
+    try:
+        conn = BaseHook.get_connection(params["database_conn_id"])
+    except AirflowNotFoundException:
+        return None
+    db = params_from_connection(conn)
+    host = f"[{db.host}]" if ":" in db.host else db.host
+    return (f"mysql+pymysql://{quote(db.user, safe='')}:{quote(db.password or '', safe='')}@{host}:{db.port}/"
+            f"{quote(db.database, safe='')}")
 
 
 class RecordedApprovalOperator(ApprovalOperator):

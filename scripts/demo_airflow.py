@@ -16,6 +16,7 @@ Exit status 0 on success, 1 on any failure (with what to look at), 2 on bad argu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 from local_airflow import Airflow, AirflowError, PortInUse, port_owner
 
-from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID
+from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, DEFAULT_DATABASE_CONN_ID
 from nova_flavor_sync.dburl import DbParams, parse_db_url
 from nova_flavor_sync.errors import NovaFlavorSyncError
 
@@ -62,17 +63,18 @@ def demo_airflow(home: Path, port: int, data_dir: Path) -> Airflow:
     )
 
 
-def connection_body(params: DbParams) -> dict[str, Any]:
-    """The ``nova_api_db`` Connection (type mysql) for ``params``, as POST /api/v2/connections takes it."""
+def connection_body(params: DbParams, conn_id: str = DEFAULT_CONN_ID,
+                    description: str = "The demo nova_api (make demo)") -> dict[str, Any]:
+    """A Connection (type mysql) for ``params``, as POST /api/v2/connections takes it."""
     if params.ssl:
         raise DemoError("the demo's database URL has TLS settings; the demo does not pass them to Airflow")
     extra = {"charset": params.charset}
     if params.unix_socket:
         extra["unix_socket"] = params.unix_socket
     return {
-        "connection_id": DEFAULT_CONN_ID,
+        "connection_id": conn_id,
         "conn_type": "mysql",
-        "description": "The demo nova_api (make demo)",
+        "description": description,
         "host": params.host,
         "port": params.port,
         "login": params.user or None,
@@ -83,14 +85,21 @@ def connection_body(params: DbParams) -> dict[str, Any]:
 
 
 def set_connection(airflow: Airflow, params: DbParams) -> None:
-    """Create ``nova_api_db`` in the metadata DB, replacing an older one."""
-    path = f"/api/v2/connections/{DEFAULT_CONN_ID}"
-    response = airflow.api.request("DELETE", path)
-    if response.status_code not in (204, 404):
-        raise AirflowError(f"DELETE {path}: {response.status_code} {response.text}")
-    response = airflow.api.request("POST", "/api/v2/connections", json=connection_body(params))
-    if response.status_code != 201:
-        raise AirflowError(f"POST /api/v2/connections: {response.status_code} {response.text}")
+    """Create ``nova_api_db`` and ``nova_database`` in the metadata DB, replacing older ones.
+
+    ``nova_database`` is what a Nova service's nova.conf has as [database] connection: the
+    demo's cell2 is mapped through a URL template filled from it.
+    """
+    cells = dataclasses.replace(params, database="nova")
+    for body in (connection_body(params),
+                 connection_body(cells, DEFAULT_DATABASE_CONN_ID, "Nova's [database] connection (make demo)")):
+        path = f"/api/v2/connections/{body['connection_id']}"
+        response = airflow.api.request("DELETE", path)
+        if response.status_code not in (204, 404):
+            raise AirflowError(f"DELETE {path}: {response.status_code} {response.text}")
+        response = airflow.api.request("POST", "/api/v2/connections", json=body)
+        if response.status_code != 201:
+            raise AirflowError(f"POST /api/v2/connections: {response.status_code} {response.text}")
 
 
 def ensure_running(airflow: Airflow, *, timeout: float) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote
 
 import pymysql
 import pytest
@@ -24,6 +23,7 @@ from dbtools import (
     db_params,
     drop_account,
     new_database_name,
+    nova_database_connection,
     server_kwargs_from_env,
     tables_with_rows,
 )
@@ -104,12 +104,6 @@ def _demo_copy(server_kwargs, template) -> Iterator[DbParams]:
                 drop_database(server_kwargs, database)
 
 
-def _database_connection(server_kwargs: dict[str, Any]) -> str:
-    """What the nova.conf of a Nova service of the demo cloud has as [database] connection."""
-    auth = quote(server_kwargs["user"], safe="") + ":" + quote(server_kwargs["password"] or "", safe="")
-    return f"mysql+pymysql://{auth}@{server_kwargs['host']}:{server_kwargs['port']}/nova"
-
-
 @pytest.fixture
 def demo_db(server_kwargs: dict[str, Any], _demo_template, monkeypatch: pytest.MonkeyPatch) -> Iterator[DbParams]:
     """A fresh copy of the demo cloud (22 flavors, 1,500 specs, three cells): its API database.
@@ -118,7 +112,7 @@ def demo_db(server_kwargs: dict[str, Any], _demo_template, monkeypatch: pytest.M
     cell2's is a template, filled from ``[database] connection`` as Nova fills it: the test's
     environment gives that as NOVA_DATABASE_CONNECTION (the CLI reads it), as an operator would.
     """
-    monkeypatch.setenv("NOVA_DATABASE_CONNECTION", _database_connection(server_kwargs))
+    monkeypatch.setenv("NOVA_DATABASE_CONNECTION", nova_database_connection(server_kwargs))
     yield from _demo_copy(server_kwargs, _demo_template)
 
 

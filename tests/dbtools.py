@@ -135,17 +135,25 @@ def map_instances(params: DbParams, uuids: list[str], cell: str = "cell1") -> No
         )
 
 
-def plan_request_specs(params: DbParams, *, all_keys: bool = True):
-    """The RequestSpecs' plan as the CLI makes it: with every cell open, busy instances left alone.
+def nova_database_connection(server: dict[str, Any] | DbParams) -> str:
+    """What the nova.conf of a Nova service of a test's demo cloud has as [database] connection.
 
-    Cell URL templates are filled from $NOVA_DATABASE_CONNECTION (the ``demo_db`` fixture sets it).
+    Always ``user:password@``: Nova fills ``user@host`` with the password text ``None``.
     """
+    server = server if isinstance(server, dict) else {"user": server.user, "password": server.password,
+                                                      "host": server.host, "port": server.port}
+    auth = quote(server["user"], safe="") + ":" + quote(server["password"] or "", safe="")
+    return f"mysql+pymysql://{auth}@{server['host']}:{server['port']}/nova"
+
+
+def plan_request_specs(params: DbParams, *, all_keys: bool = True):
+    """The RequestSpecs' plan as the CLI makes it: with every cell open, busy instances left alone."""
     from nova_flavor_sync import service
     from nova_flavor_sync.cells import locate_cells, open_cells, read_cell_mappings
 
     with service.connect(params) as db:
         flavors, scope = service.resolve_scope(db, all_keys=all_keys)
-        cells = locate_cells(read_cell_mappings(db), template_url=os.environ.get("NOVA_DATABASE_CONNECTION"))
+        cells = locate_cells(read_cell_mappings(db), template_url=nova_database_connection(params))
         with open_cells(cells) as opened:
             both = service.plan_both_copies(db, [(c.mapping, opened[c.mapping.uuid]) for c in cells], scope,
                                             flavors=flavors)

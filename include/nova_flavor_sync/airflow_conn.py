@@ -16,6 +16,9 @@ from nova_flavor_sync.dburl import CHARSETS, DbParams, ssl_kwargs
 from nova_flavor_sync.errors import ConfigError
 
 DEFAULT_CONN_ID = "nova_api_db"
+# The Connection that holds Nova's [database] connection: cell URL templates in cell_mappings
+# are filled from it, as Nova fills them. Optional: without it, $NOVA_DATABASE_CONNECTION.
+DEFAULT_DATABASE_CONN_ID = "nova_database"
 # ssl_mode as MySQL clients spell it -> the URL-style TLS settings dburl understands.
 SSL_MODES = {
     "DISABLED": {"ssl_disabled": "true"},

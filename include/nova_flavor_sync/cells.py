@@ -21,6 +21,10 @@ from nova_flavor_sync.errors import ConfigError, NovaFlavorSyncError, UsageError
 
 log = logging.getLogger(__name__)
 
+# Nova's [database] connection from the environment, what cell URL templates are filled from
+# when nothing else gives it (as NOVA_API_DB_URL gives the API database).
+DATABASE_CONNECTION_ENV = "NOVA_DATABASE_CONNECTION"
+
 
 @dataclass(frozen=True, slots=True)
 class CellMapping:

@@ -28,7 +28,7 @@ from typing import NoReturn
 from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE
 from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, list_backups, private_dir
-from nova_flavor_sync.cells import CellMapping, locate_cells, open_cells, parse_cell_urls, read_cell_mappings
+from nova_flavor_sync.cells import DATABASE_CONNECTION_ENV, CellMapping, parse_cell_urls
 from nova_flavor_sync.db import NovaApiDb, NovaCellDb
 from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_url, redact_url, resolve_db_params
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
@@ -48,14 +48,9 @@ from nova_flavor_sync.throttle import (
 )
 
 PROG = "nova-flavor-sync"
-# The environment's word for --database-connection (as NOVA_API_DB_URL is for --db-url).
-DATABASE_CONNECTION_ENV = "NOVA_DATABASE_CONNECTION"
 # How resolve_db_params names a nova.conf as the API database's source: "<path> [api_database] connection".
 NOVA_CONF_SOURCE = " [api_database] connection"
-# Said with every plan until the sync writes the instances' own copies too.
-INSTANCE_COPIES_NOT_WRITTEN = (
-    "Instance copies (instance_extra.flavor in the cells) are reported, not yet written: --run writes the RequestSpecs"
-)
+
 DEFAULT_LOG_FILE = Path("~/.nova-flavor-fixes/nova-flavor-sync.log")
 log = logging.getLogger("nova_flavor_sync")
 
@@ -241,15 +236,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     params, source = resolve_db_params(args.db_url, args.nova_conf, os.environ)
     log.debug("Database %s (from %s)", params.safe_url(), source)
     cell_urls = parse_cell_urls(args.cell_db_url)
-    template_url = args.database_connection or os.environ.get(DATABASE_CONNECTION_ENV, "").strip() or None
-    if template_url is None and source.endswith(NOVA_CONF_SOURCE):  # the API database came from a nova.conf
-        template_url = read_nova_conf_cell_url(source.removesuffix(NOVA_CONF_SOURCE))
+    template_url = args.database_connection
+    if template_url is None and source.endswith(NOVA_CONF_SOURCE) and not os.environ.get(DATABASE_CONNECTION_ENV):
+        template_url = read_nova_conf_cell_url(source.removesuffix(NOVA_CONF_SOURCE))  # the API's nova.conf
     with service.connect(params) as db, service.pacing(db, args.pace, args.replica_db_url) as pacer:
         if args.restore:
             return _restore(db, args, argv, pacer)
-        cells = locate_cells(read_cell_mappings(db), template_url=template_url, cell_urls=cell_urls)
-        with open_cells(cells) as opened:
-            return _sync(db, [(cell.mapping, opened[cell.mapping.uuid]) for cell in cells], args, argv, pacer)
+        with service.open_cells_of(db, template_url=template_url, cell_urls=cell_urls) as cells:
+            return _sync(db, cells, args, argv, pacer)
 
 
 def _sync(
@@ -279,7 +273,7 @@ def _sync(
 
     _log_lines(report.plan_lines(plan, verbose=args.verbose))
     _log_lines(report.summary_lines(plan))
-    _log_lines(report.both_copies_lines(both)[1:-1] + [INSTANCE_COPIES_NOT_WRITTEN])
+    _log_lines(report.both_copies_lines(both)[1:-1] + [report.INSTANCE_COPIES_NOT_WRITTEN])
     if not args.run:
         _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
         if plan.changes:

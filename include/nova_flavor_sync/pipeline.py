@@ -80,11 +80,14 @@ class DriftFoundError(NovaFlavorSyncError):
     """Verify found RequestSpecs still out of sync in scope: fails the task."""
 
 
-def check_database(params: DbParams) -> dict[str, Any]:
-    """Connect and check the schema; return the server identity."""
-    with service.connect(params) as db:
+def check_database(params: DbParams, *, template_url: str | None = None) -> dict[str, Any]:
+    """Connect, check the schema, open and check every cell; return the server identity.
+
+    ``template_url``: Nova's [database] connection, which cell URL templates are filled from.
+    """
+    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
         identity = db.server_identity()
-    log.info("Connected to %s: nova_api schema checked", params.safe_url())
+    log.info("Connected to %s: nova_api schema checked; %d cells opened and checked", params.safe_url(), len(cells))
     return identity
 
 
@@ -96,15 +99,22 @@ def plan_to_file(
     instances: Sequence[str] = (),
     key_prefixes: Sequence[str] = (),
     all_keys: bool = False,
+    template_url: str | None = None,
 ) -> dict[str, Any]:
-    """Plan, log every changed instance and its key changes, save the plan to a file."""
-    with service.connect(params) as db:
+    """Plan, log every changed instance and its key changes, save the plan to a file.
+
+    Every cell is opened: the RequestSpecs of instances to leave alone (busy, deleted, being
+    built, in cell0) are not planned, and each cell's instance copies are reported.
+    """
+    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
         found, scope = service.resolve_scope(
             db, flavor_selectors=flavors, instance_uuids=instances, key_prefixes=key_prefixes, all_keys=all_keys
         )
         reading = Progress("Read request specs", every=PROGRESS_EVERY)
-        plan = service.make_plan(db, scope, flavors=found, progress=reading.update)
-    for line in report.plan_lines(plan, verbose=True) + report.summary_lines(plan):
+        both = service.plan_both_copies(db, cells, scope, flavors=found, progress=reading.update)
+    plan = both.copies[0].plan
+    lines = report.plan_lines(plan, verbose=True) + report.summary_lines(plan) + report.both_copies_lines(both)[1:-1]
+    for line in lines + [report.INSTANCE_COPIES_NOT_WRITTEN]:
         log.info("%s", line)
     path = save_plan(plan, work_dir)
     log.info("Plan %s saved to %s", plan.digest, path)
@@ -192,25 +202,29 @@ def pace_settings(params: Mapping[str, Any]) -> PaceSettings:
     )
 
 
-def verify(params: DbParams, plan_path: str) -> dict[str, Any]:
+def verify(params: DbParams, plan_path: str, *, template_url: str | None = None) -> dict[str, Any]:
     """Read everything in the plan's scope again; raise DriftFoundError if drift remains."""
-    return fail_on_drift(drift_summary(params, scope_from=plan_path))
+    return fail_on_drift(drift_summary(params, scope_from=plan_path, template_url=template_url))
 
 
 def drift_summary(
-    params: DbParams, *, scope_from: str | None = None, all_keys: bool = False
+    params: DbParams, *, scope_from: str | None = None, all_keys: bool = False, template_url: str | None = None
 ) -> dict[str, Any]:
-    """The drift check: plan and log every stale instance and the summary; never writes."""
-    with service.connect(params) as db:
+    """The drift check: plan and log every stale instance and the summary; never writes.
+
+    The summary is the RequestSpecs'; ``instance_copies`` adds each cell's stale instance copies.
+    """
+    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
         if scope_from is not None:
-            scope = load_plan(Path(scope_from)).scope
-            plan = service.verify(db, scope)
+            scope, found = load_plan(Path(scope_from)).scope, None  # flavors read again: a verify
         else:
             found, scope = service.resolve_scope(db, all_keys=all_keys)
-            plan = service.make_plan(db, scope, flavors=found)
-    for line in report.plan_lines(plan, verbose=True) + report.summary_lines(plan):
+        both = service.plan_both_copies(db, cells, scope, flavors=found)
+    plan = both.copies[0].plan
+    lines = report.plan_lines(plan, verbose=True) + report.summary_lines(plan) + report.both_copies_lines(both)[1:-1]
+    for line in lines:
         log.info("%s", line)
-    return plan.summary()
+    return {**plan.summary(), "instance_copies": {c.where: len(c.plan.changes) for c in both.copies[1:]}}
 
 
 def fail_on_drift(summary: dict[str, Any]) -> dict[str, Any]:

@@ -76,6 +76,12 @@ def summary_lines(plan: Plan) -> list[str]:
     return lines
 
 
+# Said with every plan until the sync writes the instances' own copies too.
+INSTANCE_COPIES_NOT_WRITTEN = (
+    "Instance copies (instance_extra.flavor in the cells) are reported, not yet written: a sync writes the RequestSpecs"
+)
+
+
 def both_copies_lines(cloud: CloudPlan) -> list[str]:
     """One line per copy and cell, what is never written, instances whose copies disagree, the digest."""
     lines = []

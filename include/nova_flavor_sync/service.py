@@ -7,6 +7,7 @@ results with ``report`` and turn exceptions into exit codes or failed tasks.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,14 @@ from nova_flavor_sync.backup import (
     load_backup,
     write_backup,
 )
-from nova_flavor_sync.cells import CellMapping, instances_to_leave_alone
+from nova_flavor_sync.cells import (
+    DATABASE_CONNECTION_ENV,
+    CellMapping,
+    instances_to_leave_alone,
+    locate_cells,
+    open_cells,
+    read_cell_mappings,
+)
 from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, ReplicaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
@@ -131,6 +139,22 @@ def make_cell_plan(
     """
     rows = cell.iter_flavor_rows(page_size=page_size, left_alone=left_alone)
     return diff_make_plan(flavors, rows, scope, layout=INSTANCE_FLAVOR)
+
+
+@contextmanager
+def open_cells_of(
+    api: NovaApiDb, *, template_url: str | None = None, cell_urls: Mapping[str, str] | None = None
+) -> Iterator[list[tuple[CellMapping, NovaCellDb]]]:
+    """Every cell of ``api``'s cell_mappings, opened and checked, in mapping order; closed at the end.
+
+    ``template_url`` is Nova's ``[database] connection`` (cell URL templates are filled from it;
+    ``$NOVA_DATABASE_CONNECTION`` when None); ``cell_urls`` the operator's URL per cell name or
+    uuid. Raises, naming the cell, before anything is written (``cells.open_cells``).
+    """
+    template_url = template_url or os.environ.get(DATABASE_CONNECTION_ENV, "").strip() or None
+    cells = locate_cells(read_cell_mappings(api), template_url=template_url, cell_urls=cell_urls)
+    with open_cells(cells) as opened:
+        yield [(cell.mapping, opened[cell.mapping.uuid]) for cell in cells]
 
 
 def plan_both_copies(

@@ -82,6 +82,10 @@ def nova_env(demo_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_d
     auth = demo_db.user + (f":{demo_db.password}" if demo_db.password else "")
     uri = f"mysql://{auth}@{demo_db.host}:{demo_db.port}/{demo_db.database}"
     monkeypatch.setenv("AIRFLOW_CONN_NOVA_API_DB", uri)
+    # Nova's [database] connection as a Connection (the demo's cell2 is a template filled from
+    # it), not the environment the demo_db fixture sets: the DAGs must use the Connection.
+    monkeypatch.setenv("AIRFLOW_CONN_NOVA_DATABASE", uri.rsplit("/", 1)[0] + "/nova")
+    monkeypatch.delenv("NOVA_DATABASE_CONNECTION")
     monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
     return demo_db

@@ -32,7 +32,7 @@ import pytest
 from demo_airflow import SYNC, USERNAME, demo_airflow
 from local_airflow import Airflow, free_port
 
-from dbtools import new_database_name
+from dbtools import new_database_name, plan_request_specs
 from nova_flavor_sync.demo import DEMO_CELLS, cell_database_name, drop_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,13 +91,10 @@ def processes_in(home: Path) -> list[str]:
 
 
 def to_update(server_kwargs, database: str) -> int:
-    """What the dry run must report: the stale RequestSpecs of the default scope."""
-    from nova_flavor_sync import service
+    """What the dry run must report: the stale RequestSpecs of the default scope (busy instances left alone)."""
     from nova_flavor_sync.dburl import DbParams
 
-    with service.connect(DbParams(database=database, **server_kwargs)) as db:
-        flavors, scope = service.resolve_scope(db)
-        return len(service.make_plan(db, scope, flavors=flavors).changes)
+    return len(plan_request_specs(DbParams(database=database, **server_kwargs), all_keys=False).changes)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ The nova_api database is the ``demo_db`` fixture's fresh MariaDB copy of the dem
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ import local_airflow
 import pytest
 from local_airflow import Airflow
 
-from dbtools import table_hash
+from dbtools import plan_request_specs, table_hash
 
 SYNC, RESTORE = "nova_flavor_sync", "nova_flavor_restore"
 # Answer only after the approve task has been seen awaiting input this long: answering the
@@ -39,6 +40,8 @@ def airflow(demo_db, tmp_path) -> Iterator[Airflow]:
     """A running Airflow whose ``nova_api_db`` connection is ``demo_db``; always stopped."""
     env = {
         "AIRFLOW_CONN_NOVA_API_DB": conn_uri(demo_db),
+        # Nova's [database] connection: the demo's cell2 URL is a template filled from it.
+        "AIRFLOW_CONN_NOVA_DATABASE": conn_uri(dataclasses.replace(demo_db, database="nova")),
         "NOVA_FLAVOR_SYNC_DIR": str(tmp_path / "data"),
     }
     running = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env)
@@ -79,14 +82,11 @@ def run_approved(airflow: Airflow, dag_id: str, conf: dict) -> tuple[str, dict, 
 
 @pytest.mark.timeout(300)
 def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path):
-    from nova_flavor_sync import service
 
     started = time.monotonic()
     with printed_on_failure(airflow):
         original = table_hash(demo_db, columns=SPEC_COLUMNS)
-        with service.connect(demo_db) as db:
-            flavors, scope = service.resolve_scope(db, all_keys=True)
-            stale = len(service.make_plan(db, scope, flavors=flavors).changes)
+        stale = len(plan_request_specs(demo_db).changes)  # busy instances' RequestSpecs left alone
         assert stale > 0, "the demo cloud should start with stale RequestSpecs"
 
         airflow.wait_for_dags([SYNC, RESTORE])
@@ -110,9 +110,7 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
         assert outcome["outcome"] == "applied", outcome
         assert outcome["updated"] == stale and outcome["conflicts"] == 0 and outcome["errors"] == 0, outcome
 
-        with service.connect(demo_db) as db:
-            flavors, scope = service.resolve_scope(db, all_keys=True)
-            assert service.make_plan(db, scope, flavors=flavors).changes == []
+        assert plan_request_specs(demo_db).changes == []
         assert table_hash(demo_db, columns=SPEC_COLUMNS) != original
         backups = sorted((tmp_path / "data" / "backups").glob("request_specs_*.json"))
         assert len(backups) == 1, backups

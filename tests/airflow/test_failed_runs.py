@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 
 from approval_answer import rest_api_run, run_with_answer
-from dbtools import connect, table_hash
+from dbtools import connect, plan_request_specs, table_hash
 
 SYNC = "nova_flavor_sync"
 CONF = {"dry_run": False, "all_keys": True}
@@ -58,11 +58,8 @@ def no_retries(dag) -> None:
 
 
 def in_sync(params) -> bool:
-    from nova_flavor_sync import service
-
-    with service.connect(params) as db:
-        flavors, scope = service.resolve_scope(db, all_keys=True)
-        return service.make_plan(db, scope, flavors=flavors).changes == []
+    """No RequestSpec left to sync (those of busy instances are left alone)."""
+    return plan_request_specs(params).changes == []
 
 
 def assert_failed_everywhere(dag_run, states) -> None:
@@ -110,6 +107,20 @@ def test_drift_left_after_the_writes_fails_verify_and_the_run(nova_env):
     assert_failed_everywhere(dag_run, states)
     assert states["apply_batch[0]"] == "success" and states["verify"] == "failed"
     assert table_hash(nova_env, columns=SPEC_COLUMNS) == before
+
+
+@pytest.mark.timeout(240)
+def test_a_cell_that_cannot_be_reached_fails_the_run_before_anything_is_written(nova_env):
+    with connect(nova_env) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE cell_mappings SET database_connection = "
+                    "REPLACE(database_connection, '127.0.0.1:', '127.0.0.1:1') WHERE name = 'cell1'")
+    before = table_hash(nova_env)
+
+    dag_run, states, _ = run_with_answer(SYNC, CONF, None)
+
+    assert_failed_everywhere(dag_run, states)
+    assert states["check_db"] == "failed" and states["make_plan"] == "upstream_failed"
+    assert table_hash(nova_env) == before
 
 
 @pytest.mark.timeout(240)
