@@ -103,14 +103,14 @@ def locate_cells(
             cells.append(Cell(mapping, parse_db_url(chosen[mapping.uuid], source=source), source))
             continue
         source = f"cell {mapping.label} database_connection"
-        if "{" in mapping.database_connection and template_url is None:
+        is_template = "{" in mapping.database_connection
+        if is_template and template_url is None:  # dburl would refuse too; this names the ways out
             raise ConfigError(
                 f"{source} is a template ({redact_url(mapping.database_connection)}) that Nova fills from "
                 f"[database] connection: give --nova-conf, or --cell-db-url {mapping.name or mapping.uuid}=URL"
             )
         params = cell_db_params(mapping.database_connection, template_url, source=source)
-        filled = "{" in mapping.database_connection
-        cells.append(Cell(mapping, params, f"{source} filled from [database] connection" if filled else source))
+        cells.append(Cell(mapping, params, f"{source} filled from [database] connection" if is_template else source))
     return cells
 
 
