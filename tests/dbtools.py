@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -77,6 +78,20 @@ def table_hash(params: DbParams, table: str = "request_specs", columns: str = DE
         for row in cur.fetchall():
             digest.update(repr(row).encode() + b"\n")  # repr keeps None vs 'None' apart
     return digest.hexdigest()
+
+
+def copies_hash(params: DbParams, *, copies_only: bool = False) -> str:
+    """sha256 over both flavor copies of a test's demo cloud: equal hashes = no copy changed.
+
+    nova_api's request_specs and the instance_extra of its cells ``<database>_cell1`` and
+    ``_cell2``; ``copies_only``: only each row's id, instance and JSON, not its timestamps.
+    """
+    times = "" if copies_only else ", created_at, updated_at"
+    parts = [table_hash(params, columns=f"id, instance_uuid, spec{times}")]
+    for cell in ("cell1", "cell2"):
+        cell_db = dataclasses.replace(params, database=f"{params.database}_{cell}")
+        parts.append(table_hash(cell_db, "instance_extra", columns=f"id, instance_uuid, flavor{times}"))
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
 
 def tables_with_rows(server_kwargs: dict[str, Any], database: str) -> list[str]:

@@ -33,12 +33,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RowTarget:
-    """A row to move from the bytes hashing to ``expected_sha256`` to those hashing to ``new_sha256``."""
+    """A row to move from the bytes hashing to ``expected_sha256`` to those hashing to ``new_sha256``.
+
+    ``expected_sha256`` None (a forced restore): from whatever bytes the row holds when the
+    batch reads it; the write is still a compare-and-swap on those. ``instance_uuid``: the
+    row must still belong to this instance.
+    """
 
     id: int
-    expected_sha256: str
+    expected_sha256: str | None
     new_sha256: str
     build: Callable[[str], str | None]  # current spec text -> new text; None: not any more
+    instance_uuid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def sync_targets(changes: Iterable[RowChange], layout: CopyLayout = REQUEST_SPEC
         writer = writers.get(id(change.diff))
         if writer is None:
             writer = writers[id(change.diff)] = _extra_specs_writer(dict(change.diff.target_extra_specs), layout)
-        yield RowTarget(change.id, change.old_sha256, change.new_sha256, writer)
+        yield RowTarget(change.id, change.old_sha256, change.new_sha256, writer, change.instance_uuid)
 
 
 def apply_plan(
@@ -125,8 +131,12 @@ def apply_batches(
     pacer: Pacer | None = None,
     progress: Callable[[ApplyResult, int], None] | None = None,
     retry: RetryPolicy = RetryPolicy(),
+    write: bool = True,
 ) -> ApplyResult:
     """Apply the targets batch after batch, each one short transaction; ``total`` is for progress.
+
+    Without ``write`` nothing is written: each batch is read and judged as it would be, and
+    the rows it would write are counted as ``updated`` (a restore's dry run).
 
     Without a pacer every batch has ``batch_size`` rows. With one, the pacer sizes each batch,
     pauses and waits while the server is loaded before it, and learns from how long it took;
@@ -140,6 +150,11 @@ def apply_batches(
 
     batch = cut()
     prepared: Prepared | None = None
+    if not write:
+        while batch:
+            result.add(_prepare(db, batch).as_preview())
+            batch = cut()
+        return result
     with _ReadAhead(db) as ahead:
         while batch:
             # While this batch is written, the next one is read and rebuilt on a second
@@ -209,6 +224,11 @@ class Prepared:
     outcome: ApplyResult
     writes: list[SpecWrite]
 
+    def as_preview(self) -> ApplyResult:
+        """The outcome as if every write had succeeded."""
+        self.outcome.updated += [write.id for write in self.writes]
+        return self.outcome
+
 
 def _try_batch(db: NovaDb, batch: Sequence[RowTarget], prepared: Prepared | None = None) -> ApplyResult:
     if prepared is None:
@@ -229,11 +249,14 @@ def _prepare(db: NovaDb, batch: Sequence[RowTarget]) -> Prepared:
         if target.id not in current:
             outcome.gone.append(target.id)
             continue
-        text = current[target.id][1]
+        uuid, text = current[target.id][0], current[target.id][1]
+        if target.instance_uuid is not None and uuid != target.instance_uuid:
+            outcome.errors[target.id] = f"row now belongs to instance {uuid}, not {target.instance_uuid}; not written"
+            continue
         sha = sha256_text(text)
         if sha == target.new_sha256:
             outcome.already.append(target.id)
-        elif sha != target.expected_sha256:
+        elif target.expected_sha256 is not None and sha != target.expected_sha256:
             outcome.conflicts.append(target.id)
         else:
             try:

@@ -1,16 +1,26 @@
 """Backup files: written atomically before the first write, checked before a restore.
 
-A backup is one JSON document, written as a stream so memory does not grow with it::
+One backup per run holds the rows of both flavor copies it may write: RequestSpecs from
+nova_api and instance copies from each cell. It is one JSON document, written as a stream
+so memory does not grow with it::
 
-    {"format": "nova-flavor-sync-backup", "format_version": 1, "created_at": ..., "database": {...},
+    {"format": "nova-flavor-sync-backup", "format_version": 2, "created_at": ...,
+     "databases": {"nova_api": {<server identity>}, "<cell uuid>": {"cell": "cell1", ...}},
      "plan_digest": ..., "scope": {...}, "records": [
-    {"id": 7, "instance_uuid": ..., "spec": ..., "updated_at": ..., "sha256": ..., "new_sha256": ...},
+    {"database": "nova_api", "table": "request_specs", "id": 7, "instance_uuid": ..., "spec": ...,
+     "updated_at": ..., "sha256": ..., "new_sha256": ...},
+    {"database": "<cell uuid>", "table": "instance_extra", "id": 3, ..., "spec": <the flavor column>, ...},
     ...
-    ], "record_count": 2, "checksum": "sha256:<hex>"}
+    ], "record_count": 2, "records_by_database": {"nova_api": 1, "<cell uuid>": 1},
+     "checksum": "sha256:<hex>"}
 
-``checksum`` is the sha256 of every byte of the file before ``, "checksum"``. Each record's
-``sha256`` is that of its ``spec``; ``new_sha256`` is what the sync planned to write there
-(null for a row it does not change), so a restore can tell "still as the sync left it".
+``database`` names where a record's row lives: ``nova_api`` or the uuid of its cell (as
+in ``cell_mappings``); ``spec`` is that row's JSON column (``request_specs.spec`` or
+``instance_extra.flavor``) byte for byte. ``checksum`` is the sha256 of every byte of the
+file before ``, "checksum"``. Each record's ``sha256`` is that of its ``spec``;
+``new_sha256`` is what the sync planned to write there (null for a row it does not
+change), so a restore can tell "still as the sync left it". Version 1 files (before cells:
+RequestSpecs only, one ``database``) are still read.
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,30 +42,46 @@ from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.spec_json import sha256_text
 
 FORMAT = "nova-flavor-sync-backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+API_DATABASE = "nova_api"  # a record's ``database`` for nova_api; a cell's is its uuid
+TABLES = {True: "request_specs", False: "instance_extra"}  # by "is it nova_api"
 DEFAULT_BACKUP_DIR = Path("~/.nova-flavor-fixes/backups")
-FILE_PREFIX = "request_specs_"
+FILE_PREFIX = "flavor_copies_"
+OLD_FILE_PREFIXES = ("request_specs_",)  # before cells: listed and restored all the same
 _RECORDS_OPEN = b', "records": [\n'
 _CHECKSUM_KEY = b', "checksum": "'
+_TRAILER_MAX = 64 * 1024  # the last line: counts per database (a few hundred cells fit) and checksum
 
 
 @dataclass(frozen=True, slots=True)
 class BackupRecord:
-    """One request_specs row as it was before the sync."""
+    """One row of a flavor copy (request_specs or instance_extra) as it was before the sync."""
 
     id: int
     instance_uuid: str
-    spec: str
+    spec: str  # the row's JSON column: request_specs.spec or instance_extra.flavor
     updated_at: str | None  # "YYYY-mm-dd HH:MM:SS" (UTC, as stored) or None
     sha256: str
     new_sha256: str | None  # what the sync writes over it; None if the plan leaves it
+    database: str = API_DATABASE  # "nova_api" or the uuid of the row's cell
+
+    @property
+    def table(self) -> str:
+        return TABLES[self.database == API_DATABASE]
 
     @classmethod
     def of_row(
-        cls, row_id: int, instance_uuid: str, spec: str, updated_at: datetime | None, new_sha256: str | None
+        cls,
+        row_id: int,
+        instance_uuid: str,
+        spec: str,
+        updated_at: datetime | None,
+        new_sha256: str | None,
+        database: str = API_DATABASE,
     ) -> BackupRecord:
         stamp = updated_at.strftime("%Y-%m-%d %H:%M:%S") if updated_at else None
-        return cls(row_id, instance_uuid, spec, stamp, sha256_text(spec), new_sha256)
+        return cls(row_id, instance_uuid, spec, stamp, sha256_text(spec), new_sha256, database)
 
     def to_json(self) -> bytes:
         """The record as one JSON object, laid out as json.dumps lays it out.
@@ -63,7 +90,12 @@ class BackupRecord:
         backup's CPU at a million rows); non-ASCII text stays UTF-8 instead of \\u escapes.
         """
         dumps = orjson.dumps
-        return b'{"id": %d, "instance_uuid": %s, "spec": %s, "updated_at": %s, "sha256": %s, "new_sha256": %s}' % (
+        return (
+            b'{"database": %s, "table": %s, "id": %d, "instance_uuid": %s, "spec": %s, "updated_at": %s, '
+            b'"sha256": %s, "new_sha256": %s}'
+        ) % (
+            dumps(self.database),
+            dumps(self.table),
             self.id,
             dumps(self.instance_uuid),
             dumps(self.spec),
@@ -79,10 +111,21 @@ class BackupInfo:
 
     path: Path
     created_at: str
-    database: dict[str, Any]
+    databases: dict[str, dict[str, Any]]  # "nova_api" and each cell's uuid -> server identity
     plan_digest: str
     scope: dict[str, Any]
     record_count: int
+    records_by_database: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def database(self) -> dict[str, Any]:
+        """nova_api's server identity."""
+        return self.databases.get(API_DATABASE, {})
+
+    def where(self, database: str) -> str:
+        """How messages name a record's database: ``nova_api`` or ``cell1 (<uuid>)``."""
+        name = self.databases.get(database, {}).get("cell")
+        return f"{name} ({database})" if name and database != API_DATABASE else database
 
 
 @dataclass(frozen=True)
@@ -117,12 +160,16 @@ def write_backup(
     directory: Path,
     records: Iterable[BackupRecord],
     *,
-    database: Mapping[str, Any],
+    databases: Mapping[str, Mapping[str, Any]],
     plan_digest: str,
     scope: Mapping[str, Any],
     now: datetime | None = None,
 ) -> BackupInfo:
-    """Write records to a new backup file atomically: temp file, fsync, rename, fsync dir."""
+    """Write records to a new backup file atomically: temp file, fsync, rename, fsync dir.
+
+    ``databases``: the server identity of nova_api (``"nova_api"``) and of each cell whose
+    rows may be among the records (by cell uuid, with the cell's name as ``"cell"``).
+    """
     directory = private_dir(directory)
     now = now or datetime.now(UTC)
     stem = f"{FILE_PREFIX}{now.strftime('%Y%m%d_%H%M%S')}"
@@ -131,14 +178,14 @@ def write_backup(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "database": dict(database),
+        "databases": {key: dict(identity) for key, identity in databases.items()},
         "plan_digest": plan_digest,
         "scope": dict(scope),
     }
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            count = _write_document(out, header, records)
+            counts = _write_document(out, header, records, databases=header["databases"])
             out.flush()
             os.fsync(out.fileno())
         path = _link_unused_name(tmp, directory, stem)
@@ -154,7 +201,8 @@ def write_backup(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return BackupInfo(path, header["created_at"], header["database"], plan_digest, header["scope"], count)
+    return BackupInfo(path, header["created_at"], header["databases"], plan_digest, header["scope"],
+                      sum(counts.values()), counts)
 
 
 def load_backup(path: Path) -> Backup:
@@ -166,39 +214,48 @@ def load_backup(path: Path) -> Backup:
         raise BackupError(f"backup {path} is damaged or truncated: not valid JSON") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BackupError(f"{path} is not a nova-flavor-sync backup")
-    if document.get("format_version") != FORMAT_VERSION:
+    if document.get("format_version") not in READABLE_VERSIONS:
         raise BackupError(
             f"backup {path} has format version {document.get('format_version')!r}; "
-            f"this tool reads version {FORMAT_VERSION}"
+            f"this tool reads versions {' and '.join(map(str, READABLE_VERSIONS))}"
         )
     cut = data.rfind(_CHECKSUM_KEY)
     trailer = _CHECKSUM_KEY + f'sha256:{hashlib.sha256(data[:cut]).hexdigest()}"}}\n'.encode()
     if cut < 0 or data[cut:] != trailer:  # nothing may follow the checksum either
         raise BackupError(f"backup {path} fails its checksum: it was changed or damaged after it was written")
-    records = [_record(path, i, raw) for i, raw in enumerate(_list(path, document, "records"))]
+    version = document["format_version"]
+    records = [_record(path, i, raw, version) for i, raw in enumerate(_list(path, document, "records"))]
     if document.get("record_count") != len(records):
         raise BackupError(f"backup {path} says {document.get('record_count')} records but holds {len(records)}")
-    return Backup(_info(path, document, len(records)), records)
+    info = _info(path, document, len(records))
+    unknown = sorted({r.database for r in records} - set(info.databases))
+    if unknown:
+        raise BackupError(f"backup {path} has records of databases its header does not name: {', '.join(unknown)}")
+    return Backup(info, records)
 
 
-def check_same_database(info: BackupInfo, current: Mapping[str, Any]) -> None:
-    """Refuse a backup taken from another database (host names may differ: a VIP, a node)."""
-    taken = info.database
+def check_same_database(info: BackupInfo, current: Mapping[str, Any], database: str = API_DATABASE) -> None:
+    """Refuse a backup taken from another database (host names may differ: a VIP, a node).
+
+    ``database``: which of the backup's databases ``current`` should be (nova_api or a cell's uuid).
+    """
+    taken = info.databases.get(database, {})
+    where = "" if database == API_DATABASE else f" (cell {info.where(database)})"
     if taken.get("schema") != current.get("schema"):
         raise BackupError(
-            f"backup {info.path.name} is of schema {taken.get('schema')!r}, this is {current.get('schema')!r}"
+            f"backup {info.path.name}{where} is of schema {taken.get('schema')!r}, this is {current.get('schema')!r}"
         )
     for keys in (("galera_cluster_uuid",), ("server_uuid",), ("server_hostname", "server_port", "server_id")):
         theirs, ours = [taken.get(k) for k in keys], [current.get(k) for k in keys]
         if all(v is not None for v in theirs + ours):
             if theirs != ours:
                 raise BackupError(
-                    f"backup {info.path.name} was taken on another server "
+                    f"backup {info.path.name}{where} was taken on another server "
                     f"({', '.join(f'{k}={v}' for k, v in zip(keys, theirs, strict=True))}); this is "
                     f"{', '.join(f'{k}={v}' for k, v in zip(keys, ours, strict=True))}"
                 )
             return
-    raise BackupError(f"backup {info.path.name} does not say which server it was taken on")
+    raise BackupError(f"backup {info.path.name}{where} does not say which server it was taken on")
 
 
 def list_backups(directory: Path) -> list[BackupInfo | tuple[Path, str]]:
@@ -207,12 +264,14 @@ def list_backups(directory: Path) -> list[BackupInfo | tuple[Path, str]]:
     if not directory.is_dir():
         return []
     found: list[BackupInfo | tuple[Path, str]] = []
-    for path in sorted(directory.glob(f"{FILE_PREFIX}*.json")):
+    paths = [path for prefix in (FILE_PREFIX, *OLD_FILE_PREFIXES) for path in directory.glob(f"{prefix}*.json")]
+    for path in sorted(paths, key=lambda p: (re.findall(r"\d{8}_\d{6}", p.name)[:1], p.name)):  # by time
         try:
             found.append(read_backup_info(path))
         except BackupError as exc:
             found.append((path, str(exc)))
-    for path in sorted(directory.glob(f".{FILE_PREFIX}*.tmp")):  # a run killed while writing
+    killed = [path for prefix in (FILE_PREFIX, *OLD_FILE_PREFIXES) for path in directory.glob(f".{prefix}*.tmp")]
+    for path in sorted(killed):  # a run killed while writing
         found.append((path, "incomplete: its run stopped while writing it; not a backup, safe to delete"))
     return found
 
@@ -222,7 +281,7 @@ def read_backup_info(path: Path) -> BackupInfo:
     try:
         with open(path, "rb") as handle:
             first = handle.readline()
-            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 256))
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - _TRAILER_MAX))
             last = handle.read().splitlines()[-1]
         header = json.loads(first.removesuffix(b"\n").removesuffix(_RECORDS_OPEN.rstrip(b"\n")) + b"}")
         trailer = json.loads(b"{" + last.removeprefix(b"], "))
@@ -233,7 +292,9 @@ def read_backup_info(path: Path) -> BackupInfo:
     return _info(path, {**header, **trailer}, trailer.get("record_count", 0))
 
 
-def _write_document(out: BinaryIO, header: dict[str, Any], records: Iterable[BackupRecord]) -> int:
+def _write_document(
+    out: BinaryIO, header: dict[str, Any], records: Iterable[BackupRecord], *, databases: Mapping[str, Any]
+) -> dict[str, int]:
     digest = hashlib.sha256()
 
     def emit(chunk: bytes) -> None:
@@ -241,13 +302,15 @@ def _write_document(out: BinaryIO, header: dict[str, Any], records: Iterable[Bac
         out.write(chunk)
 
     emit(json.dumps(header).encode()[:-1] + _RECORDS_OPEN)
-    count = 0
+    counts: dict[str, int] = {}
     for record in records:
-        emit((b",\n" if count else b"") + record.to_json())
-        count += 1
-    emit(f'\n], "record_count": {count}'.encode())
+        if record.database not in databases:  # a caller's bug: the restore could not check it
+            raise BackupError(f"a backup record of database {record.database!r}, which the backup does not name")
+        emit((b",\n" if counts else b"") + record.to_json())
+        counts[record.database] = counts.get(record.database, 0) + 1
+    emit(f'\n], "record_count": {sum(counts.values())}, "records_by_database": {json.dumps(counts)}'.encode())
     out.write(_CHECKSUM_KEY + f'sha256:{digest.hexdigest()}"}}\n'.encode())
-    return count
+    return counts
 
 
 def _link_unused_name(tmp: Path, directory: Path, stem: str) -> Path:
@@ -279,9 +342,11 @@ def _list(path: Path, document: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def _record(path: Path, index: int, raw: Any) -> BackupRecord:
-    fields = {"id": int, "instance_uuid": str, "spec": str, "sha256": str, "updated_at": (str, type(None)),
-              "new_sha256": (str, type(None))}
+def _record(path: Path, index: int, raw: Any, version: int) -> BackupRecord:
+    fields: dict[str, Any] = {"id": int, "instance_uuid": str, "spec": str, "sha256": str,
+                              "updated_at": (str, type(None)), "new_sha256": (str, type(None))}
+    if version >= 2:
+        fields.update(database=str, table=str)
     if (
         not isinstance(raw, dict)
         or set(raw) != set(fields)
@@ -291,18 +356,26 @@ def _record(path: Path, index: int, raw: Any) -> BackupRecord:
         raise BackupError(f"backup {path}: record {index} is malformed")
     if sha256_text(raw["spec"]) != raw["sha256"]:
         raise BackupError(f"backup {path}: record {index} (id {raw['id']}) does not match its sha256")
-    return BackupRecord(
-        raw["id"], raw["instance_uuid"], raw["spec"], raw.get("updated_at"), raw["sha256"], raw.get("new_sha256")
-    )
+    record = BackupRecord(raw["id"], raw["instance_uuid"], raw["spec"], raw.get("updated_at"), raw["sha256"],
+                          raw.get("new_sha256"), raw.get("database", API_DATABASE))
+    if raw.get("table", record.table) != record.table:
+        raise BackupError(f"backup {path}: record {index} (id {raw['id']}) names table {raw['table']!r}, "
+                          f"not {record.table!r} of its database")
+    return record
 
 
 def _info(path: Path, document: dict[str, Any], count: int) -> BackupInfo:
+    if "databases" in document:
+        databases = {str(k): dict(v) for k, v in (document.get("databases") or {}).items() if isinstance(v, dict)}
+    else:  # version 1: nova_api only
+        databases = {API_DATABASE: dict(document.get("database") or {})}
+    by_database = document.get("records_by_database")
     return BackupInfo(
         path=Path(path),
         created_at=str(document.get("created_at", "")),
-        database=dict(document.get("database") or {}),
+        databases=databases,
         plan_digest=str(document.get("plan_digest", "")),
         scope=dict(document.get("scope") or {}),
         record_count=count,
+        records_by_database=dict(by_database) if isinstance(by_database, dict) else {API_DATABASE: count},
     )
-

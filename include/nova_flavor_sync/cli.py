@@ -1,4 +1,7 @@
-"""nova-flavor-sync: find and fix stale flavor extra specs in Nova's RequestSpecs.
+"""nova-flavor-sync: find and fix stale flavor extra specs in both of Nova's copies of an instance's flavor.
+
+The RequestSpec (nova_api.request_specs) and the instance's own copy (instance_extra.flavor in
+its cell database).
 
 Dry run by default: nothing is written without ``--run``.
 
@@ -21,7 +24,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,10 +32,10 @@ from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE
 from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, list_backups, private_dir
 from nova_flavor_sync.cells import DATABASE_CONNECTION_ENV, CellMapping, parse_cell_urls
-from nova_flavor_sync.db import NovaApiDb, NovaCellDb
+from nova_flavor_sync.db import NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_url, redact_url, resolve_db_params
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
-from nova_flavor_sync.plan import Plan
+from nova_flavor_sync.plan import CopyPlan
 from nova_flavor_sync.progress import terminal_progress
 from nova_flavor_sync.throttle import (
     DEFAULT_MAX_REPLICA_LAG_S,
@@ -80,7 +83,8 @@ def _redact_word(word: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Find request specs whose flavor copy is stale and rewrite only their extra_specs. "
+        description="Find instances whose flavor copies (RequestSpec in nova_api, instance_extra.flavor in "
+        "each cell) are stale and rewrite only their extra_specs. "
         "Dry run unless --run is given.",
         epilog="Return codes: 0 in sync/done, 1 unexpected error, 2 bad usage, 3 changes pending, "
         "4 refused before writing, 5 conflicts or row errors (run again).",
@@ -239,15 +243,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     template_url = args.database_connection
     if template_url is None and source.endswith(NOVA_CONF_SOURCE) and not os.environ.get(DATABASE_CONNECTION_ENV):
         template_url = read_nova_conf_cell_url(source.removesuffix(NOVA_CONF_SOURCE))  # the API's nova.conf
-    with service.connect(params) as db, service.pacing(db, args.pace, args.replica_db_url) as pacer:
+    with service.connect(params) as db, service.pacers(args.pace, args.replica_db_url) as pacer_for, \
+            service.open_cells_of(db, template_url=template_url, cell_urls=cell_urls) as cells:
         if args.restore:
-            return _restore(db, args, argv, pacer)
-        with service.open_cells_of(db, template_url=template_url, cell_urls=cell_urls) as cells:
-            return _sync(db, cells, args, argv, pacer)
+            return _restore(db, cells, args, argv, pacer_for)
+        return _sync(db, cells, args, argv, pacer_for)
 
 
 def _sync(
-    db: NovaApiDb, cells: list[tuple[CellMapping, NovaCellDb]], args: argparse.Namespace, argv: list[str], pacer: Pacer
+    db: NovaApiDb,
+    cells: list[tuple[CellMapping, NovaCellDb]],
+    args: argparse.Namespace,
+    argv: list[str],
+    pacer_for: Callable[[NovaDb], Pacer],
 ) -> int:
     flavors, scope = service.resolve_scope(
         db,
@@ -259,79 +267,95 @@ def _sync(
     if args.run and not args.no_backup:
         private_dir(args.backup_dir)  # refuse a bad backup directory before reading everything
     reading = terminal_progress("Reading request specs", enabled=args.verbose)
-    both = service.plan_both_copies(db, cells, scope, flavors=flavors, progress=reading.update if reading else None)
-    plan = both.copies[0].plan  # the RequestSpecs: what --run writes
+    cloud = service.plan_both_copies(db, cells, scope, flavors=flavors, progress=reading.update if reading else None)
     if reading:
         reading.finish()
+    plans = [copy.plan for copy in cloud.copies]
+    errors = sum(len(plan.errors) for plan in plans)
+    skipped = sum(plan.skipped for plan in plans)
     if args.verify:
-        _log_lines(report.summary_lines(plan)[:1])
-        stale = {copy.where.split()[0]: len(copy.plan.changes) for copy in both.copies[1:]}
-        log.info("Instance copies: %d stale (%s); reported, not yet written by --run", sum(stale.values()),
-                 ", ".join(f"{cell}={count}" for cell, count in stale.items()))
-        _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
-        return _pending_code(plan)
+        _log_lines([line for copy in cloud.copies for line in report.summary_lines(
+            copy.plan, what=_what(copy), digest=False)[:1]])
+        _log_lines([line for line in report.both_copies_lines(cloud) if line.startswith(("Copies disagree", "Both"))])
+        _log_lines([report.summary_line(cloud.to_update, skipped, errors)])
+        return _pending_code(cloud.to_update, errors)
 
-    _log_lines(report.plan_lines(plan, verbose=args.verbose))
-    _log_lines(report.summary_lines(plan))
-    _log_lines(report.both_copies_lines(both)[1:-1] + [report.INSTANCE_COPIES_NOT_WRITTEN])
+    _log_lines(report.cloud_plan_lines(cloud, verbose=args.verbose))
     if not args.run:
-        _log_lines([report.summary_line(len(plan.changes), plan.skipped, len(plan.errors))])
-        if plan.changes:
+        _log_lines([report.summary_line(cloud.to_update, skipped, errors)])
+        if cloud.to_update:
             log.info("DRY RUN: nothing was written. To apply exactly this plan:")
-            log.info("  %s", _command_line(argv, "--run", "--plan-digest", plan.digest))
+            log.info("  %s", _command_line(argv, "--run", "--plan-digest", cloud.digest))
         else:
             log.info("DRY RUN: nothing to change.")
-        return _pending_code(plan)
+        return _pending_code(cloud.to_update, errors)
 
-    if args.plan_digest and args.plan_digest != plan.digest:
+    if args.plan_digest and args.plan_digest != cloud.digest:
         raise PlanChangedError(
-            f"the plan is no longer {args.plan_digest} (now {plan.digest}): the data changed since "
+            f"the plan is no longer {args.plan_digest} (now {cloud.digest}): the data changed since "
             "that dry run. Nothing was written; run the dry run again and check it"
         )
-    if not plan.changes:
-        _log_lines([report.summary_line(0, plan.skipped, len(plan.errors))])
-        return ExitCode.INCOMPLETE if plan.errors else ExitCode.OK
+    if not cloud.to_update:
+        _log_lines([report.summary_line(0, skipped, errors)])
+        return ExitCode.INCOMPLETE if errors else ExitCode.OK
 
-    excluded: list[int] = []
+    databases = service.databases_of(db, cells)
+    excluded: dict[str, list[int]] = {}
     if args.no_backup:
         log.warning("--no-backup: writing without a backup file")
     else:
-        backup = service.back_up(db, plan, args.backup_dir, backup_all=args.backup_all)
-        excluded = backup.diverged
+        backup = service.back_up_copies(
+            databases, cloud.copies, args.backup_dir, digest=cloud.digest, scope=scope,
+            cell_names={mapping.uuid: mapping.name for mapping, _ in cells}, backup_all=args.backup_all,
+        )
+        excluded = backup.diverged_by_database
     log.info("Pacing: %s", args.pace.describe(len(args.replica_db_url)))
-    writing = terminal_progress("Writing request specs", enabled=args.verbose)
-    result = service.apply_plan(
-        db, plan, batch_size=args.batch_size, exclude_ids=excluded, pacer=pacer,
-        progress=(lambda r, total: writing.update(r.done, total)) if writing else None,
+    log.info("Writing the instance copies in each cell first, then the RequestSpecs")
+    writing = terminal_progress("Writing flavor copies", enabled=args.verbose)
+    applied = service.apply_copies(
+        databases, cloud.copies, batch_size=args.batch_size, exclude=excluded, pacer_for=pacer_for,
+        progress=(lambda copy, r, total: writing.update(r.done, total)) if writing else None,
     )
     if writing:
         writing.finish()
-    log.info("Paced: %s", pacer.summary())
-    conflicts = service.explain_conflicts(db, plan.scope, result.conflicts)
-    _log_lines(report.apply_lines(result, conflicts))
+    for done in applied:
+        log.info("Paced %s: %s", done.copy.where, pacer_for(databases[done.copy.key]).summary())
+    _log_lines(report.copies_applied_lines(applied))
 
-    after_both = service.plan_both_copies(db, cells, scope)
-    after = after_both.copies[0].plan
-    log.info("Verify: %d request specs still out of sync in scope", len(after.changes))
-    _log_lines(report.both_copies_lines(after_both)[1:-1])
-    if after.changes and not (result.conflicts or result.errors):
+    after = service.plan_both_copies(db, cells, scope)
+    log.info("Verify: %d flavor copies still out of sync in scope", after.to_update)
+    _log_lines(report.both_copies_lines(after)[:-1])
+    conflicts = sum(len(done.result.conflicts) for done in applied)
+    write_errors = sum(len(done.result.errors) for done in applied)
+    if after.to_update and not (conflicts or write_errors):
         log.warning(
             "Drift remains although no conflicts were seen: Nova may have saved some rows from a copy it "
             "read just before this run wrote them. Run again; if drift stays, run --verify --verbose"
         )
-    errors = len(plan.errors) + len(result.errors)
-    written = len(result.updated) + len(result.already)
-    _log_lines([report.summary_line(written, plan.rows_read - written - errors, errors)])
-    if result.conflicts or errors or after.changes:
+    written = sum(len(done.result.updated) + len(done.result.already) for done in applied)
+    read = sum(plan.rows_read for plan in plans)
+    _log_lines([report.summary_line(written, read - written - errors - write_errors, errors + write_errors)])
+    if conflicts or errors or write_errors or after.to_update:
         return ExitCode.INCOMPLETE
     return ExitCode.OK
 
 
-def _restore(db: NovaApiDb, args: argparse.Namespace, argv: list[str], pacer: Pacer) -> int:
+def _what(copy: CopyPlan) -> str:
+    return "request specs" if copy.cell_uuid is None else f"instance copies in {copy.where}"
+
+
+def _restore(
+    db: NovaApiDb,
+    cells: list[tuple[CellMapping, NovaCellDb]],
+    args: argparse.Namespace,
+    argv: list[str],
+    pacer_for: Callable[[NovaDb], Pacer],
+) -> int:
     if args.run:
         log.info("Pacing: %s", args.pace.describe(len(args.replica_db_url)))
     result = service.restore(
-        db, args.restore, run=args.run, force=args.force, batch_size=args.batch_size, pacer=pacer
+        db, args.restore, cells=cells, run=args.run, force=args.force, batch_size=args.batch_size,
+        pacer_for=pacer_for,
     )
     _log_lines(report.restore_lines(result, verbose=args.verbose))
     if not args.run:
@@ -342,10 +366,10 @@ def _restore(db: NovaApiDb, args: argparse.Namespace, argv: list[str], pacer: Pa
     return ExitCode.OK
 
 
-def _pending_code(plan: Plan) -> int:
-    if plan.changes:
+def _pending_code(to_update: int, errors: int) -> int:
+    if to_update:
         return ExitCode.DRIFT
-    return ExitCode.INCOMPLETE if plan.errors else ExitCode.OK
+    return ExitCode.INCOMPLETE if errors else ExitCode.OK
 
 
 def _command_line(argv: list[str], *more: str) -> str:

@@ -53,10 +53,21 @@ class CopyTable:
     table: str
     column: str
     layout: CopyLayout
+    # More the compare-and-swap checks, as SQL after WHERE ... AND (no parameters).
+    write_guard: str = ""
 
 
 REQUEST_SPECS = CopyTable("request_specs", "spec", REQUEST_SPEC)  # in nova_api
-INSTANCE_EXTRA = CopyTable("instance_extra", "flavor", INSTANCE_FLAVOR)  # in each cell database
+# An instance copy is written only while its instance is still idle, as when it was planned:
+# a resize or migration that started since then (a task_state set, vm_state resized) or a
+# delete leaves the copy alone even where the flavor bytes did not change yet.
+INSTANCE_EXTRA = CopyTable(
+    "instance_extra", "flavor", INSTANCE_FLAVOR,
+    write_guard=(
+        "deleted = 0 AND instance_uuid IN (SELECT uuid FROM instances WHERE deleted = 0 "
+        "AND task_state IS NULL AND (vm_state IS NULL OR vm_state != 'resized'))"
+    ),
+)  # in each cell database
 
 # Nova's CellMapping.CELL0_UUID: the cell of instances that failed to schedule.
 CELL0_UUID = "00000000-0000-0000-0000-000000000000"
@@ -703,6 +714,7 @@ def _cas_update(copy: CopyTable, writes: Sequence[SpecWrite], now: datetime) -> 
         f"UPDATE {table} SET {column} = CASE id {whens} END, updated_at = %s "
         f"WHERE id IN ({', '.join('%s' for _ in writes)}) "
         f"AND SHA2({column}, 256) = CASE id {whens} END"
+        + (f" AND {copy.write_guard}" if copy.write_guard else "")
     )
     params: list[Any] = [v for w in writes for v in (w.id, w.new_spec)]
     params.append(now)

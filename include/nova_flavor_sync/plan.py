@@ -344,6 +344,11 @@ class CopyPlan:
     def what(self) -> str:
         return "RequestSpecs" if self.cell_uuid is None else "Instance copies"
 
+    @property
+    def key(self) -> str:
+        """Which database: ``nova_api``, or the cell's uuid (as backups name it)."""
+        return self.cell_uuid or "nova_api"
+
 
 @dataclass
 class CloudPlan:

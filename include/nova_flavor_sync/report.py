@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from nova_flavor_sync.apply import ApplyResult
-    from nova_flavor_sync.service import RestoreResult
+    from nova_flavor_sync.service import CopyApplied, RestoreResult
 
 BRIEF_LIMIT = 10  # rows listed per kind without --verbose
 
@@ -52,11 +52,11 @@ def plan_lines(plan: Plan, *, verbose: bool) -> list[str]:
     return lines
 
 
-def summary_lines(plan: Plan) -> list[str]:
-    """Counts by flavor, key and risk class, and the digest that identifies the plan."""
+def summary_lines(plan: Plan, *, what: str = "request specs", digest: bool = True) -> list[str]:
+    """Counts by flavor, key and risk class, and (``digest``) the digest that identifies the plan."""
     summary = plan.summary()
     lines = [
-        f"Read {plan.rows_read} request specs: {len(plan.changes)} to update, {plan.in_sync} in sync, "
+        f"Read {plan.rows_read} {what}: {len(plan.changes)} to update, {plan.in_sync} in sync, "
         f"{len(plan.held_back)} with only risky changes (held back), {len(plan.orphans)} orphans, "
         f"{len(plan.left_alone)} left alone, {len(plan.errors)} errors"
         + (f", {plan.out_of_scope} out of scope" if plan.out_of_scope else "")
@@ -72,14 +72,31 @@ def summary_lines(plan: Plan) -> list[str]:
             f"Held back ({RiskClass.PLACEMENT.value} keys; --all-keys syncs them): "
             + _counts(summary["held_back_by_key"])
         )
-    lines.append(f"Plan digest: {plan.digest}")
+    if digest:
+        lines.append(f"Plan digest: {plan.digest}")
     return lines
 
 
-# Said with every plan until the sync writes the instances' own copies too.
-INSTANCE_COPIES_NOT_WRITTEN = (
-    "Instance copies (instance_extra.flavor in the cells) are reported, not yet written: a sync writes the RequestSpecs"
+# Said when a plan changes guest keys in instance copies: nothing changes a running guest.
+GUEST_KEYS_TAKE_EFFECT = (
+    "Guest keys (quota:*, hw:watchdog_action, hw_rng:*, hw_video:*, ...) take effect on each guest's next "
+    "hard reboot, resize or migration, when Nova builds the guest again from its instance copy; running guests "
+    "are not touched"
 )
+
+
+def cloud_plan_lines(cloud: CloudPlan, *, verbose: bool) -> list[str]:
+    """A plan of both copies, as the dry run shows it: each copy's rows and counts, then the totals.
+
+    Ends with the lines of ``both_copies_lines`` (the last one is the digest an approval binds).
+    """
+    lines: list[str] = []
+    for copy in cloud.copies:
+        what = "request specs" if copy.cell_uuid is None else f"instance copies in {copy.where}"
+        lines += [f"== {copy.what} in {copy.where} =="] if copy.cell_uuid is not None else []
+        lines += plan_lines(copy.plan, verbose=verbose)
+        lines += summary_lines(copy.plan, what=what, digest=False)
+    return lines + both_copies_lines(cloud)
 
 
 def both_copies_lines(cloud: CloudPlan) -> list[str]:
@@ -104,7 +121,23 @@ def both_copies_lines(cloud: CloudPlan) -> list[str]:
             f"between its two writes leaves this; run again): {', '.join(disagreeing[:5])}"
             + (" ..." if len(disagreeing) > 5 else "")
         )
-    lines.append(f"Both copies: {cloud.to_update} to update; plan digest {cloud.digest}")
+    guest_keys = any(copy.cell_uuid and copy.plan.summary()["by_risk"].get(RiskClass.GUEST.value)
+                     for copy in cloud.copies)
+    if guest_keys:
+        lines.append(GUEST_KEYS_TAKE_EFFECT)
+    api = sum(len(copy.plan.changes) for copy in cloud.copies if copy.cell_uuid is None)
+    lines.append(f"Both copies: {cloud.to_update} to update ({api} RequestSpecs, "
+                 f"{cloud.to_update - api} instance copies)")
+    lines.append(f"Plan digest: {cloud.digest}")
+    return lines
+
+
+def copies_applied_lines(applied: Sequence[CopyApplied]) -> list[str]:
+    """What the writes did, per copy (cells first, as they were written)."""
+    lines: list[str] = []
+    for done in applied:
+        lines.append(f"{done.copy.what} in {done.copy.where}:")
+        lines += ["  " + line for line in apply_lines(done.result, done.conflicts)]
     return lines
 
 
@@ -127,8 +160,12 @@ def restore_lines(result: RestoreResult, *, verbose: bool) -> list[str]:
     info = result.backup
     lines = [
         f"Backup {info.path} ({info.record_count} records, taken {info.created_at}, "
-        f"plan digest {info.plan_digest}) is intact and belongs to this database"
+        f"plan digest {info.plan_digest}) is intact and belongs to "
+        + ("this database" if len(info.databases) == 1 else f"these {len(info.databases)} databases")
     ]
+    verb = "restored" if result.run else "would restore"
+    lines += [f"{info.where(key)}: {count} of {info.records_by_database.get(key, 0)} records {verb}"
+              for key, count in result.restored_by_database.items()]
     lines += _notes("Skipped", result.skipped, verbose=verbose)
     lines += [f"Error: row {row_id}: {reason}" for row_id, reason in sorted(result.errors.items())]
     if result.not_verified:
@@ -144,9 +181,11 @@ def backup_list_lines(found: Sequence[BackupInfo | tuple[Path, str]], directory:
     lines = [f"Backups in {directory}:"]
     for entry in found:
         if isinstance(entry, BackupInfo):
+            by_copy = "  ".join(f"{entry.where(key)}={count}" for key, count in entry.records_by_database.items())
             lines.append(
                 f"{entry.path.name}  records={entry.record_count}  taken={entry.created_at}  "
                 f"schema={entry.database.get('schema')}  plan={entry.plan_digest[:12]}"
+                + (f"  ({by_copy})" if by_copy else "")
             )
         else:
             lines.append(f"{entry[0].name}  UNREADABLE: {entry[1]}")

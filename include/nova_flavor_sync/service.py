@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import TypeVar
 from nova_flavor_sync import apply as apply_mod
 from nova_flavor_sync.apply import ApplyResult
 from nova_flavor_sync.backup import (
+    API_DATABASE,
     BackupInfo,
     BackupRecord,
     check_same_database,
@@ -33,18 +33,19 @@ from nova_flavor_sync.cells import (
     open_cells,
     read_cell_mappings,
 )
-from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, ReplicaDb
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb, ReplicaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
+from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.plan import CloudPlan, CopyPlan, Flavor, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
 from nova_flavor_sync.plan_worker import plan_in_workers
-from nova_flavor_sync.restore import plan_restore
+from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
-from nova_flavor_sync.throttle import Pacer, PaceSettings, ServerBusyError
+from nova_flavor_sync.throttle import Pacer, PaceSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,7 +138,7 @@ def make_cell_plan(
     ``cells.instances_to_leave_alone``. Instances that are deleted or in the middle of a
     resize or migration are left alone too, with the reason (``db.instance_state_reason``).
     """
-    rows = cell.iter_flavor_rows(page_size=page_size, left_alone=left_alone)
+    rows = _rows_in_scope(cell, scope, page_size, left_alone=left_alone)
     return diff_make_plan(flavors, rows, scope, layout=INSTANCE_FLAVOR)
 
 
@@ -201,10 +202,25 @@ def verify(db: NovaApiDb, scope: Scope, *, page_size: int = DEFAULT_PAGE_SIZE) -
     return make_plan(db, scope, page_size=page_size)
 
 
+# Where a run's copies live: "nova_api" and each cell's uuid (as CopyPlan.key and backups name them).
+Databases = Mapping[str, NovaDb]
+
+
+def databases_of(api: NovaApiDb, cells: Sequence[tuple[CellMapping, NovaCellDb]] = ()) -> dict[str, NovaDb]:
+    """nova_api and every open cell but cell0 (never written), by the key backups use."""
+    return {API_DATABASE: api, **{mapping.uuid: db for mapping, db in cells if not mapping.is_cell0}}
+
+
 @dataclass
 class BackupResult:
     info: BackupInfo
-    diverged: list[int] = field(default_factory=list)  # changed since planning: apply skips them
+    # Rows changed since planning, by database: apply skips them (see back_up)
+    diverged_by_database: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> list[int]:
+        """nova_api's diverged rows (a run of the RequestSpecs only)."""
+        return self.diverged_by_database.get(API_DATABASE, [])
 
 
 def back_up(
@@ -215,44 +231,76 @@ def back_up(
     backup_all: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
 ) -> BackupResult:
-    """Write the rows the plan changes (or every row in scope) to a new backup file.
+    """Back up one plan of nova_api's RequestSpecs (``back_up_copies`` with a single copy)."""
+    return back_up_copies({API_DATABASE: db}, [CopyPlan(API_DATABASE, None, plan)], directory,  # type: ignore[arg-type]
+                          digest=plan.digest, scope=plan.scope, backup_all=backup_all, page_size=page_size)
 
+
+def back_up_copies(
+    databases: Databases,
+    copies: Sequence[CopyPlan],
+    directory: Path,
+    *,
+    digest: str,
+    scope: Scope,
+    cell_names: Mapping[str, str | None] | None = None,
+    backup_all: bool = False,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> BackupResult:
+    """Write the rows the plans change (or every row in scope) to ONE new backup file.
+
+    ``copies``: one plan per database (nova_api's RequestSpecs, each cell's instance
+    copies; a plan may be a SavedPlan), ``databases`` the open databases by CopyPlan.key,
+    ``digest`` the run's plan digest (a CloudPlan's). Each record names its database.
     A row whose bytes are no longer those planned is still backed up as it is now, and
-    listed in ``diverged``: applying it could overwrite bytes the backup does not hold.
+    listed in ``diverged_by_database``: applying it could overwrite bytes the backup does
+    not hold.
     """
-    diverged: list[int] = []
+    diverged: dict[str, list[int]] = {}
+    identities = {}
+    for copy in copies:
+        identity = databases[copy.key].server_identity()
+        if copy.cell_uuid is not None:
+            identity = {"cell": (cell_names or {}).get(copy.cell_uuid), **identity}
+        identities[copy.key] = identity
+    records = (
+        record
+        for copy in copies
+        for record in _backup_records(databases[copy.key], copy, diverged.setdefault(copy.key, []),
+                                      scope=scope, backup_all=backup_all, page_size=page_size)
+    )
+    info = write_backup(directory, records, databases=identities, plan_digest=digest, scope=scope.as_dict())
+    log.info("Backup written: %s (%d records: %s)", info.path, info.record_count,
+             ", ".join(f"{info.where(key)}={count}" for key, count in info.records_by_database.items()) or "none")
+    return BackupResult(info, {key: ids for key, ids in diverged.items() if ids})
+
+
+def _backup_records(
+    db: NovaDb, copy: CopyPlan, diverged: list[int], *, scope: Scope, backup_all: bool, page_size: int
+) -> Iterator[BackupRecord]:
+    """One copy's backup records, in id order; both ways walk the plan a page at a time."""
+    changes = copy.plan.changes
 
     def record(row_id, uuid, spec, updated_at, change) -> BackupRecord:
-        backed_up = BackupRecord.of_row(row_id, uuid, spec, updated_at, change.new_sha256 if change else None)
+        backed_up = BackupRecord.of_row(row_id, uuid, spec, updated_at, change.new_sha256 if change else None,
+                                        copy.key)
         if change is not None and backed_up.sha256 != change.old_sha256:
             diverged.append(row_id)
         return backed_up
 
-    def records() -> Iterator[BackupRecord]:
-        # Both ways walk the plan's changes in id order, a page at a time, never all at once.
-        if backup_all:
-            changes = iter(plan.changes)
-            change = next(changes, None)
-            for row in _rows_in_scope(db, plan.scope, page_size, with_updated_at=True):
-                while change is not None and change.id < row.id:
-                    change = next(changes, None)
-                planned = change if change is not None and change.id == row.id else None
-                yield record(row.id, row.instance_uuid, row.spec, row.updated_at, planned)
-        else:
-            for batch, current in _read_ahead(db, batched(plan.changes, page_size)):
-                for planned in batch:
-                    if planned.id in current:
-                        yield record(planned.id, *current[planned.id], planned)
-
-    info = write_backup(
-        directory,
-        records(),
-        database=db.server_identity(),
-        plan_digest=plan.digest,
-        scope=plan.scope.as_dict(),
-    )
-    log.info("Backup written: %s (%d records)", info.path, info.record_count)
-    return BackupResult(info, diverged)
+    if backup_all:
+        planned = iter(changes)
+        change = next(planned, None)
+        for row in _rows_in_scope(db, scope, page_size, with_updated_at=True):
+            while change is not None and change.id < row.id:
+                change = next(planned, None)
+            yield record(row.id, row.instance_uuid, row.spec, row.updated_at,
+                         change if change is not None and change.id == row.id else None)
+    else:
+        for batch, current in _read_ahead(db, batched(changes, page_size)):
+            for change in batch:
+                if change.id in current:
+                    yield record(change.id, *current[change.id], change)
 
 
 def apply_plan(
@@ -270,27 +318,84 @@ def apply_plan(
     )
 
 
-@contextmanager
-def pacing(
-    db: NovaApiDb,
-    settings: PaceSettings,
-    replicas: Sequence[DbParams] = (),
+@dataclass
+class CopyApplied:
+    """What a run wrote into one copy, and why it did not write the rest."""
+
+    copy: CopyPlan
+    result: ApplyResult
+    conflicts: list[RowNote]  # each conflict re-read and explained (explain_conflicts)
+
+
+def apply_copies(
+    databases: Databases,
+    copies: Sequence[CopyPlan],
     *,
-    pause_first: bool = False,
-) -> Iterator[Pacer]:
-    """A Pacer that watches this server's load and the replicas' lag, for one run's writes.
+    batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
+    exclude: Mapping[str, Iterable[int]] | None = None,
+    pacer_for: Callable[[NovaDb], Pacer] | None = None,
+    progress: Callable[[CopyPlan, ApplyResult, int], None] | None = None,
+) -> list[CopyApplied]:
+    """Write every copy's changes in compare-and-swap batches: the cells' instance copies first.
+
+    Why cells first: Nova copies the instance's flavor into the RequestSpec (a cold
+    migration does, and saves it), never the other way round. If a run stops between the
+    two, the instances it reached have a fresh instance copy and a stale RequestSpec: the
+    state before the sync for live migration and evacuate, and a cold migration heals the
+    RequestSpec from the instance. The other order would leave a fresh RequestSpec that the
+    next cold migration overwrites with the stale instance copy. ``--verify`` and the drift
+    check report such instances (CloudPlan.disagreeing_instances); running again heals them.
+
+    ``exclude``: rows by database not to write (the backup's diverged rows): reported as
+    conflicts. ``pacer_for`` gives each database's pacer (``pacers``).
+    """
+    done = []
+    for copy in sorted(copies, key=lambda c: c.cell_uuid is None):  # stable: cells in order, then nova_api
+        if not copy.plan.changes:
+            continue
+        db = databases[copy.key]
+        result = apply_plan(
+            db, copy.plan, batch_size=batch_size, exclude_ids=(exclude or {}).get(copy.key, ()),
+            pacer=pacer_for(db) if pacer_for else None,
+            progress=(lambda r, total, copy=copy: progress(copy, r, total)) if progress else None,
+        )
+        done.append(CopyApplied(copy, result, explain_conflicts(db, copy.plan.scope, result.conflicts)))
+    return done
+
+
+@contextmanager
+def pacers(
+    settings: PaceSettings, replicas: Sequence[DbParams] = (), *, pause_first: bool = False
+) -> Iterator[Callable[[NovaDb], Pacer]]:
+    """For one run's writes: a Pacer per database, watching its server's load and the replicas' lag.
 
     Each replica is opened and its lag read once here, so a URL that is no replica, or a
     user who may not read the replication status, is refused before anything is written.
     """
     opened: list[ReplicaDb] = []
+    made: dict[int, Pacer] = {}
+
+    def pacer_for(db: NovaDb) -> Pacer:
+        if id(db) not in made:
+            made[id(db)] = Pacer(settings, read_load=lambda: db.server_load(opened), pause_first=pause_first)
+        return made[id(db)]
+
     try:
         for params in replicas:
             opened.append(ReplicaDb(params).open())
-        yield Pacer(settings, read_load=lambda: db.server_load(opened), pause_first=pause_first)
+        yield pacer_for
     finally:
         for replica in opened:
             replica.close()
+
+
+@contextmanager
+def pacing(
+    db: NovaDb, settings: PaceSettings, replicas: Sequence[DbParams] = (), *, pause_first: bool = False
+) -> Iterator[Pacer]:
+    """The Pacer of one database's writes (see pacers)."""
+    with pacers(settings, replicas, pause_first=pause_first) as pacer_for:
+        yield pacer_for(db)
 
 
 def apply_saved_plan(
@@ -337,9 +442,17 @@ def _approved_rewrite(planner: RowPlanner, row: PlannedRow) -> Callable[[str], s
     return rewrite
 
 
-def explain_conflicts(db: NovaApiDb, scope: Scope, ids: Sequence[int]) -> list[RowNote]:
-    """Re-read and re-plan rows that changed under us: are they in sync now, or still stale?"""
-    planner = RowPlanner(db.load_flavors(), scope)
+def explain_conflicts(
+    db: NovaDb, scope: Scope, ids: Sequence[int], *, flavors: dict[int, Flavor] | None = None
+) -> list[RowNote]:
+    """Re-read and re-plan rows that changed under us: are they in sync now, or still stale?
+
+    ``flavors``: nova_api's flavors (read from ``db`` when it is nova_api and none are given).
+    """
+    if not ids:
+        return []
+    planner = RowPlanner(db.load_flavors() if flavors is None else flavors, scope, db.COPY.layout)  # type: ignore[attr-defined]
+    busy = db.busy_instances() if isinstance(db, NovaCellDb) else {}
     current = db.read_specs(ids)
     notes = []
     for row_id in ids:
@@ -347,10 +460,11 @@ def explain_conflicts(db: NovaApiDb, scope: Scope, ids: Sequence[int]) -> list[R
             notes.append(RowNote(row_id, "", "changed since planned: row deleted"))
             continue
         uuid, spec, updated_at = current[row_id]
-        outcome = planner.plan_row(SpecRow(row_id, uuid, spec, updated_at))
+        outcome = planner.plan_row(SpecRow(row_id, uuid, spec, updated_at, busy.get(uuid, "")))
         state = (
             "now in sync" if outcome == IN_SYNC
             else "still out of sync: run again" if isinstance(outcome, RowChange)
+            else f"now left alone: {outcome[1].reason}" if isinstance(outcome, tuple) and outcome[0] == "left_alone"
             else f"now {outcome[1].reason}" if isinstance(outcome, tuple)
             else "now out of scope"
         )
@@ -366,78 +480,87 @@ class RestoreResult:
     skipped: list[RowNote] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
     not_verified: list[int] = field(default_factory=list)  # restored, but read back different
+    restored_by_database: dict[str, int] = field(default_factory=dict)  # "nova_api" / cell uuid -> rows
 
 
 def restore(
-    db: NovaApiDb,
+    api: NovaApiDb,
     path: Path,
     *,
+    cells: Sequence[tuple[CellMapping, NovaCellDb]] = (),
     run: bool = False,
     force: bool = False,
     batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
-    pacer: Pacer | None = None,
+    pacer_for: Callable[[NovaDb], Pacer] | None = None,
 ) -> RestoreResult:
     """Check a backup belongs here, then put its bytes back (or say what would be put back).
 
-    With ``run`` and a ``pacer``, the pacer sizes the batches and waits before each one.
+    A restore is an apply: each database's records become compare-and-swap targets (from
+    the bytes the sync wrote, or with ``force`` from whatever the row holds) and go through
+    ``apply.apply_batches``, paced by ``pacer_for`` like a sync, in the sync's order (cells
+    first). Every database the backup names is checked to be the one it was taken from
+    before anything is written; a cell the backup names that is not open is refused.
     """
     backup = load_backup(path)
-    check_same_database(backup.info, db.server_identity())
+    databases = databases_of(api, cells)
+    for key in backup.info.databases:
+        if key not in databases:
+            raise BackupError(
+                f"backup {path.name} holds rows of cell {backup.info.where(key)}, which nova_api's cell_mappings "
+                "do not list (or which could not be opened): nothing was restored"
+            )
+        check_same_database(backup.info, databases[key].server_identity(), key)
+    by_database: dict[str, list[BackupRecord]] = {}
+    for record in backup.records:
+        by_database.setdefault(record.database, []).append(record)
     result = RestoreResult(backup.info, run)
-    expected: dict[int, str] = {}
-    pacer = pacer if run else None
-    start = 0
-    while start < len(backup.records):
-        records = backup.records[start : start + (pacer.next_batch_size() if pacer else batch_size)]
-        if pacer is not None:
-            try:
-                pacer.wait_turn(first=start == 0)
-            except ServerBusyError as exc:
-                raise ServerBusyError(
-                    f"{exc}. Stopped before backup records {start + 1}-{start + len(records)}: "
-                    f"{len(result.restored)} rows restored before them; nothing after: run the restore "
-                    "again when the server is less busy"
-                ) from None
-        start += len(records)
-        started = time.monotonic()
-        restore_plan = plan_restore(records, db.read_specs([r.id for r in records]), force=force)
-        result.skipped += restore_plan.skipped
-        if not run:
-            result.restored += [t.id for t in restore_plan.targets]
-            continue
-        outcome = apply_mod.apply_batch(db, restore_plan.targets)
-        if pacer is not None:
-            pacer.batch_done(len(records), time.monotonic() - started)
-        result.restored += outcome.updated + outcome.already
+    for key in sorted(by_database, key=lambda k: k == API_DATABASE):  # cells first, as a sync writes
+        records, db = by_database[key], databases[key]
+        outcome = apply_mod.apply_batches(
+            db, restore_targets(records, force=force), total=len(records), batch_size=batch_size,
+            pacer=pacer_for(db) if (run and pacer_for) else None, write=run,
+        )
+        result.restored += outcome.updated
+        result.restored_by_database[key] = len(outcome.updated)
         result.errors.update(outcome.errors)
         by_id = {r.id: r for r in records}
+        for row_id in outcome.already:
+            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid, "already holds the backed-up spec"))
         for row_id in outcome.conflicts:
-            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid, "changed while restoring"))
+            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid,
+                                          "changed since the sync wrote it (--force restores it anyway)"))
         for row_id in outcome.gone:
             result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid, "row no longer exists"))
-        expected.update((i, by_id[i].sha256) for i in outcome.updated + outcome.already)
-    if run:
-        ids = sorted(expected)
-        for start in range(0, len(ids), DEFAULT_PAGE_SIZE):
-            current = db.read_specs(ids[start : start + DEFAULT_PAGE_SIZE])
-            result.not_verified += [
-                i for i in ids[start : start + DEFAULT_PAGE_SIZE]
-                if i not in current or sha256_text(current[i][1]) != expected[i]
-            ]
+        if run:
+            result.not_verified += _read_back_different(db, {i: by_id[i].sha256 for i in outcome.updated})
     return result
 
 
+def _read_back_different(db: NovaDb, expected: Mapping[int, str]) -> list[int]:
+    """The rows whose bytes are not those expected (by sha256), read a page at a time."""
+    ids, different = sorted(expected), []
+    for start in range(0, len(ids), DEFAULT_PAGE_SIZE):
+        page = ids[start : start + DEFAULT_PAGE_SIZE]
+        current = db.read_specs(page, with_updated_at=False)
+        different += [i for i in page if i not in current or sha256_text(current[i][1]) != expected[i]]
+    return different
+
+
 def _rows_in_scope(
-    db: NovaApiDb,
+    db: NovaDb,
     scope: Scope,
     page_size: int,
     *,
     with_updated_at: bool = False,
     left_alone: Mapping[str, str] | None = None,
 ) -> Iterator[SpecRow]:
+    if isinstance(db, NovaCellDb):
+        rows = db.iter_flavor_rows(page_size=page_size, with_updated_at=with_updated_at, left_alone=left_alone)
+        wanted = scope.instance_uuids
+        return rows if wanted is None else (row for row in rows if row.instance_uuid in wanted)
     uuids = sorted(scope.instance_uuids) if scope.instance_uuids is not None else None
-    return db.iter_spec_rows(page_size=page_size, instance_uuids=uuids, with_updated_at=with_updated_at,
-                             left_alone=left_alone)
+    return db.iter_spec_rows(page_size=page_size, instance_uuids=uuids,  # type: ignore[attr-defined]
+                             with_updated_at=with_updated_at, left_alone=left_alone)
 
 
 def _read_ahead(db: NovaApiDb, batches: Iterable[list[T]]) -> Iterator[tuple[list[T], dict]]:

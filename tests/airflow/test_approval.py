@@ -32,7 +32,7 @@ def test_approve_writes_the_plan_and_the_database_ends_in_sync(nova_env, tmp_pat
     assert response["chosen_options"] == ["Approve"]
     assert plan_request_specs(nova_env).changes == []
     assert busy_request_specs(nova_env) == busy  # left alone, byte for byte: their instances are busy
-    backups = list((tmp_path / "data" / "backups").glob("request_specs_*.json"))
+    backups = list((tmp_path / "data" / "backups").glob("flavor_copies_*.json"))
     assert len(backups) == 1
 
 

@@ -74,8 +74,8 @@ def backups(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path))
     directory = tmp_path / "backups"
     for n, (count, day) in enumerate([(2, 6), (3, 7)], start=1):
-        write_backup(directory, records(count), database=DATABASE, plan_digest=digest(n), scope={"all_keys": False},
-                     now=datetime(2026, 1, day, 14, 32, 10, tzinfo=UTC))
+        write_backup(directory, records(count), databases={"nova_api": DATABASE}, plan_digest=digest(n),
+                     scope={"all_keys": False}, now=datetime(2026, 1, day, 14, 32, 10, tzinfo=UTC))
     (directory / DAMAGED).write_text('{"format": "nova-flavor-sync-backup", "records": [\n{"id": 1')
     return directory
 
@@ -124,7 +124,7 @@ def test_the_page_lists_each_backup_and_the_damaged_file(client, backups):
     assert response.headers["content-type"].startswith("text/html")
     assert response.headers["cache-control"] == "no-store"
     page = Page(response.text)
-    first, second = (backups / f"request_specs_202601{day:02d}_143210.json" for day in (6, 7))
+    first, second = (backups / f"flavor_copies_202601{day:02d}_143210.json" for day in (6, 7))
     assert [[tuple(cell) for cell in row] for row in page.rows] == [
         [(DAMAGED, None), (f"{DAMAGED}: damaged or not a backup", None)],
         [(first.name, str(first)), ("2", None), ("2026-01-06 14:32:10 UTC", "2026-01-06T14:32:10Z"),
@@ -149,8 +149,8 @@ def test_json_has_the_same_data(client, backups):
     assert data["backups"] == pipeline.backups(backups)
     assert [(b["file"], b.get("records"), b.get("plan_digest"), b.get("problem")) for b in data["backups"]] == [
         (DAMAGED, None, None, f"{DAMAGED}: damaged or not a backup"),
-        ("request_specs_20260106_143210.json", 2, digest(1), None),
-        ("request_specs_20260107_143210.json", 3, digest(2), None),
+        ("flavor_copies_20260106_143210.json", 2, digest(1), None),
+        ("flavor_copies_20260107_143210.json", 3, digest(2), None),
     ]
     assert data["backups"][1]["created_at"] == "2026-01-06T14:32:10Z" and data["backups"][1]["schema"] == "nova_api"
     page = Page(client.get(PAGE, headers=as_ui()).text)
@@ -160,7 +160,7 @@ def test_json_has_the_same_data(client, backups):
 
 def test_every_value_is_escaped_also_in_attributes_and_read_on_each_request(client, backups):
     before = Page(client.get(PAGE, headers=as_ui()).text)
-    shutil.copy(backups / "request_specs_20260107_143210.json", backups / NASTY_GOOD)  # a valid backup
+    shutil.copy(backups / "flavor_copies_20260107_143210.json", backups / NASTY_GOOD)  # a valid backup
     response = client.get(PAGE, headers=as_ui())
     page = Page(response.text)
     assert len(page.rows) == len(before.rows) + 1

@@ -112,7 +112,7 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
 
         assert plan_request_specs(demo_db).changes == []
         assert table_hash(demo_db, columns=SPEC_COLUMNS) != original
-        backups = sorted((tmp_path / "data" / "backups").glob("request_specs_*.json"))
+        backups = sorted((tmp_path / "data" / "backups").glob("flavor_copies_*.json"))
         assert len(backups) == 1, backups
 
         # Put the original bytes back from that backup, approved the same way.

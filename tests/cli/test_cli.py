@@ -25,7 +25,16 @@ from urllib.parse import quote
 
 import pytest
 
-from dbtools import SECRET, assert_no_secret, busy_sessions, connect, map_instances, table_hash, threads_running
+from dbtools import (
+    SECRET,
+    assert_no_secret,
+    busy_sessions,
+    connect,
+    copies_hash,
+    map_instances,
+    table_hash,
+    threads_running,
+)
 from nova_flavor_sync import cli, dburl, service
 from nova_flavor_sync.dburl import DbParams
 
@@ -112,7 +121,7 @@ def summary_updated(out: str) -> int:
 
 
 def backups_in(directory: Path) -> list[Path]:
-    return sorted(directory.glob("request_specs_*.json")) if directory.exists() else []
+    return sorted(directory.glob("flavor_copies_*.json")) if directory.exists() else []
 
 
 def specs_by_id(params: DbParams) -> dict[int, str]:
@@ -131,8 +140,8 @@ def is_subsequence(lines: list[str], of: list[str]) -> bool:
 
 def test_dry_run_apply_verify_list_restore(run, demo_db, log_file, backup_dir):
     url = db_url(demo_db)
-    specs_before = table_hash(demo_db, columns=SPEC_COLUMNS)
-    untouched = table_hash(demo_db)
+    specs_before = copies_hash(demo_db, copies_only=True)
+    untouched = copies_hash(demo_db)
     stdout_seen: list[str] = []
 
     # Dry run (with --all-keys from the start: the printed command repeats the dry run's flags).
@@ -146,15 +155,16 @@ def test_dry_run_apply_verify_list_restore(run, demo_db, log_file, backup_dir):
     command = messages(dry.out)[-1].strip()
     assert re.fullmatch(r"nova-flavor-sync .* --run --plan-digest [0-9a-f]{64}", command), dry.shown
     assert command.endswith(f"--run --plan-digest {digest}")
-    assert table_hash(demo_db) == untouched
+    assert copies_hash(demo_db) == untouched
 
     verbose = run("--db-url", url, "--all-keys", "--verbose")
     assert verbose.code == 3, verbose.shown
     stdout_seen += verbose.out.splitlines()
     mismatches = re.findall(r"\] Mismatch: ([0-9a-f-]{36}) \(Flavor: [^)]+\)$", verbose.out, re.M)
-    assert len(mismatches) == len(set(mismatches)) == to_update
+    # Both copies of an instance: its RequestSpec, then (under its cell's heading) its own copy.
+    assert len(mismatches) == to_update and len(set(mismatches)) == to_update // 2
     assert verbose.out.count("] Changes: {") == to_update
-    assert table_hash(demo_db) == untouched
+    assert copies_hash(demo_db) == untouched
 
     # Run exactly the printed command.
     argv = shlex.split(command)
@@ -162,13 +172,15 @@ def test_dry_run_apply_verify_list_restore(run, demo_db, log_file, backup_dir):
     applied = run(*argv[1:])
     assert applied.code == 0, applied.shown
     stdout_seen += applied.out.splitlines()
-    assert "Verify: 0 request specs still out of sync in scope" in applied.out
+    assert "Verify: 0 flavor copies still out of sync in scope" in applied.out
+    assert "Writing the instance copies in each cell first, then the RequestSpecs" in applied.out
     assert summary_updated(applied.out) == to_update
     [backup] = backups_in(backup_dir)
     assert stat.S_IMODE(backup.stat().st_mode) == 0o600
     assert stat.S_IMODE(backup_dir.stat().st_mode) == 0o700
-    assert f"Backup written: {backup} ({to_update} records)" in applied.out
-    assert table_hash(demo_db, columns=SPEC_COLUMNS) != specs_before
+    assert re.search(rf"\] Backup written: {re.escape(str(backup))} \({to_update} records: nova_api=\d+, "
+                     r"cell1 \([0-9a-f-]{36}\)=\d+, cell2 \([0-9a-f-]{36}\)=\d+\)$", applied.out, re.M), applied.shown
+    assert copies_hash(demo_db, copies_only=True) != specs_before
 
     again = run("--db-url", url, "--all-keys")
     assert again.code == 0, again.shown
@@ -179,28 +191,34 @@ def test_dry_run_apply_verify_list_restore(run, demo_db, log_file, backup_dir):
     verify = run("--db-url", url, "--all-keys", "--verify")
     assert verify.code == 0, verify.shown
     stdout_seen += verify.out.splitlines()
-    assert len(verify.out.splitlines()) + len(verify.err.splitlines()) <= 3, verify.shown
+    # Minimal: one line per copy (nova_api, cell1, cell2), the total, the summary.
+    assert [line.split(":")[0] for line in messages(verify.out)] == [
+        "Read 1500 request specs", "Read 884 instance copies in cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca)",
+        "Read 576 instance copies in cell2 (ada1b992-1bb5-5458-b47a-3407ad251e9e)", "Both copies", "Summary"
+    ], verify.shown
+    assert not verify.err
     assert "Summary: Updated=0, " in verify.out
 
     listed = run("--list-backups")
     assert listed.code == 0, listed.shown
     stdout_seen += listed.out.splitlines()
-    assert re.search(rf"\] {re.escape(backup.name)}  records={to_update}  .*plan={digest[:12]}$", listed.out, re.M)
+    assert re.search(rf"\] {re.escape(backup.name)}  records={to_update}  .*plan={digest[:12]}  "
+                     r"\(nova_api=\d+  cell1 ", listed.out, re.M), listed.shown
 
-    synced = table_hash(demo_db)
+    synced = copies_hash(demo_db)
     restore_dry = run("--db-url", url, "--restore", backup)
     assert restore_dry.code == 3, restore_dry.shown
     assert f"Summary: Would restore={to_update}, Skipped=0, Errors=0" in restore_dry.out
     restore_command = re.search(r"\] DRY RUN: nothing was written\. To restore: (.*)$", restore_dry.out, re.M)[1]
     assert shlex.split(restore_command)[-3:] == ["--restore", str(backup), "--run"], restore_command
-    assert table_hash(demo_db) == synced
+    assert copies_hash(demo_db) == synced
     stdout_seen += restore_dry.out.splitlines()
 
     restored = run("--db-url", url, "--restore", backup, "--run")
     assert restored.code == 0, restored.shown
     stdout_seen += restored.out.splitlines()
     assert f"Summary: Restored={to_update}, Skipped=0, Errors=0" in restored.out
-    assert table_hash(demo_db, columns=SPEC_COLUMNS) == specs_before
+    assert copies_hash(demo_db, copies_only=True) == specs_before
 
     # Every stdout line is in the log file, in the same order; the log file is private.
     logged = log_file.read_text(encoding="utf-8").splitlines()
@@ -226,7 +244,7 @@ def test_without_all_keys_placement_keys_are_held_back_and_not_drift(run, demo_d
 
     applied = run("--db-url", url, "--run")
     assert applied.code == 0, applied.shown
-    assert "Verify: 0 request specs still out of sync in scope" in applied.out
+    assert "Verify: 0 flavor copies still out of sync in scope" in applied.out
 
     after = run("--db-url", url, "--verify")
     assert after.code == 0, after.shown
@@ -267,8 +285,9 @@ def test_instance_limits_the_run_to_one_row(run, demo_db):
 
     dry = run("--db-url", url, "--all-keys", "--instance", instance, "--verbose")
     assert dry.code == 3, dry.shown
-    assert re.findall(r"\] Mismatch: ([0-9a-f-]{36}) ", dry.out) == [instance]
+    assert re.findall(r"\] Mismatch: ([0-9a-f-]{36}) ", dry.out) == [instance, instance]  # both copies
     assert "] Read 1 request specs: 1 to update" in dry.out
+    assert re.search(r"\] Read 1 instance copies in cell\d \([0-9a-f-]{36}\): 1 to update", dry.out), dry.shown
 
     applied = run("--db-url", url, "--all-keys", "--instance", instance.upper(), "--run")
     assert applied.code == 0, applied.shown
@@ -528,9 +547,9 @@ def _spec_edited_and_resealed(run, demo, other, bdir, tmp):
     return _edited(_sync_with_backup(run, demo, bdir), _flip_one_byte, reseal=True)
 
 
-def _format_version_2(run, demo, other, bdir, tmp):
+def _format_version_3(run, demo, other, bdir, tmp):
     def bump(data: bytes) -> bytes:
-        return data.replace(b'"format_version": 1,', b'"format_version": 2,', 1)
+        return data.replace(b'"format_version": 2,', b'"format_version": 3,', 1)
 
     return _edited(_sync_with_backup(run, demo, bdir), bump, reseal=True)
 
@@ -549,7 +568,7 @@ BAD_BACKUPS = [
     pytest.param(_one_byte_flipped, r"backup \S+ fails its checksum", id="one-byte-flipped"),
     pytest.param(_spec_edited_and_resealed, r"backup \S+: record 0 \(id \d+\) does not match its sha256",
                  id="spec-edited-and-resealed"),
-    pytest.param(_format_version_2, r"backup \S+ has format version 2; this tool reads version 1",
+    pytest.param(_format_version_3, r"backup \S+ has format version 3; this tool reads versions 1 and 2",
                  id="unknown-format-version"),
     pytest.param(_from_the_other_database, r"backup \S+ is of schema 'nfs_test_\w+', this is 'nfs_test_\w+'",
                  id="foreign-database"),
@@ -665,7 +684,7 @@ def test_a_malformed_row_is_reported_left_alone_and_does_not_stop_the_run(run, d
     applied = run("--db-url", url, "--all-keys", "--run")
     assert applied.code == 5, applied.shown
     assert f"Error: row {bad_id} " in applied.out
-    assert "Verify: 0 request specs still out of sync in scope" in applied.out
+    assert "Verify: 0 flavor copies still out of sync in scope" in applied.out
     assert bad_row() == bad_before
 
     again = run("--db-url", url, "--all-keys")
@@ -709,8 +728,9 @@ def test_pacing_options_are_used_and_said(run, demo_db):
     assert tuned.code == 0, tuned.shown
     assert "Pacing: batches sized to take 0.2 s (50-5000 rows, starting at 500), pause 0.05 s between batches; " \
            "waiting while Threads_running > 1000 (at most 5 s)" in messages(tuned.out), tuned.shown
-    assert re.search(r"^Paced: \d+ batches of \d+-\d+ rows, \d+\.\d s paused, 0\.0 s waited for the server$",
-                     tuned.out.replace("] [INFO] ", "\n"), re.M), tuned.shown
+    for where in (r"cell1 \([0-9a-f-]{36}\)", r"cell2 \([0-9a-f-]{36}\)", "nova_api"):  # a pacer per database
+        assert re.search(rf"^Paced {where}: \d+ batches of \d+-\d+ rows, \d+\.\d s paused, 0\.0 s waited for the "
+                         "server$", tuned.out.replace("] [INFO] ", "\n"), re.M), tuned.shown
 
 
 def test_batch_size_alone_keeps_the_size_fixed_and_the_default_tunes_it(run, demo_db):
@@ -722,7 +742,7 @@ def test_batch_size_alone_keeps_the_size_fixed_and_the_default_tunes_it(run, dem
     assert fixed.code == 0, fixed.shown
     assert "Pacing: batches of 100 rows, pause 0 s between batches; waiting while Threads_running > 25, " \
            "Galera flow control (at most 600 s)" in messages(fixed.out)
-    assert re.search(r"Paced: \d+ batches of \d+-100 rows", fixed.out), fixed.shown
+    assert re.search(r"Paced nova_api: \d+ batches of \d+-100 rows", fixed.out), fixed.shown
 
 
 def test_a_replica_url_that_is_no_replica_exits_4_before_anything_is_written(run, demo_db, backup_dir):
@@ -795,36 +815,42 @@ def test_every_cell_is_found_and_both_copies_are_reported_per_cell(run, demo_db)
         assert reason in left_alone, left_alone
 
 
-def test_requestspecs_of_busy_instances_are_never_written(run, demo_db):
+def test_both_copies_of_busy_and_deleted_instances_are_never_written(run, demo_db):
     with connect(demo_db) as conn, conn.cursor() as cur:
         cur.execute("SELECT name, database_connection FROM cell_mappings WHERE name = 'cell1'")
         cell1 = dburl.parse_db_url(cur.fetchone()[1])
     with connect(cell1) as conn, conn.cursor() as cur:
         cur.execute("SELECT uuid FROM instances WHERE deleted = 0 AND (vm_state = 'resized' OR task_state IS NOT NULL)")
         busy = [uuid for (uuid,) in cur.fetchall()]
-    assert len(busy) == 71
+        cur.execute("SELECT uuid FROM instances WHERE deleted != 0")
+        deleted = [uuid for (uuid,) in cur.fetchall()]
+    assert len(busy) == 71 and deleted
 
-    def busy_specs():
+    def both_copies():
+        uuids = (tuple(busy + deleted),)
         with connect(demo_db) as conn, conn.cursor() as cur:
-            cur.execute("SELECT id, spec, updated_at FROM request_specs WHERE instance_uuid IN %s", (tuple(busy),))
-            return cur.fetchall()
+            cur.execute("SELECT id, spec, updated_at FROM request_specs WHERE instance_uuid IN %s", uuids)
+            specs = cur.fetchall()
+        with connect(cell1) as conn, conn.cursor() as cur:
+            cur.execute("SELECT id, flavor, updated_at FROM instance_extra WHERE instance_uuid IN %s", uuids)
+            return specs, cur.fetchall()
 
-    before = busy_specs()
+    before = both_copies()
     applied = run("--db-url", db_url(demo_db), "--all-keys", "--run")
     assert applied.code == 0, applied.shown
-    assert busy_specs() == before  # byte for byte, updated_at too
+    assert both_copies() == before  # byte for byte, updated_at too
 
 
 def test_a_cell_that_cannot_be_reached_stops_the_run_before_anything_is_written(run, demo_db, backup_dir):
     with connect(demo_db) as conn, conn.cursor() as cur:
         cur.execute("UPDATE cell_mappings SET database_connection = "
                     "REPLACE(database_connection, '127.0.0.1:', '127.0.0.1:1') WHERE name = 'cell1'")
-    before = table_hash(demo_db)
+    before = copies_hash(demo_db)
     result = run("--db-url", db_url(demo_db), "--all-keys", "--run")
     assert result.code == 4, result.shown
     assert re.search(r"\[ERROR\] cell cell1 \(835ce9b0-6a5b-5709-b701-5eb36f22fdca\): cannot connect to "
                      r"mysql\+pymysql://", result.err), result.shown
-    assert table_hash(demo_db) == before and backups_in(backup_dir) == []
+    assert copies_hash(demo_db) == before and backups_in(backup_dir) == []  # neither copy, in no cell
 
 
 def test_a_template_cell_needs_database_connection_or_its_own_url(demo_db, tmp_path, capsys, monkeypatch):

@@ -107,7 +107,7 @@ def plan_cloud(cloud):
 
 
 def test_one_plan_for_both_copies_reports_each_cell_and_one_digest(demo_cloud):
-    from nova_flavor_sync.report import both_copies_lines
+    from nova_flavor_sync.report import GUEST_KEYS_TAKE_EFFECT, both_copies_lines
 
     cloud = plan_cloud(demo_cloud)
     lines = both_copies_lines(cloud)
@@ -119,7 +119,8 @@ def test_one_plan_for_both_copies_reports_each_cell_and_one_digest(demo_cloud):
                                "409 to update") for line in lines)
     assert "Cell cell0 (00000000-0000-0000-0000-000000000000): 30 instances that never scheduled; counted, " \
            "never written" in lines
-    assert lines[-1] == f"Both copies: 1452 to update; plan digest {cloud.digest}"
+    assert lines[-3:] == [GUEST_KEYS_TAKE_EFFECT, "Both copies: 1452 to update (726 RequestSpecs, 726 instance copies)",
+                          f"Plan digest: {cloud.digest}"]
     assert plan_cloud(demo_cloud).digest == cloud.digest  # the same data, the same digest
 
 
@@ -148,3 +149,25 @@ def test_an_instance_synced_in_one_copy_only_is_reported_as_disagreeing(demo_clo
 def load_flavors(cloud):
     with service.connect(cloud.api) as api:
         return api.load_flavors()
+
+
+def test_an_instance_that_starts_an_operation_after_planning_keeps_its_copy_and_is_explained(demo_cloud):
+    """The compare-and-swap of an instance copy also checks its instance is still idle.
+
+    A live migration does not touch instance_extra.flavor, so the bytes alone would not show it.
+    """
+    cell = demo_cloud.cells["cell1"]
+    plan = plan_cell(demo_cloud, "cell1")
+    moving = next(iter(plan.changes))
+    before = flavor_rows(cell)[moving.id]
+    with connect(cell) as conn, conn.cursor() as cur:  # Nova starts a live migration meanwhile
+        cur.execute("UPDATE instances SET task_state = 'migrating' WHERE uuid = %s", (moving.instance_uuid,))
+
+    with NovaCellDb(cell) as db:
+        result = service.apply_plan(db, plan)
+        (note,) = service.explain_conflicts(db, plan.scope, result.conflicts, flavors=load_flavors(demo_cloud))
+
+    assert result.conflicts == [moving.id] and len(result.updated) == len(plan.changes) - 1
+    assert flavor_rows(cell)[moving.id] == before  # byte for byte, updated_at too
+    assert note.reason == ("changed since planned, not overwritten; "
+                           "now left alone: an operation is under way (task_state migrating)")

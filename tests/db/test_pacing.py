@@ -223,7 +223,7 @@ def test_a_restore_is_paced_too(demo_db, tmp_path):
         backup = service.back_up(db, plan, tmp_path / "backups")
         apply_plan(db, plan)
         pacer = Pacer(PaceSettings(batch_size=250, target_batch_s=None, pause_s=0.05, **NO_CHECKS))
-        result = service.restore(db, backup.info.path, run=True, pacer=pacer)
+        result = service.restore(db, backup.info.path, run=True, pacer_for=lambda _db: pacer)
     assert len(result.restored) == len(plan.changes) and not result.errors
     assert pacer.batches == math.ceil(len(plan.changes) / 250) and pacer.paused_s > 0
     assert specs(demo_db) == original

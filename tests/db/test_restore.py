@@ -87,3 +87,22 @@ def test_a_backup_of_another_database_is_refused_and_nothing_changes(demo_db, ot
     with service.connect(other_demo_db) as db, pytest.raises(BackupError, match="is of schema"):
         service.restore(db, backup.info.path, run=True)
     assert table_hash(other_demo_db) == untouched
+
+
+def test_a_deleted_row_and_a_row_of_another_instance_are_never_restored_even_forced(demo_db, tmp_path):
+    plan, backup = sync_with_backup(demo_db, tmp_path)
+    gone, reused = plan.changes[0], plan.changes[1]
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM request_specs WHERE id = %s", (gone.id,))
+        cur.execute("UPDATE request_specs SET instance_uuid = %s WHERE id = %s",
+                    ("11111111-2222-3333-4444-555555555555", reused.id))
+    before = specs(demo_db)
+
+    with service.connect(demo_db) as db:
+        forced = service.restore(db, backup.info.path, run=True, force=True)
+
+    assert [(n.id, n.reason) for n in forced.skipped] == [(gone.id, "row no longer exists")]
+    assert forced.errors == {reused.id: f"row now belongs to instance 11111111-2222-3333-4444-555555555555, "
+                                        f"not {reused.instance_uuid}; not written"}
+    assert specs(demo_db)[reused.id] == before[reused.id]
+    assert len(forced.restored) == len(plan.changes) - 2

@@ -119,7 +119,7 @@ def test_a_bad_row_is_reported_and_left_byte_for_byte(demo_db, tmp_path, capsys,
         cur.execute("SELECT spec, updated_at FROM request_specs WHERE id = %s", (BAD_ID,))
         assert cur.fetchone() == before
     left = 1 if "too large" in reason else 0  # a row too large to write stays stale
-    assert f"Verify: {left} request specs still out of sync" in out  # the run went on and fixed the rest
+    assert f"Verify: {left} flavor copies still out of sync" in out  # the run went on and fixed the rest
 
 
 def test_a_4_byte_character_cannot_reach_a_flavor_value(demo_db):

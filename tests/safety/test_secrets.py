@@ -41,7 +41,7 @@ def test_no_cli_mode_shows_the_password_anywhere(secret_account, demo_db, tmp_pa
             codes.append(cli.main([*files, *args]))
         except SystemExit as stop:  # argparse's usage errors
             codes.append(stop.code)
-    backup = next((tmp_path / "backups").glob("request_specs_*.json"))
+    backup = next((tmp_path / "backups").glob("flavor_copies_*.json"))
     for args in (["--db-url", url, "--restore", str(backup)], ["--db-url", url, "--restore", str(backup), "--run"]):
         codes.append(cli.main([*files, *args]))
     monkeypatch.setenv("NOVA_API_DB_URL", url)

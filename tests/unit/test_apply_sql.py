@@ -20,10 +20,12 @@ def test_one_update_guards_every_request_spec_with_the_hash_of_what_was_read():
     assert params == PARAMS
 
 
-def test_the_instance_copies_get_the_same_statement_on_instance_extra_flavor():
+def test_the_instance_copies_get_the_same_statement_on_instance_extra_flavor_while_the_instance_is_idle():
     sql, params = _cas_update(INSTANCE_EXTRA, WRITES, NOW)
     assert sql == (
         "UPDATE instance_extra SET flavor = CASE id WHEN %s THEN %s WHEN %s THEN %s END, updated_at = %s "
         "WHERE id IN (%s, %s) AND SHA2(flavor, 256) = CASE id WHEN %s THEN %s WHEN %s THEN %s END"
+        " AND deleted = 0 AND instance_uuid IN (SELECT uuid FROM instances WHERE deleted = 0 "
+        "AND task_state IS NULL AND (vm_state IS NULL OR vm_state != 'resized'))"
     )
     assert params == PARAMS

@@ -71,7 +71,7 @@ RECORDS = [
 
 def backup(directory: Path, records=RECORDS, now: datetime = NOW) -> BackupInfo:
     return write_backup(
-        directory, records, database=MARIADB, plan_digest=PLAN_DIGEST, scope=SCOPE, now=now
+        directory, records, databases={"nova_api": MARIADB}, plan_digest=PLAN_DIGEST, scope=SCOPE, now=now
     )
 
 
@@ -88,7 +88,7 @@ def mode_of(path: Path) -> int:
 
 
 def info_of(database: dict) -> BackupInfo:
-    return BackupInfo(Path("request_specs_20260314_092653.json"), "", database, PLAN_DIGEST, {}, 0)
+    return BackupInfo(Path("flavor_copies_20260314_092653.json"), "", {"nova_api": database}, PLAN_DIGEST, {}, 0)
 
 
 # -- round trip ------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_records_may_come_from_a_generator(tmp_path):
 def test_file_is_named_from_now_and_is_plain_json(tmp_path):
     written = backup(tmp_path)
 
-    assert written.path == tmp_path / "request_specs_20260314_092653.json"
+    assert written.path == tmp_path / "flavor_copies_20260314_092653.json"
     with open(written.path, encoding="utf-8") as handle:
         document = json.load(handle)
     assert document["format"] == "nova-flavor-sync-backup"
@@ -147,8 +147,8 @@ def test_two_backups_in_the_same_second_never_overwrite_each_other(tmp_path):
     second = backup(tmp_path, records=RECORDS[1:])
 
     assert first.path != second.path
-    assert first.path.name.startswith("request_specs_20260314_092653")
-    assert second.path.name.startswith("request_specs_20260314_092653")
+    assert first.path.name.startswith("flavor_copies_20260314_092653")
+    assert second.path.name.startswith("flavor_copies_20260314_092653")
     assert load_backup(first.path).records == RECORDS[:1]
     assert load_backup(second.path).records == RECORDS[1:]
 
@@ -170,7 +170,7 @@ def test_file_is_0600_and_created_directories_are_0700(tmp_path):
 
 
 def test_a_backup_appearing_while_writing_is_not_overwritten(tmp_path):
-    other = tmp_path / "request_specs_20260314_092653.json"
+    other = tmp_path / "flavor_copies_20260314_092653.json"
 
     def records_while_another_run_finishes():
         yield RECORDS[0]
@@ -276,12 +276,17 @@ LOAD_REFUSALS = [
     (_edit_checksum, r"fails its checksum"),
     (_resealed(b"dedicated", b"shared"), r"record 0 \(id 7\) does not match its sha256"),
     (_resealed(b'"record_count": 2', b'"record_count": 3'), r"says 3 records but holds 2"),
-    (_resealed(b'"format_version": 1', b'"format_version": 2'), r"format version 2"),
+    (_resealed(b'"format_version": 2', b'"format_version": 3'), r"format version 3; this tool reads versions 1 and 2"),
     (_resealed(b'"nova-flavor-sync-backup"', b'"other-tool"'), OURS),
     (_content(b"{}"), OURS),
     (_content(b'[{"format": "nova-flavor-sync-backup"}]'), OURS),
     (_resealed(b'"instance_uuid": "uuid-9", ', b""), r"record 1 is malformed"),
-    (_resealed(b'{"id": 9,', b'{"id": true,'), r"record 1 is malformed"),
+    (_resealed(b'"id": 9,', b'"id": true,'), r"record 1 is malformed"),
+    (_resealed(b'"database": "nova_api", "table": "request_specs", "id": 9',
+               b'"database": "cell-x", "table": "instance_extra", "id": 9'),
+     r"records of databases its header does not name: cell-x"),
+    (_resealed(b'"table": "request_specs", "id": 9', b'"table": "instance_extra", "id": 9'),
+     r"record 1 \(id 9\) names table 'instance_extra', not 'request_specs' of its database"),
     (lambda data: data[:-2] + b', "records": [], "record_count": 0}\n', r"fails its checksum"),
     (lambda data: data[:-1], r"fails its checksum"),
 ]
@@ -296,12 +301,14 @@ LOAD_REFUSAL_IDS = [
     "checksum-edited",
     "spec-edited-checksum-recomputed",
     "record-count-edited-checksum-recomputed",
-    "format-version-2-checksum-recomputed",
+    "format-version-3-checksum-recomputed",
     "format-not-ours-checksum-recomputed",
     "empty-json-object",
     "json-list",
     "record-missing-field-checksum-recomputed",
     "record-id-boolean-checksum-recomputed",
+    "record-of-an-unnamed-database",
+    "record-in-the-wrong-table",
     "keys-appended-after-checksum",
     "final-newline-lost",
 ]
@@ -443,3 +450,22 @@ def test_a_backup_left_half_written_by_a_killed_run_is_listed_as_incomplete(tmp_
 
     assert [getattr(e, "path", None) for e in listed[:1]] == [good]
     assert listed[1][0] == leftover and "incomplete" in listed[1][1] and "safe to delete" in listed[1][1]
+
+
+def test_a_version_1_backup_from_before_cells_still_loads_lists_and_restores_into_nova_api(tmp_path):
+    """As the tool wrote them before it wrote instance copies: RequestSpecs only, one database."""
+    spec = '{"nova_object.name": "RequestSpec"}'
+    body = (
+        '{"format": "nova-flavor-sync-backup", "format_version": 1, "created_at": "2026-01-02T03:04:05Z", '
+        f'"database": {json.dumps(MARIADB)}, "plan_digest": "{PLAN_DIGEST}", "scope": {{}}, "records": [\n'
+        f'{{"id": 7, "instance_uuid": "uuid-7", "spec": {json.dumps(spec)}, "updated_at": null, '
+        f'"sha256": "{sha256_text(spec)}", "new_sha256": null}}\n], "record_count": 1'
+    ).encode()
+    path = tmp_path / "request_specs_20260102_030405.json"
+    path.write_bytes(body + b', "checksum": "sha256:' + hashlib.sha256(body).hexdigest().encode() + b'"}\n')
+
+    loaded = load_backup(path)
+    assert [(r.database, r.table, r.id, r.spec) for r in loaded.records] == [("nova_api", "request_specs", 7, spec)]
+    assert loaded.info.databases == {"nova_api": MARIADB} and loaded.info.records_by_database == {"nova_api": 1}
+    check_same_database(loaded.info, MARIADB)
+    assert list_backups(tmp_path) == [read_backup_info(path)]
