@@ -1,9 +1,11 @@
 """
 ### nova_flavor_drift_check
 
-Nightly: are Nova's RequestSpecs still in sync with their flavors? Reads only, never
-writes. The run fails when drift is found; its log lists every stale instance and its
-key changes, and the summary by flavor and key is in XCom (and in the failure message).
+Nightly: are both of Nova's copies of each instance's flavor (its RequestSpec in nova_api,
+its own copy in its cell) still in sync with the flavors? Reads only, never writes. The run
+fails when drift is found; its log lists every stale copy and its key changes, per cell,
+and the instances whose two copies disagree; the summary by flavor, key and copy (cell) is
+in XCom (and in the failure message).
 Sync them with the `nova_flavor_sync` DAG.
 """
 
@@ -26,7 +28,7 @@ def check_drift(params=None):
 
 with DAG(
     dag_id="nova_flavor_drift_check",
-    description="Nightly, read-only: fail when RequestSpecs have drifted from their flavors",
+    description="Nightly, read-only: fail when flavor copies (RequestSpecs, instance copies) have drifted",
     doc_md=__doc__,
     schedule="30 2 * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),

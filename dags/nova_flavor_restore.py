@@ -1,8 +1,10 @@
 """
 ### nova_flavor_restore
 
-Put back the RequestSpecs saved in a nova_flavor_sync backup. The backup is checked first
-(checksum, format, same database); a dry run (the default) shows what would be restored.
+Put back the flavor copies saved in a nova_flavor_sync backup: RequestSpecs in nova_api
+and instance copies in each cell database the backup names. The backup is checked first
+(checksum, format, each database the same it was taken from); a dry run (the default) shows
+what would be restored.
 Otherwise an approval is asked for, then rows are restored with compare-and-swap (only rows
 still as the sync left them, unless `force`) and read back to check their bytes.
 """
@@ -13,7 +15,13 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, task
-from nova_flavor_sync_airflow import RecordedApprovalOperator, conn_id_param, db_params
+from nova_flavor_sync_airflow import (
+    RecordedApprovalOperator,
+    cell_template_url,
+    conn_id_param,
+    database_conn_id_param,
+    db_params,
+)
 
 from nova_flavor_sync import pipeline
 from nova_flavor_sync.service import MAX_BATCH_SIZE
@@ -21,7 +29,8 @@ from nova_flavor_sync.service import MAX_BATCH_SIZE
 
 @task
 def check_backup(params=None):
-    return pipeline.restore_backup(db_params(params), params["backup_path"], run=False, force=params["force"])
+    return pipeline.restore_backup(db_params(params), params["backup_path"], run=False, force=params["force"],
+                                   template_url=cell_template_url(params))
 
 
 @task.short_circuit
@@ -35,13 +44,14 @@ def should_restore(checked, params=None):
 @task
 def restore(params=None):
     return pipeline.restore_backup(
-        db_params(params), params["backup_path"], run=True, force=params["force"], batch_size=params["batch_size"]
+        db_params(params), params["backup_path"], run=True, force=params["force"], batch_size=params["batch_size"],
+        template_url=cell_template_url(params),
     )
 
 
 with DAG(
     dag_id="nova_flavor_restore",
-    description="Restore RequestSpecs from a nova_flavor_sync backup, after approval",
+    description="Restore both flavor copies from a nova_flavor_sync backup, after approval",
     doc_md=__doc__,
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -50,6 +60,7 @@ with DAG(
     tags=["nova", "flavor"],
     params={
         "conn_id": conn_id_param(),
+        "database_conn_id": database_conn_id_param(),
         "backup_path": Param(type="string", minLength=1,
                              description="Backup file (Browse > Flavor sync backups lists them)"),
         "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),
@@ -60,10 +71,11 @@ with DAG(
     checked = check_backup()
     approve = RecordedApprovalOperator(
         task_id="approve",
-        subject="Restore {{ ti.xcom_pull(task_ids='check_backup')['would_restore'] }} RequestSpecs "
+        subject="Restore {{ ti.xcom_pull(task_ids='check_backup')['would_restore'] }} flavor copies "
         "from {{ params.backup_path }}?",
         body="Backup `{{ params.backup_path }}` (plan `{{ ti.xcom_pull(task_ids='check_backup')['plan_digest'] }}`): "
-        "{{ ti.xcom_pull(task_ids='check_backup')['would_restore'] }} rows would be restored, "
+        "{{ ti.xcom_pull(task_ids='check_backup')['would_restore'] }} rows would be restored "
+        "({{ ti.xcom_pull(task_ids='check_backup')['by_database'] }}), "
         "{{ ti.xcom_pull(task_ids='check_backup')['skipped'] }} skipped.",
         defaults="Reject",
         response_timeout=timedelta(hours=24),

@@ -1,13 +1,18 @@
 """
 ### nova_flavor_sync
 
-Rewrite the stale flavor copies in Nova's RequestSpecs, with an approval gate.
+Rewrite the stale copies of Nova's flavors, in both places Nova keeps them, with an
+approval gate: each instance's own copy (`instance_extra.flavor` in its cell database)
+and its RequestSpec (`request_specs` in nova_api).
 
-`check_db` → `make_plan` → `should_apply` → `back_up` → `approve` → `apply_ranges` →
-`apply_batch` (one mapped task per id range) → `verify`, and `report_outcome` at the end
-whatever happened. A dry run (the default) stops after the plan. Nothing is written
-before somebody presses **Approve** on the `approve` task (Required Actions), and every
-write is bound to the plan digest shown there: rows that changed since are conflicts.
+`check_db` (finds the cells) → `make_plan` (one mapped task per copy: nova_api and each
+cell) → `combine_plans` (one digest over both copies) → `should_apply` → `back_up` (one
+backup file) → `approve` → `cell_ranges`, `request_spec_ranges` → `apply_cells` (mapped: id ranges of every
+cell, written first) → `apply_request_specs` (mapped: id ranges of nova_api) → `verify`,
+and `report_outcome` at the end whatever happened. A dry run (the default) stops after the
+plan. Nothing is written before somebody presses **Approve** on the `approve` task
+(Required Actions), and every write is bound to the plan digest shown there: rows that
+changed since are conflicts.
 
 A run ends **success** after a dry run, when nothing needs changing, after a Reject, and
 after a sync that verify found complete. It ends **failed** when planning, the backup,
@@ -32,7 +37,18 @@ from nova_flavor_sync_airflow import (
 
 from nova_flavor_sync import pipeline
 from nova_flavor_sync.errors import BackupError, ConfigError, SchemaError, UsageError
-from nova_flavor_sync.service import MAX_BATCH_SIZE
+from nova_flavor_sync.throttle import (  # one source for every pacing default and limit
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_REPLICA_LAG_S,
+    DEFAULT_MAX_THREADS_RUNNING,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_TARGET_BATCH_S,
+    MAX_BATCH_SIZE,
+    MAX_PAUSE_S,
+    MAX_REPLICA_LAG_S,
+    MAX_TARGET_BATCH_S,
+    MAX_WAIT_S,
+)
 
 STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
 UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
@@ -43,11 +59,13 @@ def check_db(params=None):
     return pipeline.check_database(db_params(params), template_url=cell_template_url(params))
 
 
-@task
-def make_plan(params=None):
-    return pipeline.plan_to_file(
+@task(map_index_template="{{ copy_where }}")
+def make_plan(copy, params=None):
+    get_current_context()["copy_where"] = copy["where"]
+    return pipeline.plan_copy_to_file(
         db_params(params),
         pipeline.plans_dir(),
+        copy["key"],
         flavors=params["flavors"],
         instances=params["instances"],
         key_prefixes=params["key_prefixes"],
@@ -56,16 +74,21 @@ def make_plan(params=None):
     )
 
 
+@task
+def combine_plans(copies):
+    return pipeline.combine_plans(list(copies))
+
+
 # Only back_up is skipped directly; the rest follow their trigger rules, so report_outcome
 # (all_done) still says what happened.
 @task.short_circuit(ignore_downstream_trigger_rules=False)
 def should_apply(plan, params=None):
     to_update = plan["summary"]["to_update"]
     if params["dry_run"]:
-        print(f"DRY RUN: {to_update} RequestSpecs would be rewritten; nothing was written.")
+        print(f"DRY RUN: {to_update} flavor copies would be rewritten; nothing was written.")
         return False
     if not to_update:
-        print("Nothing to change: every RequestSpec in scope is in sync.")
+        print("Nothing to change: both copies of every instance in scope are in sync.")
         return False
     return True
 
@@ -74,13 +97,20 @@ def should_apply(plan, params=None):
 def back_up(plan, params=None):
     if not params["backup"]:
         print("backup=false: writing without a backup file")
-        return {"backup_path": None, "records": 0, "diverged": []}
-    return pipeline.back_up_plan(db_params(params), plan["plan_path"], pipeline.backups_dir())
+        return {"backup_path": None, "records": 0, "diverged": {}}
+    return pipeline.back_up_plans(db_params(params), plan, pipeline.backups_dir(),
+                                  template_url=cell_template_url(params))
+
+
+# The id ranges the apply tasks are mapped over: the cells' (written first), then nova_api's.
+@task
+def cell_ranges(plan, params=None):
+    return pipeline.copy_ranges(plan, params["batch_size"], auto_tune=bool(params["batch_seconds"]))["cells"]
 
 
 @task
-def apply_ranges(plan, params=None):
-    return pipeline.apply_ranges(plan["plan_path"], params["batch_size"], auto_tune=bool(params["batch_seconds"]))
+def request_spec_ranges(plan, params=None):
+    return pipeline.copy_ranges(plan, params["batch_size"], auto_tune=bool(params["batch_seconds"]))["nova_api"]
 
 
 # A failed apply_batch is tried again, on purpose: every try plans its rows again from the
@@ -98,41 +128,62 @@ APPLY_RETRY_POLICY = ExceptionRetryPolicy(rules=[
 ])
 
 
-# One range at a time by default: a single paced writer (batch_seconds, pause_seconds, load
-# checks). $NOVA_FLAVOR_SYNC_APPLY_PARALLELISM lets several workers write disjoint ranges at once.
-@task(
-    map_index_template="{{ id_range }}",
-    max_active_tis_per_dagrun=pipeline.apply_parallelism(),
-    retries=APPLY_RETRIES,
-    retry_delay=APPLY_RETRY_DELAY,
-    retry_exponential_backoff=2.0,
-    retry_policy=APPLY_RETRY_POLICY,
-)
-def apply_batch(id_range, plan, backup, params=None):
+def _apply(id_range, params):
     context = get_current_context()
-    context["id_range"] = f"rows {id_range['first_id']}-{id_range['last_id']}"
-    answer = context["ti"].xcom_pull(task_ids="approve", key="answer")
-    digest = plan["summary"]["digest"]
-    print(f"Plan {digest} approved by {answer['by']} at {answer['at']}; applying {context['id_range']}")
+    context["id_range"] = f"{id_range['where']}: rows {id_range['first_id']}-{id_range['last_id']}"
+    ti = context["ti"]
+    answer = ti.xcom_pull(task_ids="approve", key="answer")
+    approved = ti.xcom_pull(task_ids="combine_plans")["digest"]
+    backup = ti.xcom_pull(task_ids="back_up")
+    print(f"Plan {approved} approved by {answer['by']} at {answer['at']}; applying {context['id_range']}")
     return pipeline.apply_range(
         db_params(params),
-        plan["plan_path"],
-        digest,
+        id_range["plan_path"],
+        id_range["digest"],  # this copy's part of the approved digest
         first_id=id_range["first_id"],
         last_id=id_range["last_id"],
-        exclude_ids=backup["diverged"],
+        key=id_range["key"],
+        template_url=cell_template_url(params),
+        exclude_ids=(backup["diverged"] or {}).get(id_range["key"], []),
         batch_size=params["batch_size"],
         verbose=params["verbose"],
         pace=pipeline.pace_settings(params),
         replicas=[NovaApiDbHook(conn_id).get_db_params() for conn_id in params["replica_conn_ids"]],
-        pause_first=context["ti"].map_index > 0,  # the pause falls between two ranges too
+        pause_first=ti.map_index > 0,  # the pause falls between two ranges too
     )
 
 
-# Runs when apply_ranges succeeded, even if it mapped nothing (an empty map skips
-# apply_batch); skipped on a dry run or a Reject, where both upstreams are skipped.
+# One range at a time by default: a single paced writer (batch_seconds, pause_seconds, load
+# checks). $NOVA_FLAVOR_SYNC_APPLY_PARALLELISM lets several workers write disjoint ranges at
+# once: of several cells side by side, or of one copy.
+APPLY_TASK = {
+    "map_index_template": "{{ id_range }}",
+    "max_active_tis_per_dagrun": pipeline.apply_parallelism(),
+    "retries": APPLY_RETRIES,
+    "retry_delay": APPLY_RETRY_DELAY,
+    "retry_exponential_backoff": 2.0,
+    "retry_policy": APPLY_RETRY_POLICY,
+}
+
+
+# The instance copies first (see service.apply_copies: a run that stops between the two
+# leaves a stale RequestSpec, which a cold migration heals from the instance copy).
+@task(**APPLY_TASK)
+def apply_cells(id_range, params=None):
+    return _apply(id_range, params)
+
+
+# After every cell range succeeded, or when no cell had anything to write (apply_cells is
+# then skipped); never after a Reject (both upstreams skipped) or a failed cell range.
+@task(trigger_rule="none_failed_min_one_success", **APPLY_TASK)
+def apply_request_specs(id_range, params=None):
+    return _apply(id_range, params)
+
+
+# Runs when the ranges were made, even if they mapped nothing (an empty map skips its apply
+# task); skipped on a dry run or a Reject, where every upstream is skipped.
 @task(trigger_rule="none_failed_min_one_success")
-def verify(plan_path, params=None):
+def verify(plan_path, params=None):  # the scope of the run's plan, both copies read again
     return pipeline.verify(db_params(params), plan_path, template_url=cell_template_url(params))
 
 
@@ -141,19 +192,21 @@ def verify(plan_path, params=None):
 @task(trigger_rule="all_done")
 def report_outcome(params=None):
     ti = get_current_context()["ti"]
+    applied = [ti.xcom_pull(task_ids=task_id) for task_id in ("apply_cells", "apply_request_specs")]
     return pipeline.sync_outcome(
-        ti.xcom_pull(task_ids="make_plan"),
+        ti.xcom_pull(task_ids="combine_plans"),
         dry_run=params["dry_run"],
         backed_up=ti.xcom_pull(task_ids="back_up"),
         answer=ti.xcom_pull(task_ids="approve", key="answer"),
-        applied=ti.xcom_pull(task_ids="apply_batch"),
+        applied=[r for part in applied if part for r in (part if isinstance(part, list) else [part])],
         verified=ti.xcom_pull(task_ids="verify"),
     )
 
 
 with DAG(
     dag_id="nova_flavor_sync",
-    description="Find stale flavor extra specs in nova_api RequestSpecs and rewrite them after approval",
+    description="Find stale flavor extra specs in both copies (RequestSpecs, instance copies in each cell) and "
+    "rewrite them after approval",
     doc_md=__doc__,
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -169,36 +222,41 @@ with DAG(
         "instances": Param([], type="array", items={"type": "string", "pattern": UUID_PATTERN},
                            description="Instance UUIDs; empty = all"),
         "key_prefixes": Param([], **STRINGS, description="Only keys starting with these; empty = all"),
-        "batch_size": Param(500, type="integer", minimum=1, maximum=MAX_BATCH_SIZE,
+        "batch_size": Param(DEFAULT_BATCH_SIZE, type="integer", minimum=1, maximum=MAX_BATCH_SIZE,
                             description="Rows per write transaction (the first one, when batch_seconds is set)"),
-        "batch_seconds": Param(0.5, type="number", minimum=0, maximum=60,
+        "batch_seconds": Param(DEFAULT_TARGET_BATCH_S, type="number", minimum=0, maximum=MAX_TARGET_BATCH_S,
                                description="Size the batches so each takes about this long; 0 = fixed batch_size"),
-        "pause_seconds": Param(0, type="number", minimum=0, maximum=3600, description="Sleep between two batches"),
-        "max_threads_running": Param(25, type="integer", minimum=0, maximum=1_000_000,
+        "pause_seconds": Param(0, type="number", minimum=0, maximum=MAX_PAUSE_S,
+                               description="Sleep between two batches"),
+        "max_threads_running": Param(DEFAULT_MAX_THREADS_RUNNING, type="integer", minimum=0, maximum=1_000_000,
                                      description="Wait while the server's Threads_running is above this; 0 = off"),
         "replica_conn_ids": Param([], **STRINGS, description="Connections (type mysql) of replicas to watch"),
-        "max_replica_lag": Param(1, type="number", minimum=0, maximum=86400,
+        "max_replica_lag": Param(DEFAULT_MAX_REPLICA_LAG_S, type="number", minimum=0, maximum=MAX_REPLICA_LAG_S,
                                  description="Wait while a replica is more seconds behind than this"),
         "flow_control_pause": Param(True, type="boolean", description="Wait while Galera flow control is active"),
-        "max_load_wait": Param(600, type="number", minimum=1, maximum=86400,
+        "max_load_wait": Param(DEFAULT_MAX_WAIT_S, type="number", minimum=1, maximum=MAX_WAIT_S,
                                description="Fail the batch if the server stays loaded longer than this (seconds)"),
         "backup": Param(True, type="boolean", description="Back up the rows before writing"),
         "verbose": Param(False, type="boolean", description="Log progress after every write batch"),
     },
 ) as dag:
-    planned = make_plan()
+    copies = check_db()
+    planned = combine_plans(make_plan.expand(copy=copies))
     saved = back_up(planned)
     approve = RecordedApprovalOperator(
         task_id="approve",
-        subject="Rewrite {{ ti.xcom_pull(task_ids='make_plan')['summary']['to_update'] }} RequestSpecs? "
-        "(plan {{ ti.xcom_pull(task_ids='make_plan')['summary']['digest'][:12] }})",
-        body="{{ ti.xcom_pull(task_ids='make_plan')['approval_body'] }}",
+        subject="Rewrite {{ ti.xcom_pull(task_ids='combine_plans')['summary']['to_update'] }} flavor copies? "
+        "(plan {{ ti.xcom_pull(task_ids='combine_plans')['digest'][:12] }})",
+        body="{{ ti.xcom_pull(task_ids='combine_plans')['approval_body'] }}",
         defaults="Reject",
         response_timeout=timedelta(hours=24),
     )
-    ranges = apply_ranges(planned)
-    applied = apply_batch.partial(plan=planned, backup=saved).expand(id_range=ranges)
-    checked = verify("{{ ti.xcom_pull(task_ids='make_plan')['plan_path'] }}")  # no edge from make_plan
+    ranges = [cell_ranges(planned), request_spec_ranges(planned)]
+    cells_applied = apply_cells.expand(id_range=ranges[0])
+    specs_applied = apply_request_specs.expand(id_range=ranges[1])
+    # the nova_api plan's file: its scope is the run's (no edge from combine_plans)
+    checked = verify("{{ ti.xcom_pull(task_ids='combine_plans')['copies'][0]['plan_path'] }}")
 
-    check_db() >> planned >> should_apply(planned) >> saved >> approve >> ranges
-    [ranges, applied] >> checked >> report_outcome()
+    planned >> should_apply(planned) >> saved >> approve >> ranges
+    cells_applied >> specs_applied
+    [*ranges, cells_applied, specs_applied] >> checked >> report_outcome()

@@ -4,8 +4,9 @@ An Airflow 3 plugin: a small FastAPI app on the API server, under ``/nova-flavor
 an external view that shows it inside the UI (in an iframe, at ``/plugin/nova-flavor-sync-backups``).
 
 - ``GET /nova-flavor-sync/backups``: an HTML table of the backups the DAGs wrote in
-  ``$NOVA_FLAVOR_SYNC_DIR/backups`` (file, records, taken at, plan digest, schema; a damaged
-  or half-written file with its problem), read from disk on every request;
+  ``$NOVA_FLAVOR_SYNC_DIR/backups`` (file, records, records per copy: nova_api and each
+  cell, taken at, plan digest, schema; a damaged or half-written file with its problem),
+  read from disk on every request;
 - ``GET /nova-flavor-sync/backups.json``: the same, as JSON.
 
 Only metadata is served: a backup's header and trailer, never its records (they hold every
@@ -100,16 +101,22 @@ def _row(entry: dict[str, Any]) -> str:
     if "problem" in entry:
         return (
             f'<tr class="damaged"><td><code>{_e(entry["file"])}</code></td>'
-            f'<td colspan="4">{_e(entry["problem"])}</td></tr>'
+            f'<td colspan="5">{_e(entry["problem"])}</td></tr>'
         )
     digest = entry.get("plan_digest") or ""
     return (
         f'<tr><td><code title="{_e(entry["path"])}">{_e(entry["file"])}</code></td>'
         f'<td class="num">{_e(entry["records"])}</td>'
+        f"<td>{_e(_copies(entry.get('records_by_copy') or {}))}</td>"
         f'<td title="{_e(entry["created_at"])}">{_e(_taken_at(entry["created_at"]))}</td>'
         f'<td><code title="{_e(digest)}">{_e(digest[:DIGEST_SHOWN])}</code></td>'
         f"<td>{_e(entry.get('schema'))}</td></tr>"
     )
+
+
+def _copies(by_copy: dict[str, int]) -> str:
+    """Records per copy: ``nova_api 726, cell1 (835ce9b0-...) 409``."""
+    return ", ".join(f"{where} {count}" for where, count in by_copy.items())
 
 
 def render(data: dict[str, Any]) -> str:
@@ -127,7 +134,7 @@ def render(data: dict[str, Any]) -> str:
         body = (
             f"<p>{counts} in <code>{directory}</code>, oldest first "
             "(as <code>nova-flavor-sync --list-backups</code> lists them).</p>"
-            "<table><thead><tr><th>File</th><th>Records</th><th>Taken at</th><th>Plan digest</th>"
+            "<table><thead><tr><th>File</th><th>Records</th><th>Per copy</th><th>Taken at</th><th>Plan digest</th>"
             "<th>Schema</th></tr></thead><tbody>" + "".join(_row(entry) for entry in entries) + "</tbody></table>"
         )
     else:

@@ -139,27 +139,27 @@ def ensure_running(airflow: Airflow, *, timeout: float) -> str:
 
 
 def summary_lines(plan: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
-    """The dry run's summary, as ``make_plan`` logged it (from its XCom)."""
-    s = {key: "?" for key in ("rows_read", "to_update", "in_sync", "held_back_only", "orphans",
-                               "left_alone", "errors", "digest")} | plan["summary"]
+    """The dry run's summary, as ``make_plan`` logged it for each copy (from ``combine_plans``' XCom)."""
 
     def counts(values: dict[str, int]) -> str:
         return ", ".join(f"{name}={count}" for name, count in values.items())
 
-    lines = [
-        f"Read {s['rows_read']} request specs: {s['to_update']} to update, {s['in_sync']} in sync, "
-        f"{s['held_back_only']} with only risky changes (held back), {s['orphans']} orphans, "
-        f"{s['left_alone']} left alone, {s['errors']} errors"
-    ]
-    for title, key in (
-        ("To update by flavor", "by_flavor"),
-        ("Key changes by key", "by_key"),
-        ("Key changes by risk class", "by_risk"),
-        ("Held back (placement keys; all_keys syncs them)", "held_back_by_key"),
-    ):
-        if s.get(key):
-            lines.append(f"{title}: {counts(s[key])}")
-    lines.append(f"Plan digest: {s['digest']}")
+    lines = []
+    for copy in plan["copies"]:
+        s = {key: "?" for key in ("rows_read", "to_update", "in_sync", "held_back_only", "orphans",
+                                   "left_alone", "errors")} | copy["summary"]
+        what = "request specs" if copy["key"] == "nova_api" else f"instance copies in {copy['where']}"
+        lines.append(
+            f"Read {s['rows_read']} {what}: {s['to_update']} to update, {s['in_sync']} in sync, "
+            f"{s['held_back_only']} with only risky changes (held back), {s['orphans']} orphans, "
+            f"{s['left_alone']} left alone, {s['errors']} errors"
+        )
+        for title, key in (("  to update by flavor", "by_flavor"), ("  key changes by key", "by_key"),
+                           ("  held back (placement keys; all_keys syncs them)", "held_back_by_key")):
+            if s.get(key):
+                lines.append(f"{title}: {counts(s[key])}")
+    lines.append(f"Both copies: {plan['summary']['to_update']} to update ({counts(plan['summary']['copies'])})")
+    lines.append(f"Plan digest: {plan['digest']}")
     lines.append(outcome["message"])
     return lines
 
@@ -183,7 +183,7 @@ def dry_run(airflow: Airflow, *, timeout: float) -> tuple[str, list[str]]:
         raise DemoError(run_failure(airflow, run_id, str(exc).splitlines()[0])) from None
     if run["state"] != "success":
         raise DemoError(run_failure(airflow, run_id, f"the dry run ended {run['state']}"))
-    plan = airflow.xcom(SYNC, run_id, "make_plan")
+    plan = airflow.xcom(SYNC, run_id, "combine_plans")
     outcome = airflow.xcom(SYNC, run_id, "report_outcome")
     print(f"Dry run done in {time.monotonic() - started:.0f} s. Its summary (the make_plan task's log has every change):")
     return run_id, summary_lines(plan, outcome)

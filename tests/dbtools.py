@@ -141,13 +141,19 @@ class DemoCloud:
 
 
 def map_instances(params: DbParams, uuids: list[str], cell: str = "cell1") -> None:
-    """instance_mappings rows placing these instances in ``cell``: a RequestSpec without one is left alone."""
+    """Instances in ``cell``, as Nova makes them: an instance_mappings row and the cell's instances row.
+
+    A RequestSpec without both is left alone (no mapping; or "instance row missing from its cell").
+    """
     with connect(params) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO instance_mappings (created_at, instance_uuid, cell_id, project_id, queued_for_delete) "
             "SELECT NOW(), %s, id, 'p', 0 FROM cell_mappings WHERE name = %s",
             [(uuid, cell) for uuid in uuids],
         )
+    with connect(dataclasses.replace(params, database=f"{params.database}_{cell}")) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO instances (created_at, uuid, vm_state, deleted) VALUES (NOW(), %s, 'active', 0)",
+                        [(uuid,) for uuid in uuids])
 
 
 def nova_database_connection(server: dict[str, Any] | DbParams) -> str:
@@ -173,6 +179,32 @@ def plan_request_specs(params: DbParams, *, all_keys: bool = True):
             both = service.plan_both_copies(db, [(c.mapping, opened[c.mapping.uuid]) for c in cells], scope,
                                             flavors=flavors)
     return both.copies[0].plan
+
+
+def stale_copies(params: DbParams, *, all_keys: bool = True) -> int:
+    """How many flavor copies (both copies, every cell) a run would rewrite now."""
+    from nova_flavor_sync import service
+
+    with service.connect(params) as db, \
+            service.open_cells_of(db, template_url=nova_database_connection(params)) as cells:
+        _, scope = service.resolve_scope(db, all_keys=all_keys)
+        return service.plan_both_copies(db, cells, scope).to_update
+
+
+def sync_both_copies(params: DbParams, *, all_keys: bool = True, backup_dir=None):
+    """Sync both copies with the engine, as the CLI does: (the plan, the backup or None)."""
+    from nova_flavor_sync import service
+
+    with service.connect(params) as db, \
+            service.open_cells_of(db, template_url=nova_database_connection(params)) as cells:
+        flavors, scope = service.resolve_scope(db, all_keys=all_keys)
+        cloud = service.plan_both_copies(db, cells, scope, flavors=flavors)
+        databases = service.databases_of(db, cells)
+        backup = None if backup_dir is None else service.back_up_copies(
+            databases, cloud.copies, backup_dir, digest=cloud.digest, scope=scope,
+            cell_names={mapping.uuid: mapping.name for mapping, _ in cells})
+        service.apply_copies(databases, cloud.copies)
+    return cloud, backup
 
 
 def threads_running(params: DbParams) -> int:

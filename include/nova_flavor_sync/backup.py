@@ -46,7 +46,10 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 API_DATABASE = "nova_api"  # a record's ``database`` for nova_api; a cell's is its uuid
 TABLES = {True: "request_specs", False: "instance_extra"}  # by "is it nova_api"
-DEFAULT_BACKUP_DIR = Path("~/.nova-flavor-fixes/backups")
+# Where the tool keeps its files unless told otherwise (the old tool's place): backups,
+# the CLI's log, the DAGs' plans. The one place this path is written.
+HOME_DIR = Path("~/.nova-flavor-fixes")
+DEFAULT_BACKUP_DIR = HOME_DIR / "backups"
 FILE_PREFIX = "flavor_copies_"
 OLD_FILE_PREFIXES = ("request_specs_",)  # before cells: listed and restored all the same
 _RECORDS_OPEN = b', "records": [\n'

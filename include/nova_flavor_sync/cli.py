@@ -30,7 +30,7 @@ from typing import NoReturn
 
 from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE
-from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, list_backups, private_dir
+from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, HOME_DIR, list_backups, private_dir
 from nova_flavor_sync.cells import DATABASE_CONNECTION_ENV, CellMapping, parse_cell_urls
 from nova_flavor_sync.db import NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_url, redact_url, resolve_db_params
@@ -54,7 +54,7 @@ PROG = "nova-flavor-sync"
 # How resolve_db_params names a nova.conf as the API database's source: "<path> [api_database] connection".
 NOVA_CONF_SOURCE = " [api_database] connection"
 
-DEFAULT_LOG_FILE = Path("~/.nova-flavor-fixes/nova-flavor-sync.log")
+DEFAULT_LOG_FILE = HOME_DIR / "nova-flavor-sync.log"
 log = logging.getLogger("nova_flavor_sync")
 
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import ApplyResult
-from nova_flavor_sync.backup import list_backups
+from nova_flavor_sync.backup import API_DATABASE, HOME_DIR, list_backups
+from nova_flavor_sync.cells import instances_to_leave_alone
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
-from nova_flavor_sync.plan import Plan
+from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError
+from nova_flavor_sync.plan import CopyPlan, cloud_digest
 from nova_flavor_sync.plan_file import load_plan, load_plan_ids, save_plan
+from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.throttle import (
     DEFAULT_MAX_REPLICA_LAG_S,
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Where the DAGs keep plans and backups; shared storage when several workers run tasks.
 DATA_DIR_ENV = "NOVA_FLAVOR_SYNC_DIR"
-DEFAULT_DATA_DIR = "~/.nova-flavor-fixes"
+DEFAULT_DATA_DIR = str(HOME_DIR)
 
 
 def data_dir() -> Path:
@@ -76,31 +78,33 @@ def apply_parallelism() -> int:
     return int(raw)
 
 
-# Said by the DAGs until they write the instances' own copies too (the CLI does).
-INSTANCE_COPIES_NOT_WRITTEN = (
-    "Instance copies (instance_extra.flavor in the cells) are reported, not yet written by the DAGs: this run "
-    "writes the RequestSpecs (the command line writes both copies)"
-)
-
-
 class DriftFoundError(NovaFlavorSyncError):
-    """Verify found RequestSpecs still out of sync in scope: fails the task."""
+    """Verify found flavor copies still out of sync in scope: fails the task."""
 
 
-def check_database(params: DbParams, *, template_url: str | None = None) -> dict[str, Any]:
-    """Connect, check the schema, open and check every cell; return the server identity.
+def check_database(params: DbParams, *, template_url: str | None = None) -> list[dict[str, str]]:
+    """Connect, check the schema, open and check every cell; return the copies a run plans.
 
     ``template_url``: Nova's [database] connection, which cell URL templates are filled from.
+    The copies, in the order a run plans them: ``{"key": "nova_api" or the cell uuid, "where": ...}``
+    (``service.copy_keys``); cell0 is counted here, never planned.
     """
     with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
-        identity = db.server_identity()
+        db.server_identity()
+        labels = {mapping.uuid: mapping.label for mapping, _ in cells}
+        for mapping, cell in cells:
+            if mapping.is_cell0:
+                log.info("Cell %s: %d instances that never scheduled; counted, never written", mapping.label,
+                         cell.instance_counts()["total"])
+        keys = service.copy_keys(cells)
     log.info("Connected to %s: nova_api schema checked; %d cells opened and checked", params.safe_url(), len(cells))
-    return identity
+    return [{"key": key, "where": labels.get(key, key)} for key in keys]
 
 
-def plan_to_file(
+def plan_copy_to_file(
     params: DbParams,
     work_dir: Path,
+    key: str,
     *,
     flavors: Sequence[str] = (),
     instances: Sequence[str] = (),
@@ -108,46 +112,96 @@ def plan_to_file(
     all_keys: bool = False,
     template_url: str | None = None,
 ) -> dict[str, Any]:
-    """Plan, log every changed instance and its key changes, save the plan to a file.
+    """Plan one copy (one mapped task per copy: nova_api's RequestSpecs, each cell's instance copies).
 
-    Every cell is opened: the RequestSpecs of instances to leave alone (busy, deleted, being
-    built, in cell0) are not planned, and each cell's instance copies are reported.
+    Every cell is opened: both copies of an instance to leave alone (busy, deleted, being
+    built, in cell0) are left alone whichever copy this task plans. The plan is saved to a
+    file (``plan_file``); its digest goes into the run's digest (``combine_plans``).
     """
     with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
         found, scope = service.resolve_scope(
             db, flavor_selectors=flavors, instance_uuids=instances, key_prefixes=key_prefixes, all_keys=all_keys
         )
-        reading = Progress("Read request specs", every=PROGRESS_EVERY)
-        both = service.plan_both_copies(db, cells, scope, flavors=found, progress=reading.update)
-    plan = both.copies[0].plan
-    lines = report.plan_lines(plan, verbose=True) + report.summary_lines(plan) + report.both_copies_lines(both)[1:-2]
-    for line in lines + [INSTANCE_COPIES_NOT_WRITTEN]:
+        left_alone = instances_to_leave_alone(db, {mapping.uuid: cell for mapping, cell in cells})
+        reading = Progress(f"Read {key}", every=PROGRESS_EVERY)
+        copy = service.plan_copy(db, cells, key, scope, flavors=found, left_alone=left_alone,
+                                 progress=reading.update)
+    what = "request specs" if copy.cell_uuid is None else f"instance copies in {copy.where}"
+    for line in report.plan_lines(copy.plan, verbose=True) + report.summary_lines(copy.plan, what=what):
         log.info("%s", line)
-    path = save_plan(plan, work_dir)
-    log.info("Plan %s saved to %s", plan.digest, path)
-    return {"plan_path": str(path), "summary": plan.summary(), "approval_body": approval_body(plan)}
+    path = save_plan(copy.plan, work_dir)
+    log.info("Plan %s of %s saved to %s", copy.plan.digest, copy.where, path)
+    return {"key": copy.key, "where": copy.where, "what": copy.what, "plan_path": str(path),
+            "digest": copy.plan.digest, "summary": copy.plan.summary()}
 
 
-def back_up_plan(params: DbParams, plan_path: str, backup_dir: Path, *, backup_all: bool = False) -> dict[str, Any]:
-    """Back up the rows the saved plan changes; return the file and the rows that moved on."""
-    saved = load_plan(Path(plan_path))
-    with service.connect(params) as db:
-        result = service.back_up(db, saved, backup_dir, backup_all=backup_all)
+def combine_plans(copies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run's one plan over both copies: its digest (what the approval binds), counts, approval body.
+
+    ``copies``: what ``plan_copy_to_file`` returned for each copy, in plan order (nova_api first).
+    """
+    copies = sorted(copies, key=lambda c: c["key"] != API_DATABASE)  # mapped results come in map order
+    digest = cloud_digest((c["key"], c["digest"]) for c in copies)
+    to_update = sum(c["summary"]["to_update"] for c in copies)
+    summary = {"digest": digest, "to_update": to_update,
+               "copies": {c["where"]: c["summary"]["to_update"] for c in copies}}
+    log.info("Both copies: %d to update (%s); plan digest %s", to_update,
+             ", ".join(f"{c['where']}={c['summary']['to_update']}" for c in copies), digest)
+    return {"digest": digest, "summary": summary, "copies": list(copies),
+            "approval_body": approval_body(copies, digest)}
+
+
+def back_up_plans(
+    params: DbParams, combined: dict[str, Any], backup_dir: Path, *, backup_all: bool = False,
+    template_url: str | None = None,
+) -> dict[str, Any]:
+    """Back up the rows every copy's saved plan changes, in one backup file; return it and the rows that moved on."""
+    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
+        saved = [(c, load_plan(Path(c["plan_path"]), expected_digest=c["digest"])) for c in combined["copies"]]
+        copies = [CopyPlan(c["where"], None if c["key"] == API_DATABASE else c["key"], plan)  # type: ignore[arg-type]
+                  for c, plan in saved]
+        result = service.back_up_copies(
+            service.databases_of(db, cells), copies, backup_dir, digest=combined["digest"], scope=saved[0][1].scope,
+            cell_names={mapping.uuid: mapping.name for mapping, _ in cells}, backup_all=backup_all,
+        )
     return {
         "backup_path": str(result.info.path),
         "records": result.info.record_count,
-        "diverged": result.diverged,
+        "records_by_database": result.info.records_by_database,
+        "diverged": result.diverged_by_database,
     }
 
 
-def apply_ranges(plan_path: str, batch_size: int, *, auto_tune: bool = False) -> list[dict[str, Any]]:
-    """Split the plan's rows into id ranges, one per mapped apply task (at most MAX_APPLY_TASKS).
+def copy_ranges(combined: dict[str, Any], batch_size: int, *, auto_tune: bool = False) -> dict[str, list[dict]]:
+    """The mapped apply tasks of a run: ``cells`` (written first) and ``nova_api``, each an id range of one copy.
+
+    Each group stays under MAX_APPLY_TASKS tasks, shared among its copies.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {"cells": [], "nova_api": []}
+    cells = [c for c in combined["copies"] if c["key"] != API_DATABASE]
+    for copy in combined["copies"]:
+        if not copy["summary"]["to_update"]:
+            continue
+        is_api = copy["key"] == API_DATABASE
+        budget = MAX_APPLY_TASKS if is_api else max(1, MAX_APPLY_TASKS // max(1, len(cells)))
+        for id_range in apply_ranges(copy["plan_path"], batch_size, auto_tune=auto_tune, max_tasks=budget):
+            groups["nova_api" if is_api else "cells"].append(
+                {"key": copy["key"], "where": copy["where"], "plan_path": copy["plan_path"],
+                 "digest": copy["digest"], **id_range}
+            )
+    return groups
+
+
+def apply_ranges(
+    plan_path: str, batch_size: int, *, auto_tune: bool = False, max_tasks: int = MAX_APPLY_TASKS
+) -> list[dict[str, Any]]:
+    """Split a plan file's rows into id ranges, one per mapped apply task (at most ``max_tasks``).
 
     A task gets ``batch_size`` rows, or, when its batches are auto-tuned, as many as the
     largest batch may hold: the tuning happens within a task and needs room to grow.
     """
     ids = load_plan_ids(Path(plan_path))
-    per_task = max(MAX_BATCH_SIZE if auto_tune else batch_size, math.ceil(len(ids) / MAX_APPLY_TASKS))
+    per_task = max(MAX_BATCH_SIZE if auto_tune else batch_size, math.ceil(len(ids) / max_tasks))
     return [
         {"first_id": chunk[0], "last_id": chunk[-1], "rows": len(chunk)}
         for chunk in (ids[i : i + per_task] for i in range(0, len(ids), per_task))
@@ -161,6 +215,8 @@ def apply_range(
     *,
     first_id: int,
     last_id: int,
+    key: str = API_DATABASE,
+    template_url: str | None = None,
     exclude_ids: Sequence[int] = (),
     batch_size: int,
     verbose: bool = False,
@@ -168,24 +224,33 @@ def apply_range(
     replicas: Sequence[DbParams] = (),
     pause_first: bool = False,
 ) -> dict[str, Any]:
-    """Apply the approved plan's rows in [first_id, last_id]; conflicts are reported, not written.
+    """Apply the approved plan's rows in [first_id, last_id] of one copy; conflicts are reported, not written.
 
-    With ``pace``, batches are sized and paced by it, watching ``replicas`` too;
-    ``pause_first`` pauses before the first batch as well (every mapped task but the first).
+    ``key``: the copy's database, nova_api or a cell's uuid (opened through nova_api's
+    cell_mappings, ``template_url`` filling a template). With ``pace``, batches are sized and
+    paced by it, watching ``replicas`` too; ``pause_first`` pauses before the first batch as
+    well (every mapped task but the first).
     """
     saved = load_plan(Path(plan_path), expected_digest=approved_digest, first_id=first_id, last_id=last_id)
     pace = pace or PaceSettings(batch_size=batch_size, target_batch_s=None, max_threads_running=None,
                                 max_replica_lag_s=None, pause_on_flow_control=False)
-    with service.connect(params) as db, service.pacing(db, pace, replicas, pause_first=pause_first) as pacer:
+    with service.connect(params) as api, service.open_cells_of(api, template_url=template_url) as cells, \
+            service.pacers(pace, replicas, pause_first=pause_first) as pacer_for:
+        databases = service.databases_of(api, cells)
+        if key not in databases:
+            raise ConfigError(f"the plan is of cell {key}, which nova_api's cell_mappings no longer list")
+        db, flavors = databases[key], api.load_flavors()
+        pacer = pacer_for(db)
         log.info("Pacing: %s", pace.describe(len(replicas)))
+        what = "Wrote request specs" if key == API_DATABASE else f"Wrote instance copies of {key}"
         result = service.apply_saved_plan(
-            db, saved, first_id=first_id, last_id=last_id, exclude_ids=exclude_ids, batch_size=batch_size,
-            # a log line after every write batch
-            progress=_progress_lines("Wrote request specs") if verbose else None,
+            db, saved, first_id=first_id, last_id=last_id, flavors=flavors, exclude_ids=exclude_ids,
+            batch_size=batch_size,
+            progress=_progress_lines(what) if verbose else None,  # a log line after every write batch
             pacer=pacer,
         )
         log.info("Paced: %s", pacer.summary())
-        conflicts = service.explain_conflicts(db, saved.scope, result.conflicts)
+        conflicts = service.explain_conflicts(db, saved.scope, result.conflicts, flavors=flavors)
     for line in report.apply_lines(result, conflicts):
         log.info("%s", line)
     return _counts(result)
@@ -210,46 +275,65 @@ def pace_settings(params: Mapping[str, Any]) -> PaceSettings:
 
 
 def verify(params: DbParams, plan_path: str, *, template_url: str | None = None) -> dict[str, Any]:
-    """Read everything in the plan's scope again; raise DriftFoundError if drift remains."""
+    """Read both copies in the plan's scope again; raise DriftFoundError if drift remains."""
     return fail_on_drift(drift_summary(params, scope_from=plan_path, template_url=template_url))
 
 
 def drift_summary(
     params: DbParams, *, scope_from: str | None = None, all_keys: bool = False, template_url: str | None = None
 ) -> dict[str, Any]:
-    """The drift check: plan and log every stale instance and the summary; never writes.
+    """The drift check: plan both copies, log every stale instance and the summary; never writes.
 
-    The summary is the RequestSpecs'; ``instance_copies`` adds each cell's stale instance copies.
+    ``to_update``, ``by_flavor`` and ``by_key`` count both copies; ``copies`` has each copy's
+    own summary (by where it is: nova_api, each cell); ``disagreeing``: instances stale in one
+    copy only.
     """
     with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
         if scope_from is not None:
             scope, found = load_plan(Path(scope_from)).scope, None  # flavors read again: a verify
         else:
             found, scope = service.resolve_scope(db, all_keys=all_keys)
-        both = service.plan_both_copies(db, cells, scope, flavors=found)
-    plan = both.copies[0].plan
-    lines = report.plan_lines(plan, verbose=True) + report.summary_lines(plan) + report.both_copies_lines(both)[1:-2]
-    for line in lines:
+        cloud = service.plan_both_copies(db, cells, scope, flavors=found)
+    for line in report.cloud_plan_lines(cloud, verbose=True):
         log.info("%s", line)
-    return {**plan.summary(), "instance_copies": {c.where: len(c.plan.changes) for c in both.copies[1:]}}
+    summaries = {copy.where: copy.plan.summary() for copy in cloud.copies}
+    return {
+        "digest": cloud.digest,
+        "to_update": cloud.to_update,
+        "disagreeing": len(cloud.disagreeing_instances()),
+        "by_flavor": _summed(s["by_flavor"] for s in summaries.values()),
+        "by_key": _summed(s["by_key"] for s in summaries.values()),
+        "copies": {where: {k: v for k, v in s.items() if k != "scope"} for where, s in summaries.items()},
+    }
+
+
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for part in counts:
+        for name, count in part.items():
+            total[name] = total.get(name, 0) + count
+    return dict(sorted(total.items()))
 
 
 def fail_on_drift(summary: dict[str, Any]) -> dict[str, Any]:
-    """Raise DriftFoundError (the task fails) when the summary counts stale RequestSpecs."""
+    """Raise DriftFoundError (the task fails) when the summary counts stale flavor copies."""
     if summary["to_update"]:
+        per_copy = ", ".join(f"{where}={s['to_update']}" for where, s in summary["copies"].items())
         raise DriftFoundError(
-            f"{summary['to_update']} request specs are out of sync with their flavors "
-            f"(by flavor: {summary['by_flavor']}; by key: {summary['by_key']})"
+            f"{summary['to_update']} flavor copies are out of sync with their flavors ({per_copy}; "
+            f"{summary['disagreeing']} instances whose two copies disagree; by flavor: {summary['by_flavor']}; "
+            f"by key: {summary['by_key']})"
         )
     return summary
 
 
 def restore_backup(
-    params: DbParams, backup_path: str, *, run: bool, force: bool = False, batch_size: int = 500
+    params: DbParams, backup_path: str, *, run: bool, force: bool = False, batch_size: int = 500,
+    template_url: str | None = None,
 ) -> dict[str, Any]:
-    """Check a backup and restore it (``run``) or say what it would restore."""
-    with service.connect(params) as db:
-        result = service.restore(db, Path(backup_path), run=run, force=force, batch_size=batch_size)
+    """Check a backup and restore it (``run``) or say what it would restore, in every database it names."""
+    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
+        result = service.restore(db, Path(backup_path), cells=cells, run=run, force=force, batch_size=batch_size)
     for line in report.restore_lines(result, verbose=True):
         log.info("%s", line)
     if run and (result.errors or result.not_verified):
@@ -259,6 +343,7 @@ def restore_backup(
     return {
         "backup_path": backup_path,
         "restored" if run else "would_restore": len(result.restored),
+        "by_database": {result.backup.where(key): n for key, n in result.restored_by_database.items()},
         "skipped": len(result.skipped),
         "errors": len(result.errors),
         "plan_digest": result.backup.plan_digest,
@@ -276,6 +361,7 @@ def backups(backup_dir: Path) -> list[dict[str, Any]]:
                 "file": entry.path.name, "path": str(entry.path), "records": entry.record_count,
                 "created_at": entry.created_at, "plan_digest": entry.plan_digest,
                 "schema": entry.database.get("schema"),
+                "records_by_copy": {entry.where(key): n for key, n in entry.records_by_database.items()},
             })
     return rows
 
@@ -319,9 +405,9 @@ def sync_outcome(
         outcome, line = "plan_failed", "FAILED: checking the database or planning failed; nothing was written"
     elif dry_run:
         outcome = "dry_run"
-        line = f"DRY RUN: {summary['to_update']} RequestSpecs would be rewritten; nothing was written"
+        line = f"DRY RUN: {summary['to_update']} flavor copies would be rewritten; nothing was written"
     elif not summary["to_update"]:
-        outcome, line = "in_sync", "NOTHING TO DO: every RequestSpec in scope is in sync"
+        outcome, line = "in_sync", "NOTHING TO DO: both copies of every instance in scope are in sync"
     elif backed_up is None:
         outcome, line = "backup_failed", "FAILED: the backup could not be written; nothing was written"
     elif answer is None:
@@ -331,7 +417,8 @@ def sync_outcome(
     elif verified is None:
         outcome, line = "failed", (
             f"FAILED: approved by {answer['by']} at {answer['at']}, but applying or verifying failed: "
-            f"{counts.get('updated', 0)} rows written; see the failed task's log, then run again"
+            f"{counts.get('updated', 0)} flavor copies written; see the failed task's log, then run again "
+            "(a run that stopped between an instance's two copies leaves them disagreeing: a rerun heals them)"
         )
     else:
         outcome, line = "applied", (
@@ -345,32 +432,41 @@ def sync_outcome(
     return {"outcome": outcome, "message": line, "digest": summary["digest"], **counts}
 
 
-def approval_body(plan: Plan) -> str:
-    """Markdown for the approval page: what will change, what is held back, the digest."""
-    summary = plan.summary()
-    lines = [
-        f"**{len(plan.changes)} RequestSpecs will be rewritten** (only their flavor's extra_specs).",
-        "",
-        f"Plan digest: `{plan.digest}`",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| read | {plan.rows_read} |",
-        f"| to update | {len(plan.changes)} |",
-        f"| in sync | {plan.in_sync} |",
-        f"| held back (risky keys only) | {len(plan.held_back)} |",
-        f"| orphans (flavor deleted or re-created) | {len(plan.orphans)} |",
-        f"| unreadable rows | {len(plan.errors)} |",
-        f"| left alone (instance busy, deleted or queued for delete) | {len(plan.left_alone)} |",
+def approval_body(copies: Sequence[dict[str, Any]], digest: str) -> str:
+    """Markdown for the approval page: what will change in each copy, what is left, the digest.
+
+    ``copies``: each copy's plan_copy_to_file result (its ``where`` and ``summary``).
+    """
+    summaries = [c["summary"] for c in copies]
+    total = sum(s["to_update"] for s in summaries)
+    api = sum(s["to_update"] for c, s in zip(copies, summaries, strict=True) if c["key"] == API_DATABASE)
+    rows = [
+        ("read", "rows_read"), ("to update", "to_update"), ("in sync", "in_sync"),
+        ("held back (risky keys only)", "held_back_only"), ("orphans (flavor deleted or re-created)", "orphans"),
+        ("unreadable rows", "errors"), ("left alone (instance busy, deleted or queued for delete)", "left_alone"),
     ]
-    for title, counts in (
-        ("To update by flavor", summary["by_flavor"]),
-        ("Key changes by key", summary["by_key"]),
-        ("Key changes by risk class", summary["by_risk"]),
-        ("Held back (placement/topology keys; not written)", summary["held_back_by_key"]),
+    lines = [
+        f"**{total} flavor copies will be rewritten**: {api} RequestSpecs and {total - api} instance copies "
+        "(only their flavor's extra_specs). The instance copies in each cell are written first, then the "
+        "RequestSpecs.",
+        "",
+        f"Plan digest: `{digest}`",
+        "",
+        "| | " + " | ".join(c["where"] for c in copies) + " |",
+        "| --- |" + " --- |" * len(copies),
+    ]
+    lines += [f"| {label} | " + " | ".join(str(s[key]) for s in summaries) + " |" for label, key in rows]
+    for title, key in (
+        ("To update by flavor (both copies)", "by_flavor"),
+        ("Key changes by key (both copies)", "by_key"),
+        ("Key changes by risk class (both copies)", "by_risk"),
+        ("Held back (placement/topology keys; not written)", "held_back_by_key"),
     ):
+        counts = _summed(s[key] for s in summaries)
         if counts:
             lines += ["", f"**{title}**", ""] + [f"- `{name}`: {count}" for name, count in counts.items()]
+    if any(c["key"] != API_DATABASE and c["summary"]["by_risk"].get(RiskClass.GUEST.value) for c in copies):
+        lines += ["", report.GUEST_KEYS_TAKE_EFFECT + "."]
     lines += ["", "Approve writes these rows in compare-and-swap batches; Reject writes nothing."]
     return "\n".join(lines)
 

@@ -332,6 +332,18 @@ class PlanDigest:
 BOTH_COPIES_DIGEST_VERSION = "nova-flavor-sync both copies v1"
 
 
+def cloud_digest(parts: Iterable[tuple[str, str]]) -> str:
+    """The digest a run's approval binds: over each copy's key and plan digest, in plan order.
+
+    Each copy's own digest covers the scope and every change of that copy (PlanDigest), so
+    this one binds every write of the run, in every database.
+    """
+    digest = hashlib.sha256(BOTH_COPIES_DIGEST_VERSION.encode())
+    for key, part in parts:
+        digest.update(f"{key} {part}\n".encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class CopyPlan:
     """The plan for the flavor copies of one database: nova_api's RequestSpecs or one cell's instances."""
@@ -365,10 +377,7 @@ class CloudPlan:
 
     def __post_init__(self) -> None:
         if not self.digest:
-            digest = hashlib.sha256(BOTH_COPIES_DIGEST_VERSION.encode())
-            for copy in self.copies:  # each part's digest covers the scope and its changes
-                digest.update(f"{copy.cell_uuid or 'nova_api'} {copy.plan.digest}\n".encode())
-            self.digest = digest.hexdigest()
+            self.digest = cloud_digest((copy.key, copy.plan.digest) for copy in self.copies)
 
     @property
     def to_update(self) -> int:

@@ -37,7 +37,7 @@ from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
-from nova_flavor_sync.errors import BackupError
+from nova_flavor_sync.errors import BackupError, ConfigError
 from nova_flavor_sync.plan import CloudPlan, CopyPlan, Flavor, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
 from nova_flavor_sync.plan_worker import plan_in_workers
@@ -176,16 +176,44 @@ def plan_both_copies(
     """
     flavors = api.load_flavors() if flavors is None else flavors
     left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
-    copies = [CopyPlan("nova_api", None, make_plan(api, scope, flavors=flavors, page_size=page_size,
-                                                    left_alone=left_alone, progress=progress))]
-    never_written: dict[str, int] = {}
-    for mapping, db in cells:
-        if mapping.is_cell0:
-            never_written[mapping.label] = db.instance_counts()["total"]
-            continue
-        plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size)
-        copies.append(CopyPlan(mapping.label, mapping.uuid, plan))
+    copies = [
+        plan_copy(api, cells, key, scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
+                  progress=progress)
+        for key in copy_keys(cells)
+    ]
+    never_written = {mapping.label: db.instance_counts()["total"] for mapping, db in cells if mapping.is_cell0}
     return CloudPlan(scope, copies, never_written)
+
+
+def copy_keys(cells: Sequence[tuple[CellMapping, NovaCellDb]]) -> list[str]:
+    """The copies a run plans, as CopyPlan.key names them: nova_api, then each cell but cell0, in order."""
+    return [API_DATABASE] + [mapping.uuid for mapping, _ in cells if not mapping.is_cell0]
+
+
+def plan_copy(
+    api: NovaApiDb,
+    cells: Sequence[tuple[CellMapping, NovaCellDb]],
+    key: str,
+    scope: Scope,
+    *,
+    flavors: dict[int, Flavor],
+    left_alone: Mapping[str, str],
+    page_size: int = DEFAULT_PAGE_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> CopyPlan:
+    """The plan of one copy: nova_api's RequestSpecs (``key`` "nova_api") or one cell's instance copies.
+
+    ``left_alone`` is ``cells.instances_to_leave_alone`` over every cell: the copies of one
+    instance are planned with the same reasons whichever is planned first, or elsewhere.
+    """
+    if key == API_DATABASE:
+        plan = make_plan(api, scope, flavors=flavors, page_size=page_size, left_alone=left_alone, progress=progress)
+        return CopyPlan(API_DATABASE, None, plan)
+    for mapping, db in cells:
+        if mapping.uuid == key and not mapping.is_cell0:
+            plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size)
+            return CopyPlan(mapping.label, mapping.uuid, plan)
+    raise ConfigError(f"no cell {key} in nova_api's cell_mappings (cell0 is never written)")
 
 
 def _counted(rows: Iterable[SpecRow], expected: int, every: int, progress: Callable[[int, int], None]):
@@ -195,11 +223,6 @@ def _counted(rows: Iterable[SpecRow], expected: int, every: int, progress: Calla
         if done % every == 0:
             progress(done, max(expected, done))
     progress(done, max(expected, done))
-
-
-def verify(db: NovaApiDb, scope: Scope, *, page_size: int = DEFAULT_PAGE_SIZE) -> Plan:
-    """Read everything again with fresh flavors; the plan's changes are the drift left."""
-    return make_plan(db, scope, page_size=page_size)
 
 
 # Where a run's copies live: "nova_api" and each cell's uuid (as CopyPlan.key and backups name them).
@@ -399,11 +422,12 @@ def pacing(
 
 
 def apply_saved_plan(
-    db: NovaApiDb,
+    db: NovaDb,
     saved: SavedPlan,
     *,
     first_id: int,
     last_id: int,
+    flavors: dict[int, Flavor] | None = None,
     exclude_ids: Iterable[int] = (),
     batch_size: int = apply_mod.DEFAULT_BATCH_SIZE,
     progress: Callable[[ApplyResult, int], None] | None = None,
@@ -411,15 +435,17 @@ def apply_saved_plan(
 ) -> ApplyResult:
     """Apply the approved plan's rows with ids in [first_id, last_id] (one Airflow mapped task).
 
-    Each row is planned again from what the database holds now, with the current flavors,
-    and written only if that gives exactly the approved bytes-before and bytes-after: a row
-    Nova saved or a flavor changed since the approval is a conflict, never overwritten.
+    Each row is planned again from what the database holds now, with the current flavors
+    (``flavors``: nova_api's, read from ``db`` when it is nova_api), and written only if that
+    gives exactly the approved bytes-before and bytes-after: a row Nova saved or a flavor
+    changed since the approval is a conflict, never overwritten.
     """
     excluded = set(exclude_ids)
     rows = [r for r in saved.changes if first_id <= r.id <= last_id]
-    planner = RowPlanner(db.load_flavors(), saved.scope)
+    flavors = db.load_flavors() if flavors is None else flavors  # type: ignore[attr-defined]
+    planner = RowPlanner(flavors, saved.scope, db.COPY.layout)
     targets = [
-        apply_mod.RowTarget(r.id, r.old_sha256, r.new_sha256, _approved_rewrite(planner, r))
+        apply_mod.RowTarget(r.id, r.old_sha256, r.new_sha256, _approved_rewrite(planner, r), r.instance_uuid)
         for r in rows
         if r.id not in excluded
     ]
@@ -437,7 +463,7 @@ def _approved_rewrite(planner: RowPlanner, row: PlannedRow) -> Callable[[str], s
         fresh = planner.plan_row(SpecRow(row.id, row.instance_uuid, text))
         if not isinstance(fresh, RowChange) or fresh.new_sha256 != row.new_sha256:
             return None  # the flavor (or the row's scope) changed since the approval
-        return rewrite_extra_specs(text, dict(fresh.diff.target_extra_specs))
+        return rewrite_extra_specs(text, dict(fresh.diff.target_extra_specs), layout=planner.layout)
 
     return rewrite
 

@@ -127,9 +127,11 @@ def test_the_page_lists_each_backup_and_the_damaged_file(client, backups):
     first, second = (backups / f"flavor_copies_202601{day:02d}_143210.json" for day in (6, 7))
     assert [[tuple(cell) for cell in row] for row in page.rows] == [
         [(DAMAGED, None), (f"{DAMAGED}: damaged or not a backup", None)],
-        [(first.name, str(first)), ("2", None), ("2026-01-06 14:32:10 UTC", "2026-01-06T14:32:10Z"),
+        [(first.name, str(first)), ("2", None), ("nova_api 2", None),
+         ("2026-01-06 14:32:10 UTC", "2026-01-06T14:32:10Z"),
          (digest(1)[:12], digest(1)), ("nova_api", None)],
-        [(second.name, str(second)), ("3", None), ("2026-01-07 14:32:10 UTC", "2026-01-07T14:32:10Z"),
+        [(second.name, str(second)), ("3", None), ("nova_api 3", None),
+         ("2026-01-07 14:32:10 UTC", "2026-01-07T14:32:10Z"),
          (digest(2)[:12], digest(2)), ("nova_api", None)],
     ]
     assert "<b>" not in response.text and "&lt;b&gt;" in response.text

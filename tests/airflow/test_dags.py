@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 
-from dbtools import table_hash
+from dbtools import copies_hash, sync_both_copies, table_hash
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_IDS = {"nova_flavor_sync", "nova_flavor_drift_check", "nova_flavor_restore"}
@@ -33,20 +33,24 @@ def test_every_dag_imports_without_database_or_connection_access_at_parse_time()
 def test_the_sync_dag_is_wired_in_order():
     dag = load_dags().dags["nova_flavor_sync"]
     edges = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
-    assert edges["check_db"] == ["make_plan"]
+    assert edges["check_db"] == ["make_plan"]  # mapped: one plan per copy (nova_api, each cell)
+    assert edges["make_plan"] == ["combine_plans"]  # one digest over both copies
     assert edges["should_apply"] == ["back_up"]
-    assert edges["back_up"] == ["apply_batch", "approve"]
-    assert edges["approve"] == ["apply_ranges"]
-    assert edges["apply_batch"] == ["verify"]
+    assert edges["back_up"] == ["approve"]
+    assert edges["approve"] == ["cell_ranges", "request_spec_ranges"]
+    assert edges["apply_cells"] == ["apply_request_specs", "verify"]  # the instance copies first
+    assert edges["apply_request_specs"] == ["verify"]
     assert edges["verify"] == ["report_outcome"]
-    assert "verify" not in edges["make_plan"]  # verify must not run after a dry run
+    assert "verify" not in edges["combine_plans"]  # verify must not run after a dry run
     assert dag.max_active_runs == 1 and dag.schedule is None
 
 
 def test_apply_tasks_run_one_at_a_time_unless_the_operator_allows_more(monkeypatch):
-    assert load_dags().dags["nova_flavor_sync"].get_task("apply_batch").max_active_tis_per_dagrun == 1
+    for task_id in ("apply_cells", "apply_request_specs"):
+        assert load_dags().dags["nova_flavor_sync"].get_task(task_id).max_active_tis_per_dagrun == 1
     monkeypatch.setenv("NOVA_FLAVOR_SYNC_APPLY_PARALLELISM", "4")
-    assert load_dags().dags["nova_flavor_sync"].get_task("apply_batch").max_active_tis_per_dagrun == 4
+    for task_id in ("apply_cells", "apply_request_specs"):
+        assert load_dags().dags["nova_flavor_sync"].get_task(task_id).max_active_tis_per_dagrun == 4
     monkeypatch.setenv("NOVA_FLAVOR_SYNC_APPLY_PARALLELISM", "many")
     bag = load_dags()
     (error,) = [e for path, e in bag.import_errors.items() if path.endswith("nova_flavor_sync.py")]
@@ -61,12 +65,14 @@ def run_dag(dag_id: str, conf: dict):
 
 
 def test_a_dry_run_plans_and_writes_nothing(nova_env):
-    before = table_hash(nova_env)
+    before = copies_hash(nova_env)
     dag_run, states = run_dag("nova_flavor_sync", {"dry_run": True})
     assert dag_run.state == "success", states
-    assert states["make_plan"] == "success" and states["back_up"] == "skipped"
+    planned = sorted(ti.map_index for ti in dag_run.get_task_instances() if ti.task_id == "make_plan")
+    assert planned == [0, 1, 2]  # nova_api, cell1, cell2 (cell0 is never written)
+    assert states["combine_plans"] == "success" and states["back_up"] == "skipped"
     assert states["verify"] == "skipped" and states["report_outcome"] == "success"
-    assert table_hash(nova_env) == before
+    assert copies_hash(nova_env) == before
 
 
 def test_the_drift_check_fails_on_drift_and_passes_when_clean(nova_env, tmp_path):
@@ -76,28 +82,22 @@ def test_the_drift_check_fails_on_drift_and_passes_when_clean(nova_env, tmp_path
     summary = ti.xcom_pull(task_ids="check_drift", key="summary")
     assert summary["to_update"] > 600 and summary["by_flavor"] and summary["by_key"]
 
-    from nova_flavor_sync import service  # make it clean with the engine, then check again
+    assert set(summary["copies"]) == {"nova_api", "cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca)",
+                                      "cell2 (ada1b992-1bb5-5458-b47a-3407ad251e9e)"}  # per cell
+    assert summary["to_update"] == sum(copy["to_update"] for copy in summary["copies"].values())
 
-    with service.connect(nova_env) as db:
-        flavors, scope = service.resolve_scope(db)
-        service.apply_plan(db, service.make_plan(db, scope, flavors=flavors))
+    sync_both_copies(nova_env, all_keys=False)  # make it clean with the engine, then check again
     dag_run, states = run_dag("nova_flavor_drift_check", {})
     assert dag_run.state == "success", states
 
 
 def test_a_restore_dry_run_checks_the_backup_and_writes_nothing(nova_env, tmp_path):
-    from nova_flavor_sync import service
-
-    with service.connect(nova_env) as db:
-        flavors, scope = service.resolve_scope(db, all_keys=True)
-        plan = service.make_plan(db, scope, flavors=flavors)
-        backup = service.back_up(db, plan, tmp_path / "backups")
-        service.apply_plan(db, plan)
-    after_sync = table_hash(nova_env)
+    _, backup = sync_both_copies(nova_env, backup_dir=tmp_path / "backups")
+    after_sync = copies_hash(nova_env)
     dag_run, states = run_dag("nova_flavor_restore", {"backup_path": str(backup.info.path)})
     assert dag_run.state == "success", states
     assert states["check_backup"] == "success" and states["approve"] == "skipped"
-    assert table_hash(nova_env) == after_sync
+    assert copies_hash(nova_env) == after_sync
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ import pytest
 from demo_airflow import SYNC, USERNAME, demo_airflow
 from local_airflow import Airflow, free_port
 
-from dbtools import new_database_name, plan_request_specs
+from dbtools import new_database_name, plan_request_specs, stale_copies
 from nova_flavor_sync.demo import DEMO_CELLS, cell_database_name, drop_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,11 +90,15 @@ def processes_in(home: Path) -> list[str]:
     return found
 
 
-def to_update(server_kwargs, database: str) -> int:
-    """What the dry run must report: the stale RequestSpecs of the default scope (busy instances left alone)."""
+def to_update(server_kwargs, database: str) -> tuple[int, int]:
+    """What the dry run must report: the stale copies of the default scope (busy instances left alone).
+
+    (both copies, the RequestSpecs alone).
+    """
     from nova_flavor_sync.dburl import DbParams
 
-    return len(plan_request_specs(DbParams(database=database, **server_kwargs), all_keys=False).changes)
+    params = DbParams(database=database, **server_kwargs)
+    return stale_copies(params, all_keys=False), len(plan_request_specs(params, all_keys=False).changes)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +125,16 @@ def demo(server_kwargs, tmp_path_factory) -> Iterator[Demo]:
         assert stopped.returncode == 0 and not left, f"{shown(stopped)}\nleft: {left}"
 
 
-def summary_checks(result: subprocess.CompletedProcess[str], stale: int) -> None:
+def summary_checks(result: subprocess.CompletedProcess[str], stale: tuple[int, int]) -> None:
     out = result.stdout
+    both, request_specs = stale
     assert result.returncode == 0, shown(result)
-    assert f"DRY RUN: {stale} RequestSpecs would be rewritten; nothing was written" in out, shown(result)
-    assert re.search(rf"Read \d+ request specs: {stale} to update, \d+ in sync", out), shown(result)
+    assert f"DRY RUN: {both} flavor copies would be rewritten; nothing was written" in out, shown(result)
+    assert re.search(rf"Read \d+ request specs: {request_specs} to update, \d+ in sync", out), shown(result)
+    for cell in ("cell1", "cell2"):  # both copies: each cell's instance copies
+        copies = rf"Read \d+ instance copies in {cell} \([0-9a-f-]{{36}}\): [1-9]\d* to update"
+        assert re.search(copies, out), shown(result)
+    assert re.search(rf"Both copies: {both} to update \(nova_api={request_specs}, cell1 ", out), shown(result)
     assert re.search(r"Plan digest: [0-9a-f]{64}", out), shown(result)
 
 
@@ -176,7 +185,7 @@ def test_the_approval_page_in_headless_chromium(demo, tmp_path):
     run_id = airflow.trigger(SYNC, {"dry_run": False})
     airflow.wait_for_input(SYNC, run_id, "approve", settle=0)
     subject = airflow.hitl_detail(SYNC, run_id, "approve")["subject"]
-    assert subject.startswith("Rewrite ") and "RequestSpecs? (plan " in subject, subject
+    assert subject.startswith("Rewrite ") and "flavor copies? (plan " in subject, subject
 
     page = f"{airflow.base_url}/dags/{SYNC}/runs/{quote(run_id, safe='')}/tasks/approve/required_actions"
     with chromium.Browser(tmp_path / "chromedriver.log", width=WIDTH, height=2400) as browser:

@@ -20,14 +20,13 @@ import local_airflow
 import pytest
 from local_airflow import Airflow
 
-from dbtools import plan_request_specs, table_hash
+from dbtools import copies_hash, stale_copies
 
 SYNC, RESTORE = "nova_flavor_sync", "nova_flavor_restore"
 # Answer only after the approve task has been seen awaiting input this long: answering the
 # moment it parks was reported to fail the task under LocalExecutor (the worker that parked
 # it lingers about 5 s). Not reproduced on 3.3.2 (3 runs at 0 s passed); cheap insurance.
 SETTLE_S = 12
-SPEC_COLUMNS = "id, instance_uuid, spec"
 
 
 def conn_uri(params) -> str:
@@ -85,9 +84,9 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
 
     started = time.monotonic()
     with printed_on_failure(airflow):
-        original = table_hash(demo_db, columns=SPEC_COLUMNS)
-        stale = len(plan_request_specs(demo_db).changes)  # busy instances' RequestSpecs left alone
-        assert stale > 0, "the demo cloud should start with stale RequestSpecs"
+        original = copies_hash(demo_db, copies_only=True)
+        stale = stale_copies(demo_db)  # both copies; busy instances' left alone
+        assert stale > 0, "the demo cloud should start with stale flavor copies"
 
         airflow.wait_for_dags([SYNC, RESTORE])
         assert "Loaded executor: :LocalExecutor:" in airflow.output("scheduler")
@@ -103,15 +102,17 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
         assert response["chosen_options"] == ["Approve"]
         assert response["responded_by"]["name"] == "e2e-operator"
         assert states["approve"] == "success" and states["verify"] == "success", states
-        assert all(state == "success" for task, state in states.items() if task.startswith("apply_batch")), states
+        applied = {task: state for task, state in states.items() if task.startswith("apply_")}
+        assert applied and all(state == "success" for state in applied.values()), states
+        assert {task.split("[")[0] for task in applied} == {"apply_cells", "apply_request_specs"}, states
         answer = airflow.xcom(SYNC, run_id, "approve", key="answer")
         assert answer["choice"] == "Approve" and answer["by"] == "e2e-operator", answer
         outcome = airflow.xcom(SYNC, run_id, "report_outcome")
         assert outcome["outcome"] == "applied", outcome
         assert outcome["updated"] == stale and outcome["conflicts"] == 0 and outcome["errors"] == 0, outcome
 
-        assert plan_request_specs(demo_db).changes == []
-        assert table_hash(demo_db, columns=SPEC_COLUMNS) != original
+        assert stale_copies(demo_db) == 0
+        assert copies_hash(demo_db, copies_only=True) != original
         backups = sorted((tmp_path / "data" / "backups").glob("flavor_copies_*.json"))
         assert len(backups) == 1, backups
 
@@ -123,7 +124,7 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
         assert states["restore"] == "success", states
         restored = airflow.xcom(RESTORE, run_id, "restore")
         assert restored["restored"] == stale and restored["errors"] == 0, restored
-        assert table_hash(demo_db, columns=SPEC_COLUMNS) == original
+        assert copies_hash(demo_db, copies_only=True) == original  # both copies, in every cell
 
     print(
         f"\ne2e timings: test body {time.monotonic() - started:.1f} s, airflow up {airflow.timings['start_s']:.1f} s "

@@ -13,11 +13,12 @@ from datetime import timedelta
 import pytest
 
 from approval_answer import rest_api_run, run_with_answer
-from dbtools import connect, plan_request_specs, table_hash
+from dbtools import connect, copies_hash, stale_copies, table_hash
 
 SYNC = "nova_flavor_sync"
 CONF = {"dry_run": False, "all_keys": True}
 SPEC_COLUMNS = "id, instance_uuid, spec"
+APPLY_TASKS = ("apply_cells", "apply_request_specs")
 
 
 def refuse_updates(params, times: int) -> None:
@@ -48,18 +49,20 @@ def refusals_left(params) -> int:
 
 def short_retry_delay(dag) -> None:
     """The real retries, one second apart instead of minutes (dag.test() waits them out)."""
-    task = dag.get_task("apply_batch")
-    assert task.retries == 3  # what an operator's run gets
-    task.retry_delay = timedelta(seconds=1)
+    for task_id in APPLY_TASKS:
+        task = dag.get_task(task_id)
+        assert task.retries == 3  # what an operator's run gets
+        task.retry_delay = timedelta(seconds=1)
 
 
 def no_retries(dag) -> None:
-    dag.get_task("apply_batch").retries = 0
+    for task_id in APPLY_TASKS:
+        dag.get_task(task_id).retries = 0
 
 
 def in_sync(params) -> bool:
-    """No RequestSpec left to sync (those of busy instances are left alone)."""
-    return plan_request_specs(params).changes == []
+    """No flavor copy left to sync, in either copy (those of busy instances are left alone)."""
+    return stale_copies(params) == 0
 
 
 def assert_failed_everywhere(dag_run, states) -> None:
@@ -76,8 +79,10 @@ def test_a_database_that_refuses_the_writes_fails_the_run_and_writes_nothing(nov
     dag_run, states, _ = run_with_answer(SYNC, CONF, "Approve", adjust=no_retries)
 
     assert_failed_everywhere(dag_run, states)
-    assert states["apply_batch[0]"] == "failed" and states["verify"] == "upstream_failed"
-    assert table_hash(nova_env) == before  # the refused batch was rolled back whole
+    # The instance copies are written first; the refused RequestSpec batch was rolled back whole.
+    assert states["apply_cells[0]"] == "success" and states["apply_request_specs[0]"] == "failed"
+    assert states["verify"] == "upstream_failed"
+    assert table_hash(nova_env) == before
 
 
 @pytest.mark.timeout(240)
@@ -88,7 +93,7 @@ def test_a_batch_that_failed_once_is_retried_and_the_run_completes(nova_env):
 
     assert refusals_left(nova_env) == 0  # the first try really was refused
     assert dag_run.state == "success", states
-    (apply_ti,) = [ti for ti in dag_run.get_task_instances() if ti.task_id == "apply_batch"]
+    (apply_ti,) = [ti for ti in dag_run.get_task_instances() if ti.task_id == "apply_request_specs"]
     assert apply_ti.try_number == 2
     assert states["verify"] == "success"
     assert rest_api_run(SYNC, dag_run.run_id)["state"] == "success"
@@ -105,7 +110,7 @@ def test_drift_left_after_the_writes_fails_verify_and_the_run(nova_env):
     dag_run, states, _ = run_with_answer(SYNC, CONF, "Approve")
 
     assert_failed_everywhere(dag_run, states)
-    assert states["apply_batch[0]"] == "success" and states["verify"] == "failed"
+    assert states["apply_request_specs[0]"] == "success" and states["verify"] == "failed"
     assert table_hash(nova_env, columns=SPEC_COLUMNS) == before
 
 
@@ -114,13 +119,13 @@ def test_a_cell_that_cannot_be_reached_fails_the_run_before_anything_is_written(
     with connect(nova_env) as conn, conn.cursor() as cur:
         cur.execute("UPDATE cell_mappings SET database_connection = "
                     "REPLACE(database_connection, '127.0.0.1:', '127.0.0.1:1') WHERE name = 'cell1'")
-    before = table_hash(nova_env)
+    before = copies_hash(nova_env)
 
     dag_run, states, _ = run_with_answer(SYNC, CONF, None)
 
     assert_failed_everywhere(dag_run, states)
     assert states["check_db"] == "failed" and states["make_plan"] == "upstream_failed"
-    assert table_hash(nova_env) == before
+    assert copies_hash(nova_env) == before
 
 
 @pytest.mark.timeout(240)
@@ -128,10 +133,10 @@ def test_a_backup_that_cannot_be_written_fails_the_run_before_the_approval(nova_
     # A file where the backup directory belongs: the backup cannot be created (even as root).
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "backups").write_text("not a directory")
-    before = table_hash(nova_env)
+    before = copies_hash(nova_env)
 
     dag_run, states, _ = run_with_answer(SYNC, CONF, None)
 
     assert_failed_everywhere(dag_run, states)
     assert states["back_up"] == "failed" and states["approve"] == "upstream_failed"
-    assert table_hash(nova_env) == before
+    assert copies_hash(nova_env) == before

@@ -48,7 +48,7 @@ def test_a_sync_rewrites_only_extra_specs_and_sets_updated_at(demo_db):
         plan = plan_all_keys(db)
         started = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
         result = apply_plan(db, plan, batch_size=100)
-        remaining = service.verify(db, plan.scope)
+        remaining = service.make_plan(db, plan.scope)
     after = rows(demo_db)
 
     changed = {c.id: c for c in plan.changes}
@@ -160,6 +160,6 @@ def test_a_connection_killed_mid_batch_is_reopened_and_the_batch_retried(demo_db
                 killed.append(victim)
 
         result = apply_plan(db, plan, batch_size=200, progress=kill_once, retry=FAST_RETRY)
-        remaining = service.verify(db, plan.scope)
+        remaining = service.make_plan(db, plan.scope)
     assert killed and result.retries >= 1
     assert remaining.changes == []

@@ -30,7 +30,7 @@ def test_applying_every_range_of_the_saved_plan_leaves_no_drift(demo_db, tmp_pat
         first = service.apply_saved_plan(db, saved, first_id=0, last_id=middle, batch_size=50)
         second = service.apply_saved_plan(db, saved, first_id=middle + 1, last_id=ids[-1], batch_size=50)
         again = service.apply_saved_plan(db, saved, first_id=0, last_id=ids[-1])
-        remaining = service.verify(db, plan.scope)
+        remaining = service.make_plan(db, plan.scope)
     assert sorted(first.updated + second.updated) == ids
     assert sorted(again.already) == ids and again.updated == []
     assert remaining.changes == []

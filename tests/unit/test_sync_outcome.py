@@ -48,8 +48,8 @@ def test_runs_that_end_green(kwargs, expected):
         ({"answer": None, "applied": None, "verified": None},
          "FAILED: the approval ended without an answer; nothing was written"),
         ({"applied": APPLIED[:1], "verified": None}, "FAILED: approved by alice at 2026-12-02T10:00:00Z, "
-         "but applying or verifying failed: 3 rows written"),
-        ({"verified": None}, "but applying or verifying failed: 5 rows written"),
+         "but applying or verifying failed: 3 flavor copies written"),
+        ({"verified": None}, "but applying or verifying failed: 5 flavor copies written"),
     ],
     ids=["planning", "backup", "no-answer", "an-apply-task", "verify"],
 )
