@@ -128,7 +128,30 @@ def instances_to_leave_alone(api: NovaApiDb, cells: Mapping[str, NovaCellDb]) ->
         if cell_uuid != CELL0_UUID:
             for uuid, reason in cell.busy_instances().items():
                 reasons.setdefault(uuid, reason)
+            for uuid in instances_missing_from_cell(api, cell_uuid, cell):
+                reasons.setdefault(uuid, MISSING_FROM_CELL)
     return reasons
+
+
+# Why an instance whose mapping names a cell that has no row for it is left alone (both copies).
+MISSING_FROM_CELL = "instance row missing from its cell"
+
+
+def instances_missing_from_cell(api: NovaApiDb, cell_uuid: str, cell: NovaCellDb) -> Iterator[str]:
+    """Instances instance_mappings places in this cell that have no instances row there.
+
+    A merge of two uuid-ordered keyset reads, one per database (they may be on different
+    servers, so no join): memory stays flat however many instances the cell holds. Both
+    columns sort case-insensitively, as lower() does for the ASCII of a uuid.
+    """
+    present = iter(cell.instance_uuids())
+    here = next(present, None)
+    for uuid in api.mapped_instances(cell_uuid):
+        key = uuid.lower()
+        while here is not None and here.lower() < key:
+            here = next(present, None)
+        if here is None or here.lower() != key:
+            yield uuid
 
 
 @contextmanager

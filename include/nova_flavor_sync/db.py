@@ -469,6 +469,22 @@ class NovaApiDb(NovaDb):
             for uuid, mapping, cell_id, _cell_uuid in rows
         }
 
+    def mapped_instances(self, cell_uuid: str, *, page_size: int = 10_000) -> Iterator[str]:
+        """The uuids of the instances instance_mappings places in this cell, in uuid order, a page at a time."""
+        last = ""
+        while True:
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    "SELECT m.instance_uuid FROM instance_mappings m JOIN cell_mappings c ON c.id = m.cell_id "
+                    "WHERE c.uuid = %s AND m.instance_uuid > %s ORDER BY m.instance_uuid LIMIT %s",
+                    (cell_uuid, last, page_size),
+                )
+                page = [uuid for (uuid,) in cur.fetchall()]
+            yield from page
+            if len(page) < page_size:
+                return
+            last = page[-1]
+
     def count_specs(self) -> int:
         """How many request_specs rows there are (for progress; one index scan)."""
         return int(self._scalar("SELECT COUNT(*) FROM request_specs"))
@@ -493,6 +509,18 @@ class NovaCellDb(NovaDb):
             )
             total, deleted, busy = cur.fetchone()
         return {"total": int(total), "deleted": int(deleted), "busy": int(busy)}
+
+    def instance_uuids(self, *, page_size: int = 10_000) -> Iterator[str]:
+        """The uuids of the cell's instances rows (deleted ones too), in uuid order, a page at a time."""
+        last = ""
+        while True:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT uuid FROM instances WHERE uuid > %s ORDER BY uuid LIMIT %s", (last, page_size))
+                page = [uuid for (uuid,) in cur.fetchall()]
+            yield from page
+            if len(page) < page_size:
+                return
+            last = page[-1]
 
     def busy_instances(self) -> dict[str, str]:
         """The cell's instances whose copies must be left alone now, with the reason (few, normally).
@@ -545,7 +573,7 @@ class NovaCellDb(NovaDb):
                 page = cur.fetchall()
             for row_id, uuid, flavor, updated_at, extra_deleted, found, deleted, vm_state, task_state in page:
                 if found is None:
-                    reason = "instance row missing from its cell"
+                    reason = "instance row missing from its cell"  # cells.MISSING_FROM_CELL
                 elif uuid in left_alone:
                     reason = left_alone[uuid]
                 else:

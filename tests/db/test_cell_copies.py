@@ -171,3 +171,20 @@ def test_an_instance_that_starts_an_operation_after_planning_keeps_its_copy_and_
     assert flavor_rows(cell)[moving.id] == before  # byte for byte, updated_at too
     assert note.reason == ("changed since planned, not overwritten; "
                            "now left alone: an operation is under way (task_state migrating)")
+
+
+def test_an_instance_its_cell_has_no_row_for_keeps_both_copies(demo_cloud):
+    """instance_mappings says cell1, but cell1 has no instances row: both copies left alone, with why."""
+    cell1 = next(c for c in plan_cloud(demo_cloud).copies if c.where.startswith("cell1"))
+    lost = next(iter(cell1.plan.changes)).instance_uuid
+    with connect(demo_cloud.cells["cell1"]) as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION foreign_key_checks = 0")  # instance_extra keeps its row
+        cur.execute("DELETE FROM instances WHERE uuid = %s", (lost,))
+
+    again = plan_cloud(demo_cloud)
+
+    assert all(lost not in {c.instance_uuid for c in copy.plan.changes} for copy in again.copies)
+    notes = [(copy.where.split()[0], n.reason) for copy in again.copies for n in copy.plan.left_alone
+             if n.instance_uuid == lost]
+    assert notes == [("nova_api", "instance row missing from its cell"),
+                     ("cell1", "instance row missing from its cell")]
