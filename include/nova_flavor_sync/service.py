@@ -284,6 +284,7 @@ def pacing(
     user who may not read the replication status, is refused before anything is written.
     """
     opened: list[ReplicaDb] = []
+    settings = db.fit_pacing(settings)  # write timeout; Galera's write-set limits (issue 13)
     try:
         for params in replicas:
             opened.append(ReplicaDb(params).open())
