@@ -19,7 +19,14 @@ Every write is logged, after the UPDATE returned, as one JSON line flushed at on
 SELECT and ``t1`` after the UPDATE, both ``time.monotonic()`` (CLOCK_MONOTONIC, the same
 clock in every process on Linux): the write committed between them. It stops after the
 write in progress when it gets SIGTERM (or after ``--max-seconds``), then prints
-``{"writes": N}``: a write is never half logged.
+``{"writes": N, "deadlocks": D}``: a write is never half logged.
+
+On Galera a write can fail at COMMIT with ``1213 Deadlock`` (a certification conflict with a
+write through another node); Nova's oslo.db retries such a write from its read
+(``wrap_db_retry(retry_on_deadlock=True)``), and so does this writer: only writes that
+committed are logged, the deadlocks counted. ``--ids M:R`` writes only rows whose id is R
+modulo M (two writers through two nodes then never write the same row, so each row has one
+serial writer, and its last write is well defined).
 
 This file is a script, not a test module, so it needs no import path under pytest.
 """
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--ids", default="1:0", help="M:R, only rows whose id is R modulo M")
     args = parser.parse_args(argv)
 
     stop = False
@@ -99,23 +107,31 @@ def main(argv: list[str] | None = None) -> int:
         database=args.database, autocommit=True, connect_timeout=10,
     )
     rng = random.Random(args.seed)
-    seq = 0
+    seq = deadlocks = 0
+    modulo, remainder = (int(part) for part in args.ids.split(":"))
     with conn, conn.cursor() as cur, open(args.log, "w", encoding="utf-8") as log:
         cur.execute("SELECT id FROM request_specs ORDER BY id")
-        ids = [row_id for (row_id,) in cur.fetchall()]
+        ids = [row_id for (row_id,) in cur.fetchall() if row_id % modulo == remainder]
         flavors = flavor_specs(cur)
         deadline = time.monotonic() + args.max_seconds
         while not stop and time.monotonic() < deadline:
             row_id = rng.choice(ids)
-            kind = rng.choices(MUTATIONS, weights=WEIGHTS)[0]
-            t0 = time.monotonic()
-            cur.execute("SELECT spec FROM request_specs WHERE id = %s", (row_id,))
-            (text,) = cur.fetchone()
-            document = json.loads(text)
-            kind = mutate(document, kind, seq + 1, rng, flavors)
-            new_text = json.dumps(document)
-            cur.execute("UPDATE request_specs SET spec = %s, updated_at = UTC_TIMESTAMP() WHERE id = %s",
-                        (new_text, row_id))
+            wanted = rng.choices(MUTATIONS, weights=WEIGHTS)[0]
+            while True:
+                t0 = time.monotonic()
+                cur.execute("SELECT spec FROM request_specs WHERE id = %s", (row_id,))
+                (text,) = cur.fetchone()
+                document = json.loads(text)
+                kind = mutate(document, wanted, seq + 1, rng, flavors)
+                new_text = json.dumps(document)
+                try:
+                    cur.execute("UPDATE request_specs SET spec = %s, updated_at = UTC_TIMESTAMP() WHERE id = %s",
+                                (new_text, row_id))
+                    break
+                except pymysql.err.OperationalError as exc:
+                    if not (exc.args and exc.args[0] == 1213):
+                        raise
+                    deadlocks += 1  # Galera certification conflict: redo from the read, as oslo.db does
             t1 = time.monotonic()
             seq += 1
             log.write(json.dumps({
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 "read_sha256": hashlib.sha256(text.encode()).hexdigest(), "text": new_text,
             }) + "\n")
             log.flush()
-    print(json.dumps({"writes": seq}), flush=True)
+    print(json.dumps({"writes": seq, "deadlocks": deadlocks}), flush=True)
     return 0
 
 
