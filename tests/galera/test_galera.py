@@ -294,3 +294,219 @@ def test_nova_writers_through_nodes_2_and_3_race_the_sync_through_node_1_and_los
         f"rerun through node 2 updated={len(result2.updated)} then drift=0"
     )
     print("\n[galera] " + FIGURES["racing writers"])
+
+
+def test_certification_conflicts_come_back_as_deadlocks_and_are_retried_both_ways(galera_cloud, caplog):
+    """Nova's write through node 2 and the sync's batch through node 1 on the same row, both ways round.
+
+    1. Nova's transaction holds the row on node 2 when the sync's batch commits through node 1:
+       Nova's COMMIT gets 1213 (it lost the certification), and Nova retries from its read.
+    2. Nova commits through node 2 while the sync's batch holds the row on node 1 (between its
+       UPDATE and its COMMIT): the sync's COMMIT gets 1213, the batch is retried from a fresh
+       read, Nova's write is kept and reported as a conflict.
+    """
+    import pymysql
+
+    cluster = galera_cloud.env.cluster
+    plan_ids = sorted(planned_targets(galera_cloud.api(0)))
+    nova_row, sync_row = plan_ids[0], plan_ids[30]
+    nova = cluster.nodes[1].connect(galera_cloud.database)
+    try:
+        with nova.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SELECT spec FROM request_specs WHERE id = %s FOR UPDATE", (nova_row,))
+            (text,) = cur.fetchone()
+            document = json.loads(text)
+            document["nova_object.data"]["availability_zone"] = "az-nova-1"
+            cur.execute("UPDATE request_specs SET spec = %s WHERE id = %s", (json.dumps(document), nova_row))
+
+            with service.connect(galera_cloud.api(0)) as db:
+                flavors, scope = service.resolve_scope(db, all_keys=True)
+                plan = service.make_plan(db, scope, flavors=flavors)
+                first = [c for c in plan.changes if c.id <= sync_row]
+
+                # The sync's COMMIT of its batch: just before it, Nova commits the same row through node 2.
+                real_commit = db.conn.commit
+                state = {"calls": 0}
+
+                def commit_after_nova_wrote():
+                    state["calls"] += 1
+                    if state["calls"] == 1:
+                        with cluster.nodes[1].connect(galera_cloud.database) as other, other.cursor() as c2:
+                            c2.execute("SELECT spec FROM request_specs WHERE id = %s", (sync_row,))
+                            doc = json.loads(c2.fetchone()[0])
+                            doc["nova_object.data"]["availability_zone"] = "az-nova-2"
+                            c2.execute("UPDATE request_specs SET spec = %s WHERE id = %s", (json.dumps(doc), sync_row))
+                        time.sleep(0.5)  # node 1 applies it: its applier aborts the sync's transaction
+                    return real_commit()
+
+                db.conn.commit = commit_after_nova_wrote
+                from nova_flavor_sync.apply import RetryPolicy, apply_batches, sync_targets
+                with caplog.at_level("WARNING", logger="nova_flavor_sync"):
+                    result = apply_batches(db, sync_targets(first), total=len(first), batch_size=len(first),
+                                           retry=RetryPolicy(first_delay_s=0.1))
+            with pytest.raises(pymysql.err.OperationalError) as lost:
+                cur.execute("COMMIT")  # Nova's transaction on node 2: the sync committed nova_row first
+    finally:
+        nova.close()
+    assert lost.value.args[0] == 1213, lost.value
+    assert state["calls"] == 1
+    assert result.retries == 1, caplog.text
+    assert re.search(rf"Batch of rows {first[0].id}-{first[-1].id}: deadlock; retry 1 of 4", caplog.text)
+    assert sync_row in result.conflicts and nova_row in result.updated
+    assert set(result.updated) == {c.id for c in first} - {sync_row}
+    final = read_specs(cluster, galera_cloud.database, 2)
+    assert json.loads(final[sync_row][1])["nova_object.data"]["availability_zone"] == "az-nova-2"
+    FIGURES["certification conflicts"] = (
+        "Nova's COMMIT through node 2 after the sync's: 1213 Deadlock (Nova retries); the sync's COMMIT "
+        "after Nova's: 1213 Deadlock, batch retried once, Nova's write kept and reported as a conflict"
+    )
+
+
+# -- flow control ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_flow_control_already_on_is_waited_for_logged_and_the_run_stops_with_exit_5(galera_cloud, tmp_path):
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 1)
+    with FlowControl(cluster) as fc:
+        fc.start()
+        result = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run", "--max-load-wait", "4")
+        assert fc.active(), "flow control ended on its own during the run"
+    assert result.code == 5, result.shown
+    assert re.search(r"\[WARNING\] Waiting before the next batch: Galera flow control is active "
+                     r"\(wsrep_flow_control_active true", result.out), result.shown
+    assert re.search(r"\[ERROR\] the server stayed busy for 4 s, longer than the 4 s allowed \(Galera flow control "
+                     r"is active .*\)\. Stopped before the batch of rows \d+-\d+: every batch before it is written in "
+                     r"full \(0 rows written\)", result.err), result.shown
+    assert read_specs(cluster, galera_cloud.database, 1) == before  # nothing written
+    assert result.seconds < 4 + 8, result.shown
+    FIGURES["flow control on before the run, stays"] = f"exit 5 after {result.seconds:.1f} s (--max-load-wait 4), 0 rows written"
+
+
+@pytest.mark.timeout(120)
+def test_flow_control_already_on_then_off_the_run_waits_then_goes_on(galera_cloud, tmp_path):
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 1)
+    targets = planned_targets(galera_cloud.api(0))
+    with FlowControl(cluster) as fc:
+        fc.start()
+        proc, started = start_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run",
+                                  "--max-load-wait", "60")
+        time.sleep(3)
+        assert proc.poll() is None
+        assert read_specs(cluster, galera_cloud.database, 1) == before  # waiting, not writing
+        released = fc.release()
+    result = finish_cli(proc, started)
+    assert result.code == 0, result.shown
+    assert "Waiting before the next batch: Galera flow control is active" in result.out
+    waited = re.search(r"Server load back under the limits after ([\d.]+) s; going on", result.out)
+    # Waiting from the first check (after planning and the backup) until a check after the
+    # release (checks are at most 2 s apart, and one more sees the pause's last growth).
+    assert waited and 1.5 <= float(waited.group(1)) <= released - started + 5, result.shown
+    assert assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets) == len(targets)
+    FIGURES["flow control on before the run, released after 3 s"] = (
+        f"waited {float(waited.group(1)):.1f} s, then applied all {len(targets)} rows, exit 0 ({result.seconds:.1f} s)")
+
+
+def wait_until_written(cluster, database, before, rows: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = read_specs(cluster, database, 0)
+        if sum(1 for i, v in now.items() if v != before[i]) >= rows:
+            return
+        assert time.monotonic() < deadline, "the run wrote nothing"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(150)
+def test_flow_control_starting_mid_run_pauses_it_and_a_run_stuck_behind_it_stops_with_exit_5(galera_cloud, tmp_path):
+    """Started mid-run and left on: whether the check or a COMMIT meets it, exit 5 soon after the wait."""
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 1)
+    targets = planned_targets(galera_cloud.api(0))
+    with FlowControl(cluster) as fc:
+        proc, started = start_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run",
+                                  "--batch-size", "20", "--pause", "0.1", "--max-load-wait", "10")
+        wait_until_written(cluster, galera_cloud.database, before, 40)
+        on = fc.start()
+        result = finish_cli(proc, started)
+        stopped_after = started + result.seconds - on
+        assert fc.active()
+    assert result.code == 5, result.shown
+    paused = re.search(r"the server stayed busy for \d+ s, longer than the 10 s allowed \(Galera flow control is "
+                       r"active", result.err)
+    bounded = re.search(r"the write of rows \d+-\d+ \(20 rows\) did not finish within 10 s \(Galera flow control is "
+                        r"pausing the cluster", result.err)
+    assert paused or bounded, result.shown
+    assert stopped_after <= 10 + 6, result.shown
+    written = assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets)
+    assert 40 <= written < len(targets)
+    # Released: a COMMIT that was given up may land now; still nothing torn, and a rerun converges.
+    rerun = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run")
+    assert rerun.code == 0, rerun.shown
+    assert assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets) == len(targets)
+    FIGURES["flow control starting mid-run, stays"] = (
+        f"exit 5 {stopped_after:.1f} s after it began (--max-load-wait 10), by "
+        f"{'the pacer' if paused else 'the bounded COMMIT'}; {written} of {len(targets)} rows written, 0 torn; rerun exit 0")
+
+
+@pytest.mark.timeout(150)
+def test_flow_control_starting_mid_run_then_off_the_run_pauses_and_finishes(galera_cloud, tmp_path):
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 1)
+    targets = planned_targets(galera_cloud.api(0))
+    with FlowControl(cluster) as fc:
+        proc, started = start_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run",
+                                  "--batch-size", "20", "--pause", "0.1", "--max-load-wait", "60")
+        wait_until_written(cluster, galera_cloud.database, before, 40)
+        fc.start()
+        time.sleep(3)
+        held = sum(1 for i, v in read_specs(cluster, galera_cloud.database, 0).items() if v != before[i])
+        time.sleep(1)
+        assert sum(1 for i, v in read_specs(cluster, galera_cloud.database, 0).items() if v != before[i]) == held
+        fc.release()
+    result = finish_cli(proc, started)
+    assert result.code == 0, result.shown
+    assert assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets) == len(targets)
+    waited = re.search(r"Paced: \d+ batches of [\d-]+ rows, [\d.]+ s paused, ([\d.]+) s waited for the server",
+                       result.out)
+    assert waited, result.shown
+    how = ("the pacer waited (logged: " + re.search(r"Waiting before the next batch: (.*)", result.out).group(1) + ")"
+           if "Waiting before the next batch" in result.out else "a COMMIT waited behind it")
+    FIGURES["flow control starting mid-run, released after 4 s"] = (
+        f"no row written while it lasted; {how}; waited {float(waited.group(1)):.1f} s in the pacer; exit 0, "
+        f"all {len(targets)} rows")
+
+
+@pytest.mark.timeout(120)
+def test_a_commit_stuck_behind_flow_control_is_given_up_after_its_bound_and_landing_late_is_harmless(
+        galera_cloud, tmp_path):
+    """--no-flow-control-pause: the pacer does not wait, so batch 1's COMMIT meets flow control itself."""
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 1)
+    targets = planned_targets(galera_cloud.api(0))
+    with FlowControl(cluster) as fc:
+        fc.start()
+        result = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run", "--batch-size", "50",
+                         "--no-flow-control-pause", "--max-load-wait", "3")
+        assert fc.active()
+        assert read_specs(cluster, galera_cloud.database, 1) == before  # still waiting in the cluster
+    assert result.code == 5, result.shown
+    assert re.search(r"\[ERROR\] the write of rows \d+-\d+ \(50 rows\) did not finish within 10 s \(Galera flow "
+                     r"control is pausing the cluster: wsrep_flow_control_active true, .*\); stopped waiting for "
+                     r"it\. The server may still commit it later, which is harmless", result.err), result.shown
+    assert 10 <= result.seconds <= 10 + 8, result.shown
+    # Flow control over: the abandoned COMMIT lands (KILL cannot stop it); exactly the planned bytes.
+    deadline = time.monotonic() + 10
+    while (late := assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets)) < 50:
+        assert time.monotonic() < deadline, "the abandoned batch never landed"
+        time.sleep(0.1)
+    assert late == 50
+    rerun = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run")
+    assert rerun.code == 0, rerun.shown
+    assert assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets) == len(targets)
+    FIGURES["COMMIT behind flow control (--no-flow-control-pause)"] = (
+        f"given up after 10 s, exit 5 at {result.seconds:.1f} s; landed late after release: {late} rows, exactly "
+        "the planned bytes; rerun exit 0")
