@@ -418,7 +418,7 @@ class NovaDb:
             if bounded.timed_out(exc):
                 self.close()  # PyMySQL closed the socket; the server goes on with the transaction
                 raise WriteTimeoutError(self._write_timeout_message(writes)) from None
-            if exc.args and exc.args[0] == 1180 and "wsrep_max_ws" in str(exc.args[-1]):
+            if _write_set_too_large(exc):
                 _rollback_quietly(conn)
                 raise WriteSetTooLargeError(
                     f"the batch of rows {writes[0].id}-{writes[-1].id} ({len(writes)} rows) is larger than "
@@ -842,6 +842,13 @@ class _BoundedReads:
 
     def __exit__(self, *exc_info: object) -> None:
         self.conn._read_timeout = self._saved
+
+
+def _write_set_too_large(exc: pymysql.err.OperationalError) -> bool:
+    """Galera refused the transaction's write-set: ``(1180) wsrep_max_ws_rows exceeded`` at an
+    UPDATE, ``(1105) Maximum writeset size exceeded`` at COMMIT (MariaDB 10.11, galera 26.4)."""
+    code, text = (exc.args[0], str(exc.args[-1])) if exc.args else (None, "")
+    return (code == 1180 and "wsrep_max_ws_rows" in text) or (code == 1105 and "writeset size" in text)
 
 
 def _bool_or_none(value: Any) -> bool | None:

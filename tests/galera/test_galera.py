@@ -510,3 +510,173 @@ def test_a_commit_stuck_behind_flow_control_is_given_up_after_its_bound_and_land
     FIGURES["COMMIT behind flow control (--no-flow-control-pause)"] = (
         f"given up after 10 s, exit 5 at {result.seconds:.1f} s; landed late after release: {late} rows, exactly "
         "the planned bytes; rerun exit 0")
+
+
+# -- node faults ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+def test_the_node_written_through_is_killed_mid_apply_the_run_stops_and_a_rerun_through_node_2_converges(
+        galera_cloud, tmp_path):
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 1)
+    targets = planned_targets(galera_cloud.api(0))
+    proc, started = start_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run",
+                              "--batch-size", "20", "--pause", "0.1")
+    wait_until_written(cluster, galera_cloud.database, before, 60)
+    cluster.nodes[0].kill()  # SIGKILL, mid-apply
+    killed = time.monotonic()
+    result = finish_cli(proc, started)
+    stopped_after = started + result.seconds - killed
+    assert result.code == 5, result.shown
+    assert re.search(r"\[ERROR\] batch of rows \d+-\d+ failed 5 times \((cannot reach the server|lost connection to "
+                     r"the server|server has gone away)\); stopped\. Batches before it are written in full", result.err), \
+        result.shown
+    assert stopped_after < 15, result.shown
+    cluster.wait_size(2)
+    written = assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets)
+    assert 60 <= written < len(targets)
+    (backup_file,) = (tmp_path / "backups").glob("request_specs_*.json")
+    records = load_backup(backup_file).records  # checks the file's digest: intact
+    assert {r.id for r in records} == set(targets)
+    assert all(r.sha256 == sha256_text(before[r.id][1]) for r in records)
+
+    # Through node 2: the backup is of this cluster, and a rerun converges.
+    check = run_cli(tmp_path, "--db-url", galera_cloud.url(1), "--restore", backup_file)
+    assert check.code == 3, check.shown  # rows to restore, not refused
+    # cell_mappings name node 1 (a real cloud names a VIP): each cell through node 2 instead.
+    cells = [f"--cell-db-url={cell}={galera_cloud.url(1)}_{cell}" for cell in ("cell0", "cell1", "cell2")]
+    rerun = run_cli(tmp_path, "--db-url", galera_cloud.url(1), *cells, "--all-keys", "--run")
+    assert rerun.code == 0, rerun.shown
+    assert re.search(rf"Applied in \d+ batches \(0 retries\): {len(targets) - written} updated", rerun.out), rerun.shown
+    assert assert_not_torn(before, read_specs(cluster, galera_cloud.database, 2), targets) == len(targets)
+    FIGURES["node 1 SIGKILLed mid-apply"] = (
+        f"exit 5 {stopped_after:.1f} s after the kill; {written} of {len(targets)} rows written, 0 torn; backup intact "
+        f"({len(records)} records) and accepted through node 2; rerun through node 2 exit 0, "
+        f"{len(targets) - written} updated")
+
+
+@pytest.mark.timeout(120)
+def test_a_node_that_lost_quorum_is_refused_before_anything_is_written(galera_cloud, tmp_path):
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 0)
+    node3 = cluster.nodes[2]
+    node3.sql("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=1'")  # cut off from the other two
+    deadline = time.monotonic() + 20
+    while node3.status().get("wsrep_cluster_status") == "Primary":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    result = run_cli(tmp_path, "--db-url", galera_cloud.url(2), "--all-keys", "--run")
+    assert result.code == 4, result.shown
+    message = (f"[ERROR] mysql+pymysql://root@127.0.0.1:{node3.port}/{galera_cloud.database} is a Galera node outside "
+               "the cluster's primary component (wsrep_cluster_status non-Primary, wsrep_ready OFF, state ")
+    assert message in result.err, result.shown
+    assert "it lost quorum or is not joined, and cannot take reads or writes. Nothing was written" in result.err
+    assert not (tmp_path / "backups").exists() or not list((tmp_path / "backups").iterdir())
+    assert read_specs(cluster, galera_cloud.database, 0) == before
+    FIGURES["node without quorum"] = "exit 4: " + result.err.strip().splitlines()[-1].split("] ", 2)[-1]
+
+
+# -- backups across the cluster -------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+def test_a_backup_taken_through_node_1_restores_through_node_2_and_one_from_another_cluster_is_refused(
+        galera_cloud, tmp_path, server_kwargs):
+    from nova_flavor_sync.demo import create_nova_api_database, drop_database
+
+    cluster = galera_cloud.env.cluster
+    before = read_specs(cluster, galera_cloud.database, 1)
+    synced = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run")
+    assert synced.code == 0, synced.shown
+    (backup_file,) = (tmp_path / "backups").glob("request_specs_*.json")
+    assert read_specs(cluster, galera_cloud.database, 1) != before
+
+    restored = run_cli(tmp_path, "--db-url", galera_cloud.url(1), "--restore", backup_file, "--run")
+    assert restored.code == 0, restored.shown
+    assert read_specs(cluster, galera_cloud.database, 2) == before  # exact bytes, seen through node 3
+
+    # The same schema name on another Galera cluster (one node, its own cluster uuid) and on
+    # the plain server: refused, nothing written.
+    foreign_name = galera_cloud.database
+    other = GaleraCluster(1)
+    try:
+        other.start()
+        kwargs = {"host": "127.0.0.1", "port": other.nodes[0].port, "user": "root", "password": ""}
+        create_nova_api_database(kwargs, foreign_name, with_demo_data=True)
+        refused = run_cli(tmp_path, "--db-url", f"{other.nodes[0].url}/{foreign_name}", "--restore", backup_file,
+                          "--run")
+        uuid_here = cluster.nodes[0].status()["wsrep_cluster_state_uuid"]
+        uuid_there = other.nodes[0].status()["wsrep_cluster_state_uuid"]
+    finally:
+        other.remove()
+    assert refused.code == 4, refused.shown
+    assert (f"was taken on another server (galera_cluster_uuid={uuid_here}); this is "
+            f"galera_cluster_uuid={uuid_there}") in refused.err, refused.shown
+    create_nova_api_database(server_kwargs, foreign_name, with_demo_data=True)
+    try:
+        plain = run_cli(tmp_path, "--db-url", f"mysql+pymysql://root@{server_kwargs['host']}:{server_kwargs['port']}/"
+                        f"{foreign_name}", "--restore", backup_file, "--run")
+    finally:
+        drop_database(server_kwargs, foreign_name)
+    assert plain.code == 4 and "was taken on another server (server_hostname=" in plain.err, plain.shown
+    FIGURES["backups across the cluster"] = (
+        "backup through node 1 restored through node 2: exact bytes (seen through node 3); another cluster, same "
+        "schema: exit 4 (galera_cluster_uuid differs); the single server, same schema: exit 4")
+
+
+# -- large transactions ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+def test_batches_stay_inside_the_write_set_limits(galera_cloud, tmp_path):
+    cluster = galera_cloud.env.cluster
+    node1 = cluster.nodes[0]
+    enlarge(galera_cloud.api(0), 10000, seed=6)
+    targets = planned_targets(galera_cloud.api(0))
+    before = read_specs(cluster, galera_cloud.database, 1)
+    limits = node1.sql("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('wsrep_max_ws_rows', 'wsrep_max_ws_size')")
+    limits = {row["Variable_name"]: int(row["Value"]) for row in limits}
+    assert limits == {"wsrep_max_ws_rows": 0, "wsrep_max_ws_size": 2147483647}  # MariaDB 10.11's defaults
+
+    # The largest batch the tool makes (5,000 rows) in one transaction, with the default limits.
+    counters = ("wsrep_replicated", "wsrep_replicated_bytes")
+    start = {name: status_counter(node1, name) for name in counters}
+    big = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run", "--batch-size", "5000",
+                  "--key-prefix", "aggregate_instance_extra_specs:")
+    assert big.code == 0, big.shown
+    batches = re.search(r"Applied in (\d+) batches \(0 retries\): (\d+) updated", big.out)
+    assert batches, big.shown
+    rows = int(batches.group(2))
+    assert int(batches.group(1)) == 1 and rows > 2500
+    replicated = {name: status_counter(node1, name) - start[name] for name in counters}
+    # One write-set for the batch (plus the odd other transaction of the cluster, none here).
+    ws_bytes = replicated["wsrep_replicated_bytes"] / max(replicated["wsrep_replicated"], 1)
+    assert replicated["wsrep_replicated"] == 1, replicated
+    assert ws_bytes < limits["wsrep_max_ws_size"] / 20  # well inside: under 5%
+
+    # A cluster that limits write-sets to 1,000 rows: batches of at most 500, told so.
+    node1.sql("SET GLOBAL wsrep_max_ws_rows = 1000")
+    capped = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run", "--batch-size", "5000")
+    assert capped.code == 0, capped.shown
+    assert "[WARNING] Batches of at most 500 rows: half of this cluster's wsrep_max_ws_rows (1000)" in capped.out
+    sizes = re.search(r"Paced: (\d+) batches of (\d+)-(\d+) rows", capped.out)
+    assert sizes and int(sizes.group(3)) == 500, capped.out
+    assert assert_not_torn(before, read_specs(cluster, galera_cloud.database, 1), targets) == len(targets)
+
+    # Bytes: a cluster whose wsrep_max_ws_size is below one batch refuses it; the run says what to do.
+    enlarge_flavor = "UPDATE flavor_extra_specs SET value = CONCAT(value, '-2') WHERE `key` LIKE 'quota:%%'"
+    with cluster.nodes[0].connect(galera_cloud.database) as conn, conn.cursor() as cur:
+        cur.execute(enlarge_flavor)
+    node1.sql("SET GLOBAL wsrep_max_ws_rows = 0", "SET GLOBAL wsrep_max_ws_size = 65536")
+    small = run_cli(tmp_path, "--db-url", galera_cloud.url(0), "--all-keys", "--run", "--batch-size", "200")
+    node1.sql("SET GLOBAL wsrep_max_ws_size = 2147483647")
+    assert small.code == 5, small.shown
+    assert re.search(r"\[ERROR\] the batch of rows \d+-\d+ \(200 rows\) is larger than this Galera cluster accepts in "
+                     r"one transaction \(\(1105\) Maximum writeset size exceeded\); nothing of it was written\. Run again "
+                     r"with a smaller --batch-size", small.err), small.shown
+    FIGURES["write-set limits"] = (
+        f"defaults wsrep_max_ws_rows=0 (none), wsrep_max_ws_size=2 GiB; one batch of {rows} rows = one write-set of "
+        f"{ws_bytes / 1e6:.1f} MB ({ws_bytes / limits['wsrep_max_ws_size']:.2%} of the limit); with "
+        f"wsrep_max_ws_rows=1000 batches of at most 500 ({sizes.group(1)} batches); with wsrep_max_ws_size=64 KiB "
+        "a 200-row batch is refused: exit 5, nothing of it written")
