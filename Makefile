@@ -33,6 +33,9 @@ SYSTEM_DEPS ?= libmariadb-dev pkg-config
 # Debian's headless-capable Chromium and its WebDriver (/usr/bin/chromium, /usr/bin/chromedriver):
 # tests/airflow take the README's screenshot of the approval page with them.
 BROWSER_DEPS ?= chromium chromium-driver
+# tests/galera start a three-node MariaDB Galera cluster of their own: mariadbd, the galera-4
+# provider, and rsync for the joiners' state transfer (SST).
+GALERA_DEPS ?= mariadb-server galera-4 rsync
 
 .PHONY: install system-packages system-deps db-up test screenshot demo stop lock clean
 
@@ -51,17 +54,18 @@ $(STAMP): requirements.lock pyproject.toml scripts/install_lock.py scripts/check
 	$(PY) scripts/install_lock.py
 	touch $@
 
-# Installs SYSTEM_DEPS and BROWSER_DEPS with apt-get when one is missing (as root; otherwise
+# Installs SYSTEM_DEPS, BROWSER_DEPS and GALERA_DEPS with apt-get when one is missing (as root; otherwise
 # says what to run).
 system-packages:
-	@missing=$$(for p in $(SYSTEM_DEPS) $(BROWSER_DEPS); do \
+	@missing=$$(for p in $(SYSTEM_DEPS) $(BROWSER_DEPS) $(GALERA_DEPS); do \
 	    dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed$$' || echo "$$p"; done); \
 	missing=$$(echo $$missing); \
 	if [[ -n "$$missing" ]]; then \
 	    if [[ $$(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then \
 	        echo "system-packages: missing Debian packages: $$missing; as root, run:" >&2; \
 	        echo "    apt-get update && apt-get install -y --no-install-recommends $$missing" >&2; \
-	        echo "(elsewhere: MariaDB's or MySQL's client headers, pkg-config, Chromium and its chromedriver)" >&2; \
+	        echo "(elsewhere: MariaDB's or MySQL's client headers, pkg-config, Chromium and its chromedriver," \
+	             "MariaDB server with the Galera 4 provider, rsync)" >&2; \
 	        exit 1; \
 	    fi; \
 	    echo "system-packages: installing $$missing"; \

@@ -6,6 +6,7 @@ the run goes on. Each write batch is one short transaction of compare-and-swap U
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,7 +18,13 @@ import pymysql
 from pymysql.constants import ER
 
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.errors import ConfigError, DatabaseUnavailableError, NovaFlavorSyncError, SchemaError
+from nova_flavor_sync.errors import (
+    ApplyAbortedError,
+    ConfigError,
+    DatabaseUnavailableError,
+    NovaFlavorSyncError,
+    SchemaError,
+)
 from nova_flavor_sync.plan import Flavor, SpecRow
 from nova_flavor_sync.spec_json import (
     INSTANCE_FLAVOR,
@@ -26,7 +33,7 @@ from nova_flavor_sync.spec_json import (
     SpecShapeError,
     instance_flavor_in_flux,
 )
-from nova_flavor_sync.throttle import ReplicaLag, ServerLoad
+from nova_flavor_sync.throttle import DEFAULT_MAX_WAIT_S, PaceSettings, ReplicaLag, ServerBusyError, ServerLoad
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,10 @@ RETRYABLE_ERRORS = {
     2006: "server has gone away",
     2013: "lost connection to the server",
     1927: "connection was killed",
+    # Galera: the node left the primary component (lost quorum) since the connection was
+    # opened ("WSREP has not yet prepared node for application use"); reconnecting refuses
+    # such a node with its own message (NovaDb.open), so the retries end, with exit 5.
+    ER.UNKNOWN_COM_ERROR: "the Galera node is not ready (not in the primary component)",
 }
 
 DEFAULT_PAGE_SIZE = 1000
@@ -87,6 +98,16 @@ DEFAULT_PAGE_SIZE = 1000
 LOCK_WAIT_TIMEOUT_S = 5
 # Leave room under max_allowed_packet for the statement around the spec texts.
 PACKET_HEADROOM = 64 * 1024
+# How long one write transaction (its UPDATEs and COMMIT) may wait for the server, at least.
+# On Galera a COMMIT waits, without any timeout of the server's, for as long as flow control
+# pauses the cluster; neither KILL nor max_statement_time ends that wait (MariaDB 10.11,
+# galera 26.4). The only bound is the client's: a read timeout on the connection. The pacing
+# sets it to --max-load-wait (a COMMIT stuck behind the load is waiting for the load), but
+# never below this, so a row lock wait (LOCK_WAIT_TIMEOUT_S) or a slow big batch is not
+# mistaken for it.
+MIN_WRITE_TIMEOUT_S = 10.0
+# Galera write-set limits: batches stay at half of wsrep_max_ws_rows at most.
+WRITE_SET_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +118,14 @@ class SpecWrite:
     expected_sha256: str
     new_spec: str
     new_sha256: str
+
+
+class WriteTimeoutError(ServerBusyError):
+    """A write transaction did not finish in time (e.g. a COMMIT held by Galera flow control)."""
+
+
+class WriteSetTooLargeError(ApplyAbortedError):
+    """The server refused a batch as too large a Galera write-set (wsrep_max_ws_rows/_size)."""
 
 
 def retryable_reason(exc: BaseException) -> str | None:
@@ -135,6 +164,10 @@ class NovaDb:
         self._conn: pymysql.connections.Connection | None = None
         self._max_packet = 0
         self._flow_control: tuple[int, float] | None = None  # (wsrep_flow_control_paused_ns, when)
+        # The longest a write transaction may wait for the server (see MIN_WRITE_TIMEOUT_S).
+        self.write_timeout_s = DEFAULT_MAX_WAIT_S
+        # Galera: wsrep_max_ws_rows (0: no limit) and wsrep_max_ws_size, read on open; None: not Galera.
+        self.write_set_limits: tuple[int, int] | None = None
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -159,8 +192,61 @@ class NovaDb:
                 f"the connection to {self.params.safe_url()} is not encrypted, but its "
                 "settings ask for TLS: refusing to send anything over it"
             )
+        self._check_galera_node()
         self._max_packet = int(self._scalar("SELECT @@max_allowed_packet"))
         return self
+
+    def _check_galera_node(self) -> None:
+        """On a Galera node: refuse one outside the primary component; read the write-set limits.
+
+        A node that lost quorum (``wsrep_cluster_status`` non-Primary, ``wsrep_ready`` OFF)
+        refuses every query but SHOW and SET; a node still joining is not ready either.
+        """
+        assert self._conn is not None
+        with self._conn.cursor() as cur:
+            cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name IN "
+                        "('wsrep_on', 'wsrep_max_ws_rows', 'wsrep_max_ws_size')")
+            variables = {str(name).lower(): value for name, value in cur.fetchall()}
+            if str(variables.get("wsrep_on", "OFF")).upper() != "ON":
+                self.write_set_limits = None
+                return
+            cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN "
+                        "('wsrep_ready', 'wsrep_cluster_status', 'wsrep_local_state_comment', 'wsrep_cluster_size')")
+            status = {str(name).lower(): value for name, value in cur.fetchall()}
+        if status.get("wsrep_ready") != "ON" or status.get("wsrep_cluster_status") != "Primary":
+            self.close()
+            raise DatabaseUnavailableError(
+                f"{self.params.safe_url()} is a Galera node outside the cluster's primary component "
+                f"(wsrep_cluster_status {status.get('wsrep_cluster_status')}, wsrep_ready {status.get('wsrep_ready')}, "
+                f"state {status.get('wsrep_local_state_comment')}): it lost quorum or is not joined, and "
+                "cannot take reads or writes. Nothing was written; connect through a node of the primary "
+                "component, or wait until this one is back in it"
+            )
+        self.write_set_limits = (int(variables.get("wsrep_max_ws_rows") or 0),
+                                 int(variables.get("wsrep_max_ws_size") or 0))
+
+    def fit_pacing(self, settings: PaceSettings) -> PaceSettings:
+        """The run's pacing fitted to this server: the write timeout, batches inside Galera's limits.
+
+        Every write transaction may wait at most ``max(max_wait_s, MIN_WRITE_TIMEOUT_S)``. On
+        Galera with a ``wsrep_max_ws_rows`` limit, batches get at most half of it.
+        """
+        self.write_timeout_s = max(settings.max_wait_s, MIN_WRITE_TIMEOUT_S)
+        if self.write_set_limits is None:
+            return settings
+        max_rows, max_bytes = self.write_set_limits
+        log.info("Galera node of cluster size %s: write-set limits wsrep_max_ws_rows %s, wsrep_max_ws_size %d bytes",
+                 self._scalar("SHOW GLOBAL STATUS LIKE 'wsrep_cluster_size'", column=1),
+                 max_rows or "unlimited", max_bytes)
+        cap = int(max_rows * WRITE_SET_SHARE) if max_rows else 0
+        if cap and cap < settings.max_batch_size:
+            cap = max(cap, 1)
+            log.warning("Batches of at most %d rows: half of this cluster's wsrep_max_ws_rows (%d)", cap, max_rows)
+            return dataclasses.replace(
+                settings, batch_size=min(settings.batch_size, cap), max_batch_size=cap,
+                min_batch_size=min(settings.min_batch_size, cap),
+            )
+        return settings
 
     def close(self) -> None:
         _close_quietly(self._conn)
@@ -248,7 +334,9 @@ class NovaDb:
     def server_load(self, replicas: Sequence[ReplicaDb] = ()) -> ServerLoad:
         """What the pacer waits on: Threads_running, Galera flow control, each replica's lag.
 
-        Flow control is the share of the time since the previous call that the node spent
+        Flow control is read two ways: ``wsrep_flow_control_active`` says whether it pauses
+        the cluster right now (so a run that starts while it does waits before its first
+        batch), and the share of the time since the previous call that the node spent
         paused (the growth of ``wsrep_flow_control_paused_ns``), not ``wsrep_flow_control_paused``,
         which averages over the server's whole uptime. A reading that fails is logged and
         left unknown: the next batch meets the failure itself and retries or stops.
@@ -256,8 +344,8 @@ class NovaDb:
         try:
             with self.conn.cursor() as cur:
                 cur.execute(
-                    "SHOW GLOBAL STATUS WHERE Variable_name IN "
-                    "('Threads_running', 'wsrep_flow_control_paused_ns', 'wsrep_local_recv_queue')"
+                    "SHOW GLOBAL STATUS WHERE Variable_name IN ('Threads_running', "
+                    "'wsrep_flow_control_paused_ns', 'wsrep_flow_control_active', 'wsrep_local_recv_queue')"
                 )
                 status = {str(name).lower(): value for name, value in cur.fetchall()}
         except (pymysql.err.MySQLError, DatabaseUnavailableError) as exc:
@@ -278,6 +366,8 @@ class NovaDb:
             replicas=tuple(replica.lag() for replica in replicas),
             flow_control_paused=paused,
             recv_queue=_int_or_none(status.get("wsrep_local_recv_queue")),
+            # galera 26.4.? and later: flow control in effect right now (also at the first reading)
+            flow_control_active=_bool_or_none(status.get("wsrep_flow_control_active")),
         )
 
     # -- the flavor copies: read and compare-and-swap -----------------------------------
@@ -314,25 +404,68 @@ class NovaDb:
         now = utcnow()
         written: set[int] = set()
         conn = self.conn
-        conn.begin()
+        deadline = time.monotonic() + self.write_timeout_s
+        bounded = _BoundedReads(conn, deadline)
         try:
-            with conn.cursor() as cur:
-                for chunk in self._chunks(writes):
-                    affected = cur.execute(*_cas_update(self.COPY, chunk, now))
-                    if affected == len(chunk):
-                        written.update(w.id for w in chunk)
-                        continue
-                    cur.execute(
-                        f"SELECT id, SHA2({self.COPY.column}, 256) FROM {self.COPY.table} WHERE id IN %s",
-                        (tuple(w.id for w in chunk),),
-                    )
-                    now_there = dict(cur.fetchall())
-                    written.update(w.id for w in chunk if now_there.get(w.id) == w.new_sha256)
-            conn.commit()
+            with bounded:
+                conn.begin()
+                with conn.cursor() as cur:
+                    for chunk in self._chunks(writes):
+                        bounded.arm()
+                        affected = cur.execute(*_cas_update(self.COPY, chunk, now))
+                        if affected == len(chunk):
+                            written.update(w.id for w in chunk)
+                            continue
+                        bounded.arm()
+                        cur.execute(
+                            f"SELECT id, SHA2({self.COPY.column}, 256) FROM {self.COPY.table} WHERE id IN %s",
+                            (tuple(w.id for w in chunk),),
+                        )
+                        now_there = dict(cur.fetchall())
+                        written.update(w.id for w in chunk if now_there.get(w.id) == w.new_sha256)
+                bounded.arm()
+                conn.commit()
+        except pymysql.err.OperationalError as exc:
+            if bounded.timed_out(exc):
+                self.close()  # PyMySQL closed the socket; the server goes on with the transaction
+                raise WriteTimeoutError(self._write_timeout_message(writes)) from None
+            if _write_set_too_large(exc):
+                _rollback_quietly(conn)
+                raise WriteSetTooLargeError(
+                    f"the batch of rows {writes[0].id}-{writes[-1].id} ({len(writes)} rows) is larger than "
+                    f"this Galera cluster accepts in one transaction ({_error_text(exc)}); nothing of it was "
+                    "written. Run again with a smaller --batch-size"
+                ) from None
+            _rollback_quietly(conn)
+            raise
         except BaseException:
             _rollback_quietly(conn)
             raise
         return written
+
+    def _write_timeout_message(self, writes: Sequence[SpecWrite]) -> str:
+        why = ""
+        try:  # why was it stuck? Ask on a connection of its own
+            with pymysql.connect(**self.params.connect_kwargs(), autocommit=True,
+                                 connect_timeout=self.connect_timeout, read_timeout=10) as probe, \
+                    probe.cursor() as cur:
+                cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN "
+                            "('wsrep_flow_control_active', 'wsrep_local_send_queue', 'Threads_running')")
+                status = {str(k).lower(): v for k, v in cur.fetchall()}
+            if status.get("wsrep_flow_control_active") == "true":
+                why = (" (Galera flow control is pausing the cluster: wsrep_flow_control_active true, "
+                       f"wsrep_local_send_queue {status.get('wsrep_local_send_queue')})")
+            else:
+                why = f" (Threads_running {status.get('threads_running')})"
+        except pymysql.err.MySQLError as exc:
+            why = f" (and the server cannot be asked why: {_error_text(exc)})"
+        return (
+            f"the write of rows {writes[0].id}-{writes[-1].id} ({len(writes)} rows) did not finish within "
+            f"{self.write_timeout_s:g} s{why}; stopped waiting for it. The server may still commit it "
+            "later, which is harmless: each row is written only over the exact bytes it was planned "
+            "from. Every batch before it is written in full; run again later (the next run finds "
+            "what this one left undone)"
+        )
 
     def fits_in_one_statement(self, spec: str) -> bool:
         """Whether a spec this long can be sent at all under the server's max_allowed_packet."""
@@ -720,6 +853,47 @@ class ReplicaDb:
                 "REPLICA MONITOR privilege on MariaDB, REPLICATION CLIENT on MySQL)"
             )
         return []
+
+
+class _BoundedReads:
+    """While a write transaction runs, every wait for the server ends by ``deadline``.
+
+    PyMySQL re-applies the connection's read timeout before each socket read, so setting it
+    to the time left before each statement bounds the whole transaction; on exit the
+    connection's own timeout (none) is put back.
+    """
+
+    def __init__(self, conn: pymysql.connections.Connection, deadline: float) -> None:
+        self.conn, self.deadline = conn, deadline
+        self._saved = getattr(conn, "_read_timeout", None)
+
+    def __enter__(self) -> _BoundedReads:
+        self.arm()
+        return self
+
+    def arm(self) -> None:
+        self.conn._read_timeout = max(self.deadline - time.monotonic(), 0.001)
+
+    def timed_out(self, exc: pymysql.err.OperationalError) -> bool:
+        if not exc.args or exc.args[0] != 2013:
+            return False
+        return "timed out" in str(exc.args[-1]) or time.monotonic() >= self.deadline - 0.05
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.conn._read_timeout = self._saved
+
+
+def _write_set_too_large(exc: pymysql.err.OperationalError) -> bool:
+    """Galera refused the transaction's write-set: ``(1180) wsrep_max_ws_rows exceeded`` at an
+    UPDATE, ``(1105) Maximum writeset size exceeded`` at COMMIT (MariaDB 10.11, galera 26.4)."""
+    code, text = (exc.args[0], str(exc.args[-1])) if exc.args else (None, "")
+    return (code == 1180 and "wsrep_max_ws_rows" in text) or (code == 1105 and "writeset size" in text)
+
+
+def _bool_or_none(value: Any) -> bool | None:
+    if value is None:
+        return None
+    return str(value).strip().lower() in ("true", "on", "1", "yes")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -382,7 +382,10 @@ def apply_copies(
             pacer=pacer_for(db) if pacer_for else None,
             progress=(lambda r, total, copy=copy: progress(copy, r, total)) if progress else None,
         )
-        done.append(CopyApplied(copy, result, explain_conflicts(db, copy.plan.scope, result.conflicts)))
+        # A cell database has no flavors: its conflicts are re-planned with nova_api's.
+        flavors = databases[API_DATABASE].load_flavors() if copy.cell_uuid and result.conflicts else None  # type: ignore[attr-defined]
+        done.append(CopyApplied(copy, result, explain_conflicts(db, copy.plan.scope, result.conflicts,
+                                                                flavors=flavors)))
     return done
 
 
@@ -400,7 +403,8 @@ def pacers(
 
     def pacer_for(db: NovaDb) -> Pacer:
         if id(db) not in made:
-            made[id(db)] = Pacer(settings, read_load=lambda: db.server_load(opened), pause_first=pause_first)
+            fitted = db.fit_pacing(settings)  # its write timeout; Galera's write-set limits
+            made[id(db)] = Pacer(fitted, read_load=lambda: db.server_load(opened), pause_first=pause_first)
         return made[id(db)]
 
     try:

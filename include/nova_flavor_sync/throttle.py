@@ -9,7 +9,9 @@ The tuning follows pt-online-schema-change's ``--chunk-time``: a decaying averag
 per second (pt's WeightedAvgRate, weight 0.75) times the target seconds, here also limited
 to half or twice the previous size per step and clamped to [min_batch_size, max_batch_size].
 The load checks follow its ``--max-load`` (Threads_running, default 25), ``--max-lag`` (replica
-lag, default 1 s) and ``--max-flow-ctl 0`` (any Galera flow control since the last check).
+lag, default 1 s) and ``--max-flow-ctl 0`` (any Galera flow control since the last check), and
+also wait while Galera says flow control is active right now (``wsrep_flow_control_active``),
+which is known before the first batch, when there is no "last check" yet.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class ServerLoad:
     # paused replication (from wsrep_flow_control_paused_ns); None when not Galera or first.
     flow_control_paused: float | None = None
     recv_queue: int | None = None  # Galera: wsrep_local_recv_queue, shown in the log
+    # Galera: wsrep_flow_control_active, flow control in effect at the moment of the reading
+    # (known at the first reading too, when flow_control_paused is still only a baseline).
+    flow_control_active: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -251,10 +256,15 @@ class Pacer:
                 elif replica.lag_s > s.max_replica_lag_s:
                     reasons.append(f"replica {replica.name} is {replica.lag_s:g} s behind "
                                    f"(limit {s.max_replica_lag_s:g} s)")
-        if s.pause_on_flow_control and load.flow_control_paused:
+        if s.pause_on_flow_control and (load.flow_control_active or load.flow_control_paused):
             queue = f", wsrep_local_recv_queue {load.recv_queue}" if load.recv_queue is not None else ""
-            reasons.append(f"Galera flow control paused replication {load.flow_control_paused:.1%} of the time "
-                           f"since the last check{queue}")
+            if load.flow_control_active:
+                paused = ("" if load.flow_control_paused is None
+                          else f", replication paused {load.flow_control_paused:.1%} of the time since the last check")
+                reasons.append(f"Galera flow control is active (wsrep_flow_control_active true{paused}{queue})")
+            else:
+                reasons.append(f"Galera flow control paused replication {load.flow_control_paused:.1%} of the time "
+                               f"since the last check{queue}")
         return reasons
 
     def summary(self) -> str:

@@ -188,3 +188,28 @@ def test_an_instance_its_cell_has_no_row_for_keeps_both_copies(demo_cloud):
              if n.instance_uuid == lost]
     assert notes == [("nova_api", "instance row missing from its cell"),
                      ("cell1", "instance row missing from its cell")]
+
+
+def test_a_run_of_both_copies_explains_a_conflict_in_an_instance_copy_with_nova_api_s_flavors(demo_cloud):
+    """apply_copies (the command line's write) meets a conflict in a cell: a cell database has no
+    flavors, so the conflict is re-planned with nova_api's (it raised AttributeError before)."""
+    from nova_flavor_sync.cells import locate_cells, open_cells, read_cell_mappings
+
+    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}"
+                 for name, p in demo_cloud.cells.items()}
+    with service.connect(demo_cloud.api) as api:
+        flavors, scope = service.resolve_scope(api, all_keys=True)
+        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
+        with open_cells(cells) as opened:
+            pairs = [(c.mapping, opened[c.mapping.uuid]) for c in cells]
+            cloud = service.plan_both_copies(api, pairs, scope, flavors=flavors)
+            cell1 = next(c for c in cloud.copies if c.where.startswith("cell1"))
+            moving = next(iter(cell1.plan.changes))
+            with connect(demo_cloud.cells["cell1"]) as conn, conn.cursor() as cur:  # Nova starts a live migration
+                cur.execute("UPDATE instances SET task_state = 'migrating' WHERE uuid = %s", (moving.instance_uuid,))
+            applied = service.apply_copies(service.databases_of(api, pairs), cloud.copies)
+
+    done = next(d for d in applied if d.copy is cell1)
+    assert done.result.conflicts == [moving.id]
+    assert [(n.id, n.reason) for n in done.conflicts] == [(moving.id, (
+        "changed since planned, not overwritten; now left alone: an operation is under way (task_state migrating)"))]

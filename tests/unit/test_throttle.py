@@ -265,3 +265,17 @@ def test_the_defaults_are_pt_online_schema_change_s():
     assert PaceSettings(target_batch_s=None, max_threads_running=None, max_replica_lag_s=None,
                         pause_on_flow_control=False, pause_s=2).describe() == \
         "batches of 500 rows, pause 2 s between batches"
+
+
+def test_galera_flow_control_active_now_is_waited_for_even_at_the_first_reading():
+    # The first reading has no "since the last check" yet (flow_control_paused None), but
+    # wsrep_flow_control_active says the cluster is paused right now.
+    first = ServerLoad(threads_running=2, flow_control_paused=None, recv_queue=0, flow_control_active=True)
+    on = pacer(pause_on_flow_control=True)
+    assert on.why_loaded(first) == ["Galera flow control is active (wsrep_flow_control_active true, "
+                                    "wsrep_local_recv_queue 0)"]
+    later = ServerLoad(threads_running=2, flow_control_paused=0.5, recv_queue=3, flow_control_active=True)
+    assert on.why_loaded(later) == ["Galera flow control is active (wsrep_flow_control_active true, replication "
+                                    "paused 50.0% of the time since the last check, wsrep_local_recv_queue 3)"]
+    assert on.why_loaded(ServerLoad(threads_running=2, flow_control_paused=0.0, flow_control_active=False)) == []
+    assert pacer(pause_on_flow_control=False).why_loaded(first) == []
