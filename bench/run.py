@@ -279,7 +279,8 @@ def engine_read(params: DbParams) -> dict[str, float]:
 @contextmanager
 def timed_phases(phases: dict[str, float]) -> Iterator[None]:
     """Time plan_both_copies' parts by wrapping the service functions it calls."""
-    originals = {name: getattr(service, name) for name in ("instances_to_leave_alone", "make_plan", "make_cell_plan")}
+    names = [n for n in ("instances_to_leave_alone", "make_plan", "plan_cells", "make_cell_plan") if hasattr(service, n)]
+    originals = {name: getattr(service, name) for name in names}
 
     def wrap(name, label_of):
         def timed(*args, **kwargs):
@@ -291,9 +292,14 @@ def timed_phases(phases: dict[str, float]) -> Iterator[None]:
                 phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
         return timed
 
-    service.instances_to_leave_alone = wrap("instances_to_leave_alone", lambda a, k: "instances to leave alone")
-    service.make_plan = wrap("make_plan", lambda a, k: "request_specs")
-    service.make_cell_plan = wrap("make_cell_plan", lambda a, k: f"{a[0].params.database} instance_extra")
+    labels = {
+        "instances_to_leave_alone": lambda a, k: "instances to leave alone",
+        "make_plan": lambda a, k: "request_specs",
+        "plan_cells": lambda a, k: "cells (" + ", ".join(db.params.database for db in a[0]) + ")",
+        "make_cell_plan": lambda a, k: f"{a[0].params.database} instance_extra",
+    }
+    for name in names:
+        setattr(service, name, wrap(name, labels[name]))
     try:
         yield
     finally:

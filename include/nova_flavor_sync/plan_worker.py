@@ -1,5 +1,8 @@
 """Plan a big table in worker processes, one consecutive id range each, then merge.
 
+The table is nova_api's request_specs (``plan_in_workers``) or the cells' instance_extra
+(``plan_cells_in_workers``: every cell at once, at most ``workers`` ranges at a time).
+
 PyMySQL is pure Python: turning the server's packets into rows costs about as much CPU as
 planning them, and Python threads cannot do both at once (the GIL). One process planning a
 million rows took twice as long as a bare read of them. Here each worker reads and plans its
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -53,7 +56,11 @@ class PlanWorkerError(NovaFlavorSyncError):
 
 @dataclass(frozen=True)
 class PlanJob:
-    """One worker's share: plan the rows with ids in ``id_range``, with these flavors and scope."""
+    """One worker's share: plan the rows with ids in ``id_range``, with these flavors and scope.
+
+    ``cell``: the rows are a cell database's instance copies (``instance_extra.flavor``),
+    not nova_api's RequestSpecs.
+    """
 
     params: DbParams
     flavors: Mapping[int, Flavor]
@@ -62,6 +69,7 @@ class PlanJob:
     page_size: int
     spool_dir: str
     left_alone: Mapping[str, str] | None = None  # see NovaApiDb.iter_spec_rows
+    cell: bool = False
 
 
 def split_ids(bounds: tuple[int, int], parts: int) -> list[tuple[int, int]]:
@@ -88,47 +96,96 @@ def plan_in_workers(
     with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
         jobs = [PlanJob(params, flavors, scope, ids, page_size, spool_dir, left_alone)
                 for ids in split_ids(bounds, workers)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        children: list[subprocess.Popen] = []
-        messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
-        readers: list[threading.Thread] = []
-        try:
-            for index, job in enumerate(jobs):
-                # The child imports this package the way this process did (an Airflow worker
-                # may have it on sys.path only).
-                child = subprocess.Popen(
-                    [sys.executable, "-m", "nova_flavor_sync.plan_worker"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                )
-                children.append(child)
-                assert child.stdin is not None and child.stdout is not None
-                pickle.dump(job, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                child.stdin.close()
-                reader = threading.Thread(target=_read_frames, args=(index, child.stdout, messages), daemon=True)
-                reader.start()
-                readers.append(reader)
-            results: list[Plan | None] = [None] * len(jobs)
-            done = [0] * len(jobs)
-            while any(result is None for result in results):
-                index, kind, payload = messages.get()
-                if kind == PROGRESS:
-                    done[index] = payload
-                    if progress is not None:
-                        progress(sum(done))
-                elif kind == RESULT:
-                    results[index] = payload
-                else:
-                    code, _, message = payload.partition("\n")
-                    raise PlanWorkerError(message, ExitCode(int(code)))
-            return merge_plans(scope, [r for r in results if r is not None])
-        finally:
-            for child in children:
-                if child.poll() is None:
-                    child.kill()  # only after a failure: a finished worker has exited
-            for child in children:
-                child.wait(timeout=STOP_TIMEOUT_S)
-            for reader in readers:
-                reader.join(timeout=STOP_TIMEOUT_S)
+        return merge_plans(scope, run_jobs(jobs, max_running=len(jobs), progress=progress))
+
+
+def plan_cells_in_workers(
+    cells: Sequence[tuple[DbParams, tuple[int, int]]],
+    flavors: Mapping[int, Flavor],
+    scope: Scope,
+    *,
+    workers: int,
+    page_size: int,
+    left_alone: Mapping[str, str] | None = None,
+) -> list[Plan]:
+    """Plan the instance copies of several cells (``(params, id bounds)`` each) in ``workers`` processes at once.
+
+    Each cell is cut into id ranges in proportion to its share of all the cells' ids (at
+    least one each), and at most ``workers`` ranges are planned at the same time: two
+    cells of the same size on two cores are two workers, one cell each, and a single cell
+    is two. Returns one merged plan per cell, in the order given.
+    """
+    total = sum(high - low + 1 for _, (low, high) in cells) or 1
+    with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
+        jobs: list[PlanJob] = []
+        owner: list[int] = []
+        for index, (params, bounds) in enumerate(cells):
+            parts = max(1, round(workers * (bounds[1] - bounds[0] + 1) / total))
+            for ids in split_ids(bounds, parts):
+                jobs.append(PlanJob(params, flavors, scope, ids, page_size, spool_dir, left_alone, cell=True))
+                owner.append(index)
+        plans = run_jobs(jobs, max_running=workers)
+        return [merge_plans(scope, [p for p, o in zip(plans, owner) if o == index]) for index in range(len(cells))]
+
+
+def run_jobs(
+    jobs: Sequence[PlanJob], *, max_running: int, progress: Callable[[int], None] | None = None
+) -> list[Plan]:
+    """Plan each job in its own worker process, at most ``max_running`` at a time; the plans in job order.
+
+    Each plan's changes stay spooled in the jobs' ``spool_dir``: merge them (``merge_plans``)
+    before that directory goes.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    children: list[subprocess.Popen] = []
+    messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
+    readers: list[threading.Thread] = []
+    results: list[Plan | None] = [None] * len(jobs)
+    done = [0] * len(jobs)
+
+    def start(index: int) -> None:
+        # The child imports this package the way this process did (an Airflow worker
+        # may have it on sys.path only).
+        child = subprocess.Popen(
+            [sys.executable, "-m", "nova_flavor_sync.plan_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        children.append(child)
+        assert child.stdin is not None and child.stdout is not None
+        pickle.dump(jobs[index], child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        child.stdin.close()
+        reader = threading.Thread(target=_read_frames, args=(index, child.stdout, messages), daemon=True)
+        reader.start()
+        readers.append(reader)
+
+    try:
+        started = 0
+        while started < min(max(max_running, 1), len(jobs)):
+            start(started)
+            started += 1
+        while any(result is None for result in results):
+            index, kind, payload = messages.get()
+            if kind == PROGRESS:
+                done[index] = payload
+                if progress is not None:
+                    progress(sum(done))
+            elif kind == RESULT:
+                results[index] = payload
+                if started < len(jobs):
+                    start(started)
+                    started += 1
+            else:
+                code, _, message = payload.partition("\n")
+                raise PlanWorkerError(message, ExitCode(int(code)))
+        return [r for r in results if r is not None]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()  # only after a failure: a finished worker has exited
+        for child in children:
+            child.wait(timeout=STOP_TIMEOUT_S)
+        for reader in readers:
+            reader.join(timeout=STOP_TIMEOUT_S)
 
 
 def _read_frames(index: int, stream: BinaryIO, messages: queue.Queue) -> None:
@@ -160,10 +217,14 @@ def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
 
 
 def _work(job: PlanJob, out: BinaryIO) -> None:
-    from nova_flavor_sync.db import NovaApiDb  # the parent process does not need it
+    from nova_flavor_sync.db import NovaApiDb, NovaCellDb  # the parent process does not need it
+    from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC
 
-    with NovaApiDb(job.params) as db:
-        rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
+    with (NovaCellDb if job.cell else NovaApiDb)(job.params) as db:
+        if job.cell:
+            rows = db.iter_flavor_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
+        else:
+            rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
 
         def counted():
             for count, row in enumerate(rows, 1):
@@ -171,7 +232,8 @@ def _work(job: PlanJob, out: BinaryIO) -> None:
                 if count % PROGRESS_EVERY == 0:
                     _send(out, PROGRESS, pickle.dumps(count))
 
-        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir)
+        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir,
+                         layout=INSTANCE_FLAVOR if job.cell else REQUEST_SPEC)
     _send(out, RESULT, pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
 
 
