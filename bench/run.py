@@ -343,11 +343,19 @@ def _count_workers() -> None:
             _WORKERS["running"] += 1
             _WORKERS["most"] = max(_WORKERS["most"], _WORKERS["running"])
 
-        def wait(self, *args, **kwargs):
-            was_running = self.returncode is None
-            result = super().wait(*args, **kwargs)
-            if was_running:
+        def _ended(self) -> None:
+            if self.returncode is not None and not getattr(self, "_counted_end", False):
+                self._counted_end = True
                 _WORKERS["running"] -= 1
+
+        def wait(self, *args, **kwargs):
+            result = super().wait(*args, **kwargs)
+            self._ended()
+            return result
+
+        def poll(self):
+            result = super().poll()
+            self._ended()
             return result
 
     subprocess.Popen = Counting  # type: ignore[misc]
