@@ -824,6 +824,20 @@ def print_summary(results: list[dict[str, Any]]) -> None:
         print(f"  {'MET    ' if all(m[3] for m in mine) else 'NOT MET'}  {what}: worst {worst[2]:.2f} ({worst[1]})")
 
 
+def print_markdown(results: list[dict[str, Any]]) -> None:
+    """One table row per database, as docs/benchmarks.md shows them."""
+    print("| mix | instances | read floor | plan | plan / floor (each attempt) | peak RSS | apply: tool | raw "
+          "floor | tool / raw | rows per UPDATE (RS, cell1, cell2) | load at start, end |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |")
+    for r in sorted(results, key=lambda r: (r["mix"], r["rows"])):
+        ap = r.get("apply")
+        apply_cells = (f"{ap['tool_s']:.1f} s | {ap['raw_s']:.1f} s | **{ap['tool_vs_raw']:.2f}x** | "
+                       + ", ".join(f"{v:.0f}" for v in ap["rows_per_update"].values())) if ap else "- | - | - | -"
+        print(f"| {r['mix']} | {r['rows']:,} | {r['floor_s']:.1f} s | {r['plan_s']:.1f} s | **{r['plan_ratio']:.2f}x** "
+              f"({', '.join(f'{x:.2f}' for x in r['plan_ratios'])}) | {r['peak_rss_mb']:.0f} MB | {apply_cells} | "
+              f"{r['load_start'].removeprefix('load ').split()[0]}, {r['load_end'].removeprefix('load ').split()[0]} |")
+
+
 def profile(url: str, top: int) -> None:
     params = parse_db_url(url)
     profiler = cProfile.Profile()
@@ -855,13 +869,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
                         help="print the targets and the worst ratios of earlier --json files, and stop")
+    parser.add_argument("--markdown", action="store_true", help="with --summarize: also a Markdown table")
     parser.add_argument("--profile", action="store_true", help="profile the plan on the first --db-url and stop")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--plan-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plan-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.summarize:
-        print_summary([r for path in args.summarize for r in json.loads(path.read_text())])
+        results = [r for path in args.summarize for r in json.loads(path.read_text())]
+        print_summary(results)
+        if args.markdown:
+            print()
+            print_markdown(results)
         return 0
     if not args.db_url:
         parser.error("--db-url is required")
