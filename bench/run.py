@@ -467,9 +467,13 @@ def restore_rows(conn, copy: Copy, ids: Sequence[int] | None = None) -> int:
             ids = [i for (i,) in cur.fetchall()]
         restored = 0
         for chunk in chunks(ids, 2000):
+            # One table in the UPDATE: a multi-table UPDATE ... JOIN makes the server keep a
+            # temporary file under its tmpdir, which another job cleaning /tmp once removed mid-run.
             restored += cur.execute(
-                f"UPDATE {copy.table} t JOIN {orig_table(copy)} o ON o.id = t.id "
-                f"SET t.{copy.column} = o.{copy.column}, t.updated_at = o.updated_at WHERE o.id IN %s",
+                f"UPDATE {copy.table} t SET "
+                f"t.{copy.column} = (SELECT o.{copy.column} FROM {orig_table(copy)} o WHERE o.id = t.id), "
+                f"t.updated_at = (SELECT o.updated_at FROM {orig_table(copy)} o WHERE o.id = t.id) "
+                "WHERE t.id IN %s",
                 (tuple(chunk),),
             )
     return restored
