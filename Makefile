@@ -107,29 +107,33 @@ stop:
 	@if [[ -x $(PY) ]]; then $(PY) scripts/demo_airflow.py stop --home $(DEMO_AIRFLOW_HOME); \
 	else echo "Nothing to stop: no $(VENV), so make demo never ran here"; fi
 
-# Benchmarks (issue 5): not part of `make test`. See bench/README.md and docs/benchmarks.md.
+# Benchmarks (issues 5 and 11): not part of `make test`. See bench/README.md and docs/benchmarks.md.
+# Both flavor copies: nfs_bench_<mix>_<rows> (nova_api) and its cells nfs_bench_<mix>_<rows>_cell0..2,
+# for each mix in BENCH_MIXES at ROWS and ROWS/10.
 #   make bench-data ROWS=1000000 && make bench ROWS=1000000 && make bench-drop ROWS=1000000
 ROWS ?= 100000
 SEED ?= 1
-STALE_FRACTION ?= 0.45
-# Extra arguments for bench/run.py, e.g. make bench BENCH_ARGS="--repeat 1 --json bench.json"
+BENCH_MIXES ?= clone distinct stale95 disagree
+# Extra arguments for bench/make_data.py (e.g. --stale-fraction 0.3) and bench/run.py
+# (e.g. make bench BENCH_ARGS="--repeat 1 --no-apply")
+DATA_ARGS ?=
 BENCH_ARGS ?=
+BENCH_JSON ?= bench-$(ROWS).json
 BENCH_URL = mysql+pymysql://$(DB_USER)@$(DB_HOST):$(DB_PORT)/nfs_bench
 BENCH_TENTH = $(shell echo $$(( $(ROWS) / 10 )))
 
 bench-data: install db-up
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(ROWS)' --rows $(ROWS) \
-	    --stale-fraction $(STALE_FRACTION) --seed $(SEED) --replace
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(BENCH_TENTH)' --rows $(BENCH_TENTH) \
-	    --stale-fraction $(STALE_FRACTION) --seed $(SEED) --replace
+	set -e; for mix in $(BENCH_MIXES); do for rows in $(ROWS) $(BENCH_TENTH); do \
+	    $(PY) bench/make_data.py --db-url "$(BENCH_URL)_$${mix}_$${rows}" --rows $$rows --mix $$mix \
+	        --seed $(SEED) --replace $(DATA_ARGS); done; done
 
 bench: install db-up
-	$(PY) bench/run.py --db-url '$(BENCH_URL)_$(ROWS)' --db-url '$(BENCH_URL)_$(BENCH_TENTH)' \
-	    --rows-check $(BENCH_ARGS)
+	$(PY) bench/run.py $(foreach mix,$(BENCH_MIXES),--db-url '$(BENCH_URL)_$(mix)_$(ROWS)' \
+	    --db-url '$(BENCH_URL)_$(mix)_$(BENCH_TENTH)') --rows-check --json '$(BENCH_JSON)' $(BENCH_ARGS)
 
 bench-drop: install
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(ROWS)' --drop
-	$(PY) bench/make_data.py --db-url '$(BENCH_URL)_$(BENCH_TENTH)' --drop
+	set -e; for mix in $(BENCH_MIXES); do for rows in $(ROWS) $(BENCH_TENTH); do \
+	    $(PY) bench/make_data.py --db-url "$(BENCH_URL)_$${mix}_$${rows}" --drop; done; done
 
 # The one place that resolves. pip-tools lives in a throwaway venv outside the repo, installed
 # from the lock itself (LOCK_TOOLS, by hash); the pins already in requirements.lock are kept

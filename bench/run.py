@@ -1,37 +1,45 @@
-"""Measure the engine against floors on a database made by ``bench/make_data.py``.
+"""Measure the engine on both flavor copies against floors, on a cloud made by ``bench/make_data.py``.
 
-    .venv/bin/python bench/run.py --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench_1000000 \\
-        --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench_100000 [--rows-check]
+    .venv/bin/python bench/run.py --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench_clone_1000000 \\
+        --db-url mysql+pymysql://root@127.0.0.1:3306/nfs_bench_clone_100000 [--rows-check] [--json FILE]
+    .venv/bin/python bench/run.py --summarize a.json b.json ...   # the worst ratio per target
 
-For each ``--db-url`` (the apply: the first one only, unless ``--apply-all``), in one run:
+Each ``--db-url`` is a nova_api database; its cells are found through its ``cell_mappings``
+(``service.open_cells_of``; a template URL is filled from the API database's URL, as Nova
+fills it from ``[database] connection``). The copies measured: ``nova_api.request_specs.spec``
+and, in each cell but cell0, ``instance_extra.flavor``. For each database, in one run (the
+apply: on every database unless ``--apply-first-only``):
 
-* **read floor**: a bare keyset read of every ``(id, spec)`` with PyMySQL and the engine's
-  page size (``db.DEFAULT_PAGE_SIZE``), after a warm-up pass (shown, not used);
-* **engine read**: the engine's own read in one process (``iter_spec_rows``: the
-  queued-for-delete uuids, then the pages; SpecRow objects), without planning;
-* **plan**: the dry run (``service.connect``, ``resolve_scope(all_keys=True)``,
-  ``service.make_plan``) in a fresh Python process, timed inside it, with its peak RSS: the
-  planner's ``VmHWM`` plus, for each plan worker it starts (``plan_worker``, from
-  ``service.PLAN_WORKERS_FROM`` rows), the largest worker's peak; the apply below uses the last
-  of these plans, as ``--run`` uses its own;
-* **apply** of the plan's changed rows, three ways, each from the same bytes (the changed
-  rows are copied to ``request_specs_orig`` first and put back after each):
-  (a) the tool: ``service.back_up`` + ``service.apply_plan`` (CAS batches, default 500);
-  (b) row at a time: one autocommit ``UPDATE ... WHERE id=%s`` per row;
-  (c) the floor: one multi-row ``UPDATE ... CASE id`` of 500 rows per statement, autocommit,
-  no hash check, no re-read, no backup.
-  (b) and (c) write exactly the bytes the tool writes: computed before they are timed
-  (with the engine's ``rewrite_extra_specs``, checked against the plan's ``new_sha256``)
-  and streamed from a spool file;
-* **statements**: the server's ``Com_update`` and ``Questions`` deltas (global counters:
-  another client's statements land in them too; the "others" column estimates those), and
-  the exact number of commands this process sent (counted in PyMySQL).
+* **read floor**: one bare keyset read with PyMySQL and the engine's page size
+  (``db.DEFAULT_PAGE_SIZE``) of every table the plan reads, one after the other on one
+  connection: ``request_specs (id, spec)``, and in each cell ``instance_extra (id,
+  instance_uuid, flavor, deleted)`` joined with ``instances (vm_state, task_state, deleted)``
+  on the uuid, as the engine must (an instance's state decides whether its copies may be
+  written); after one warm-up pass (shown, not used);
+* **engine read**: the engine's own reads without planning, in one process
+  (``iter_spec_rows`` and each cell's ``iter_flavor_rows``);
+* **plan**: what a dry run does, in a fresh Python process, timed inside it:
+  ``service.connect``, ``resolve_scope(all_keys=True)``, ``open_cells_of``,
+  ``plan_both_copies``; with its phases (the instances to leave alone, the RequestSpecs,
+  each cell) and its peak RSS: the planner's ``VmHWM`` plus, if it started plan workers,
+  as many times the largest child's peak as run at once (an upper bound of the sum);
+* **apply** of the plan's changed rows of both copies, two ways, each from the same bytes
+  (every changed row is copied to ``<table>_orig`` in its database first and put back after
+  each way):
+  (a) the tool, ``apply_both_copies`` below: for each cell, then the RequestSpecs,
+  ``service.back_up`` + ``service.apply_plan`` (CAS batches, default 500, no pacer);
+  (c) the floor: per table, one multi-row ``UPDATE ... CASE id`` of 500 rows per statement,
+  autocommit, no hash check, no re-read, no backup, one table after the other, writing
+  exactly the bytes the tool writes (computed before, with the engine's
+  ``rewrite_extra_specs``, checked against the plan's ``new_sha256``, spooled to a file);
+* **statements**: every UPDATE this process sent, per database and table (counted inside
+  PyMySQL: exact), and the server's ``Com_update`` delta (global: other clients' land in it).
 
-``--rows-check`` also reads back every changed row after each apply (its SHA2 must be the
-plan's ``new_sha256``) and after each restore (the original bytes' sha256).
+``--rows-check`` reads back every changed row of both copies after each apply (its SHA2
+must be the plan's ``new_sha256``) and after each restore (the original bytes' sha256).
 
-The databases are left as they were found. ``--profile`` instead runs the plan once under
-cProfile and prints the top functions.
+The databases are left as they were found. ``--profile`` instead runs the plan of both
+copies once in this process under cProfile and prints the top functions.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import json
 import os
 import pickle
 import pstats
+import re
 import resource
 import shutil
 import subprocess
@@ -50,9 +59,11 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pymysql
 from pymysql.constants import COMMAND
@@ -61,27 +72,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))  # run 
 
 from nova_flavor_sync import apply as apply_mod  # noqa: E402
 from nova_flavor_sync import service  # noqa: E402
-from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, utcnow  # noqa: E402
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb, utcnow  # noqa: E402
 from nova_flavor_sync.dburl import DbParams, parse_db_url  # noqa: E402
-from nova_flavor_sync.plan import Plan, batched  # noqa: E402
+from nova_flavor_sync.plan import CloudPlan, Plan, batched  # noqa: E402
 from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text  # noqa: E402
 
-ORIG_TABLE = "request_specs_orig"
-STATUS_NAMES = ("Questions", "Com_update", "Com_select", "Com_begin", "Com_commit", "Bytes_received", "Bytes_sent")
+STATUS_NAMES = ("Questions", "Com_update", "Com_select", "Bytes_received", "Bytes_sent")
 RSS_TARGET_MB = 300
+TARGETS = {  # name: (limit, what)
+    "plan_ratio": (1.5, "plan within 1.5x of the bare keyset read of both tables"),
+    "peak_rss_mb": (RSS_TARGET_MB, f"peak RSS of the plan under {RSS_TARGET_MB} MB"),
+    "rss_growth": (1.2, "peak RSS flat in N: at ROWS within 1.2x of ROWS/10 (same mix)"),
+    "apply_ratio": (1.5, "apply (backups + CAS, both copies) within 1.5x of raw batched UPDATEs"),
+    "rows_per_update": (None, "at most one UPDATE per 50 changed rows, in each table (rows per UPDATE)"),
+}
 
 # -- counting what this process sends ---------------------------------------------------
 
 SENT: Counter[str] = Counter()
+UPDATES: Counter[str] = Counter()  # "database.table" -> UPDATE statements sent
 _original_execute_command = pymysql.connections.Connection._execute_command
 
 
 def _counting_execute_command(self, command, sql):
-    """Every command PyMySQL sends is one round trip: count them by kind."""
+    """Every command PyMySQL sends is one round trip: count them by kind, UPDATEs by table."""
     if command == COMMAND.COM_QUERY:
         text = sql.decode("utf-8", "replace") if isinstance(sql, bytes | bytearray) else str(sql)
-        SENT[text.lstrip()[:6].upper() or "QUERY"] += 1
-    elif command != COMMAND.COM_QUIT:  # no reply awaited, and not in the server's Questions
+        head = text.lstrip()[:40]
+        kind = head[:6].upper() or "QUERY"
+        SENT[kind] += 1
+        if kind == "UPDATE":
+            table = head.split(None, 2)[1] if len(head.split(None, 2)) > 1 else "?"
+            database = self.db.decode() if isinstance(self.db, bytes) else str(self.db)
+            UPDATES[f"{database}.{table}"] += 1
+    elif command != COMMAND.COM_QUIT:
         SENT[f"COM_{command}"] += 1
     return _original_execute_command(self, command, sql)
 
@@ -100,11 +124,9 @@ def connect(params: DbParams, **overrides: Any) -> pymysql.connections.Connectio
     return pymysql.connect(**{**params.connect_kwargs(), "autocommit": True, **overrides})
 
 
-def server_status(conn: pymysql.connections.Connection) -> dict[str, int]:
+def server_status(conn) -> dict[str, int]:
     with conn.cursor() as cur:
-        cur.execute(
-            "SHOW GLOBAL STATUS WHERE Variable_name IN (" + ", ".join(f"'{n}'" for n in STATUS_NAMES) + ")"
-        )
+        cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN (" + ", ".join(f"'{n}'" for n in STATUS_NAMES) + ")")
         return {name: int(value) for name, value in cur.fetchall()}
 
 
@@ -117,6 +139,42 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def template_url(params: DbParams) -> str:
+    """What a cell_mappings template is filled from: the API database's URL, password spelled out."""
+    auth = quote(params.user or "", safe="") + ":" + quote(params.password or "", safe="")
+    return f"mysql+pymysql://{auth}@{params.host}:{params.port}/{params.database}?charset=utf8"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One table of flavor copies: nova_api's request_specs or one cell's instance_extra."""
+
+    label: str  # "request_specs", "cell1 instance_extra"
+    params: DbParams
+    table: str
+    column: str
+    cell_uuid: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.params.database}.{self.table}"
+
+
+def find_copies(params: DbParams) -> list[Copy]:
+    """request_specs, then each cell's instance_extra (cell0 left out: never planned)."""
+    copies = [Copy("request_specs", params, "request_specs", "spec", None)]
+    api = service.connect(params)
+    try:
+        with service.open_cells_of(api, template_url=template_url(params)) as cells:
+            for mapping, db in cells:
+                if not mapping.is_cell0:
+                    copies.append(Copy(f"{mapping.name} instance_extra", db.params, "instance_extra", "flavor",
+                                       mapping.uuid))
+    finally:
+        api.close()
+    return copies
+
+
 @dataclass
 class Measured:
     """One timed step: seconds, rows, and what it sent to the server."""
@@ -124,58 +182,61 @@ class Measured:
     name: str
     seconds: float
     rows: int
-    server: dict[str, int] = field(default_factory=dict)  # global counter deltas
-    sent: int = 0  # commands this process sent (exact)
-    sent_by_kind: dict[str, int] = field(default_factory=dict)
+    server: dict[str, int] = field(default_factory=dict)
+    sent: int = 0
+    updates: dict[str, int] = field(default_factory=dict)  # "database.table" -> UPDATEs sent
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return self.rows / self.seconds if self.seconds else 0.0
 
 
 class Meter:
     """Time a block and take the server's global counters and our own around it."""
 
-    def __init__(self, monitor: pymysql.connections.Connection, name: str, rows: int = 0) -> None:
+    def __init__(self, monitor, name: str, rows: int = 0) -> None:
         self.monitor, self.result = monitor, Measured(name, 0.0, rows)
 
     def __enter__(self) -> Measured:
         self._status = server_status(self.monitor)
-        self._sent = Counter(SENT)
+        self._sent = sent_total()
+        self._updates = Counter(UPDATES)
         self._t0 = time.perf_counter()
         return self.result
 
     def __exit__(self, *exc: object) -> None:
         self.result.seconds = time.perf_counter() - self._t0
         after = server_status(self.monitor)
-        delta = {k: after[k] - self._status.get(k, 0) for k in after}
-        delta["Questions"] -= 1  # the SHOW GLOBAL STATUS that read "after"
-        self.result.server = delta
-        kinds = Counter(SENT)
-        kinds.subtract(self._sent)
-        kinds["SHOW G"] -= 1  # the same SHOW, counted on our side too
-        self.result.sent_by_kind = {k: v for k, v in kinds.items() if v}
-        self.result.sent = sum(self.result.sent_by_kind.values())
+        self.result.server = {k: after[k] - self._status.get(k, 0) for k in after}
+        self.result.server["Questions"] -= 1  # the SHOW GLOBAL STATUS that read "after"
+        self.result.sent = sent_total() - self._sent - 1
+        updates = Counter(UPDATES)
+        updates.subtract(self._updates)
+        self.result.updates = {k: v for k, v in updates.items() if v}
 
 
 # -- reads ---------------------------------------------------------------------------------
 
+FLOOR_SQL = {
+    "request_specs": "SELECT id, spec FROM request_specs WHERE id > %s ORDER BY id LIMIT %s",
+    "instance_extra": (
+        "SELECT e.id, e.instance_uuid, e.flavor, e.deleted, i.vm_state, i.task_state, i.deleted "
+        "FROM instance_extra e LEFT JOIN instances i ON i.uuid = e.instance_uuid "
+        "WHERE e.id > %s ORDER BY e.id LIMIT %s"
+    ),
+}
 
-def floor_read(params: DbParams, page_size: int) -> tuple[int, int]:
-    """A bare keyset read of (id, spec): rows and characters read."""
-    conn = connect(params)
+
+def floor_read_table(copy: Copy, page_size: int) -> tuple[int, int]:
+    """A bare keyset read of one table (its copies' text): rows and characters read."""
+    conn = connect(copy.params)
     rows = chars = last_id = 0
+    text_at = 1 if copy.table == "request_specs" else 2
     try:
         with conn.cursor() as cur:
             while True:
-                cur.execute(
-                    "SELECT id, spec FROM request_specs WHERE id > %s ORDER BY id LIMIT %s", (last_id, page_size)
-                )
+                cur.execute(FLOOR_SQL[copy.table], (last_id, page_size))
                 page = cur.fetchall()
                 rows += len(page)
-                chars += sum(len(spec) for _, spec in page)
+                chars += sum(len(row[text_at] or "") for row in page)
                 if len(page) < page_size:
                     return rows, chars
                 last_id = page[-1][0]
@@ -183,21 +244,81 @@ def floor_read(params: DbParams, page_size: int) -> tuple[int, int]:
         conn.close()
 
 
-def engine_read(params: DbParams) -> int:
-    """The engine's page query and SpecRow objects, without planning."""
-    db = service.connect(params)
+def floor_read(copies: Sequence[Copy], page_size: int) -> dict[str, Any]:
+    """Every table, one after the other: total and per table (seconds, rows, chars)."""
+    per: dict[str, dict[str, float]] = {}
+    t_all = time.perf_counter()
+    for copy in copies:
+        t0 = time.perf_counter()
+        rows, chars = floor_read_table(copy, page_size)
+        per[copy.label] = {"seconds": time.perf_counter() - t0, "rows": rows, "chars": chars}
+    return {"seconds": time.perf_counter() - t_all, "per_table": per,
+            "rows": sum(p["rows"] for p in per.values()), "chars": sum(p["chars"] for p in per.values())}
+
+
+def engine_read(params: DbParams) -> dict[str, float]:
+    """The engine's page queries and SpecRow objects of both copies, without planning."""
+    per: dict[str, float] = {}
+    api = service.connect(params)
     try:
-        return sum(1 for _ in db.iter_spec_rows(page_size=DEFAULT_PAGE_SIZE))
+        t0 = time.perf_counter()
+        sum(1 for _ in api.iter_spec_rows(page_size=DEFAULT_PAGE_SIZE))
+        per["request_specs"] = time.perf_counter() - t0
+        with service.open_cells_of(api, template_url=template_url(params)) as cells:
+            for mapping, db in cells:
+                if mapping.is_cell0:
+                    continue
+                t0 = time.perf_counter()
+                sum(1 for _ in db.iter_flavor_rows(page_size=DEFAULT_PAGE_SIZE))
+                per[f"{mapping.name} instance_extra"] = time.perf_counter() - t0
     finally:
-        db.close()
+        api.close()
+    return per
 
 
-def plan_in_process(params: DbParams, workers: int | None = None) -> tuple[Plan, Any]:
-    """The dry run as the CLI makes it (workers None: the engine decides)."""
-    db = service.connect(params)
-    flavors, scope = service.resolve_scope(db, all_keys=True)
-    plan = service.make_plan(db, scope, flavors=flavors, workers=workers)
-    return plan, db
+@contextmanager
+def timed_phases(phases: dict[str, float]) -> Iterator[None]:
+    """Time plan_both_copies' parts by wrapping the service functions it calls."""
+    names = [n for n in ("instances_to_leave_alone", "make_plan", "plan_cells", "make_cell_plan") if hasattr(service, n)]
+    originals = {name: getattr(service, name) for name in names}
+
+    def wrap(name, label_of):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                label = label_of(args, kwargs)
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
+        return timed
+
+    labels = {
+        "instances_to_leave_alone": lambda a, k: "instances to leave alone",
+        "make_plan": lambda a, k: "request_specs",
+        "plan_cells": lambda a, k: "cells (" + ", ".join(db.params.database for db in a[0]) + ")",
+        "make_cell_plan": lambda a, k: f"{a[0].params.database} instance_extra",
+    }
+    for name in names:
+        setattr(service, name, wrap(name, labels[name]))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(service, name, function)
+
+
+def plan_both_in_process(params: DbParams, phases: dict[str, float] | None = None) -> CloudPlan:
+    """The dry run of both copies as the CLI makes it."""
+    api = service.connect(params)
+    try:
+        flavors, scope = service.resolve_scope(api, all_keys=True)
+        with service.open_cells_of(api, template_url=template_url(params)) as cells:
+            if phases is None:
+                return service.plan_both_copies(api, cells, scope, flavors=flavors)
+            with timed_phases(phases):
+                return service.plan_both_copies(api, cells, scope, flavors=flavors)
+    finally:
+        api.close()
 
 
 def vm_status_kb(field_name: str) -> int:
@@ -208,121 +329,179 @@ def vm_status_kb(field_name: str) -> int:
     return 0
 
 
-def plan_child(url: str, plan_out: Path | None) -> int:
-    """Run in a fresh process: the dry-run plan, timed, with peak RSS; print JSON.
+_WORKERS = {"started": 0, "running": 0, "most": 0}
 
-    With ``plan_out``, the plan is then pickled there (after the peak was read) for the apply.
-    """
+
+def _count_workers() -> None:
+    """Count the child processes the planner starts (plan workers), and how many run at once."""
+    original = subprocess.Popen
+
+    class Counting(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _WORKERS["started"] += 1
+            _WORKERS["running"] += 1
+            _WORKERS["most"] = max(_WORKERS["most"], _WORKERS["running"])
+
+        def _ended(self) -> None:
+            if self.returncode is not None and not getattr(self, "_counted_end", False):
+                self._counted_end = True
+                _WORKERS["running"] -= 1
+
+        def wait(self, *args, **kwargs):
+            result = super().wait(*args, **kwargs)
+            self._ended()
+            return result
+
+        def poll(self):
+            result = super().poll()
+            self._ended()
+            return result
+
+    subprocess.Popen = Counting  # type: ignore[misc]
+
+
+def plan_child(url: str, plan_out: Path | None) -> int:
+    """Run in a fresh process: the plan of both copies, timed, with peak RSS; print JSON."""
+    _count_workers()
     params = parse_db_url(url)
     rss_before = vm_status_kb("VmRSS")
+    phases: dict[str, float] = {}
     t0 = time.perf_counter()
-    plan, db = plan_in_process(params)
+    cloud = plan_both_in_process(params, phases)
     seconds = time.perf_counter() - t0
-    db.close()
     peak_kb = vm_status_kb("VmHWM")
-    maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Big tables are planned by worker processes (plan_worker): their memory counts too. The
-    # kernel gives the largest child's peak; count it once per worker (an upper bound).
-    workers = service.PLAN_WORKERS if plan.rows_read >= service.PLAN_WORKERS_FROM else 0
-    reader_kb = workers * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if _WORKERS["started"] else 0
+    workers_kb = _WORKERS["most"] * children_kb
     if plan_out is not None:
         with open(plan_out, "wb") as f:
-            pickle.dump(plan, f, protocol=pickle.HIGHEST_PROTOCOL)
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "rows_read": plan.rows_read,
-                "changes": len(plan.changes),
-                "in_sync": plan.in_sync,
-                "errors": len(plan.errors),
-                "orphans": len(plan.orphans),
-                "held_back": len(plan.held_back),
-                "digest": plan.digest,
-                "vmhwm_kb": peak_kb + reader_kb,
-                "planner_vmhwm_kb": peak_kb,
-                "workers_maxrss_kb": reader_kb,
-                "workers": workers,
-                "rss_before_kb": rss_before,
-                "ru_maxrss_kb": maxrss_kb,
-                "sent": sent_total(),
-            }
-        )
-    )
+            pickle.dump(cloud, f, protocol=pickle.HIGHEST_PROTOCOL)
+    copies = {
+        ("request_specs" if c.cell_uuid is None else f"{c.where.split()[0]} instance_extra"): {
+            "rows_read": c.plan.rows_read, "changes": len(c.plan.changes), "in_sync": c.plan.in_sync,
+            "left_alone": len(c.plan.left_alone), "errors": len(c.plan.errors), "orphans": len(c.plan.orphans),
+            "held_back": len(c.plan.held_back),
+        }
+        for c in cloud.copies
+    }
+    print(json.dumps({
+        "seconds": seconds, "phases": phases, "copies": copies, "digest": cloud.digest,
+        "rows_read": sum(c.plan.rows_read for c in cloud.copies), "changes": cloud.to_update,
+        "disagreeing": len(cloud.disagreeing_instances()),
+        "vmhwm_kb": peak_kb + workers_kb, "planner_vmhwm_kb": peak_kb, "workers_maxrss_kb": children_kb,
+        "workers_started": _WORKERS["started"], "workers_at_once": _WORKERS["most"],
+        "rss_before_kb": rss_before, "sent": sent_total(),
+    }))
     return 0
 
 
 def run_plan_child(url: str, plan_out: Path | None = None) -> dict[str, Any]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     command = [sys.executable, __file__, "--plan-child", "--db-url", url]
     if plan_out is not None:
         command += ["--plan-out", str(plan_out)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the plan process failed (exit {done.returncode}):\n{done.stderr}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    # RUSAGE_CHILDREN is the largest of every child so far: only a new maximum is this child's.
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result["children_maxrss_kb"] = after if after > before else None
-    return result
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# -- apply: the copy, the restore, the spool -----------------------------------------------
+# -- apply: the tool's way (swap in the combined verb here) ------------------------------------
 
 
-def copy_changed_rows(conn, ids: Sequence[int]) -> None:
-    """Keep the changed rows' bytes in request_specs_orig (created here)."""
+def apply_both_copies(
+    api: NovaApiDb, cells: dict[str, NovaCellDb], cloud: CloudPlan, backup_dir: Path, batch_size: int
+) -> dict[str, dict[str, Any]]:
+    """Back up and apply every copy's plan: each cell's instance copies first, then the RequestSpecs.
+
+    The per-copy calls that exist today (``service.back_up``, ``service.apply_plan``); the
+    combined verb for both copies can replace this function as a whole. Returns per copy:
+    seconds of backup and apply, rows updated, conflicts, errors, batches, backup size.
+    """
+    order = [c for c in cloud.copies if c.cell_uuid is not None] + [c for c in cloud.copies if c.cell_uuid is None]
+    out: dict[str, dict[str, Any]] = {}
+    for copy in order:
+        db: NovaDb = api if copy.cell_uuid is None else cells[copy.cell_uuid]
+        if not copy.plan.changes:
+            continue
+        t0 = time.perf_counter()
+        backup = service.back_up(db, copy.plan, backup_dir / (copy.cell_uuid or "nova_api"))
+        t1 = time.perf_counter()
+        applied = service.apply_plan(db, copy.plan, batch_size=batch_size)
+        t2 = time.perf_counter()
+        out[copy.cell_uuid or "nova_api"] = {
+            "backup_s": t1 - t0, "apply_s": t2 - t1, "updated": len(applied.updated),
+            "conflicts": len(applied.conflicts), "errors": len(applied.errors), "diverged": len(backup.diverged),
+            "batches": applied.batches, "retries": applied.retries,
+            "backup_mb": backup.info.path.stat().st_size / 2**20,
+        }
+    return out
+
+
+# -- apply: the copy, the restore, the spool, the floor -----------------------------------------
+
+
+def orig_table(copy: Copy) -> str:
+    return f"{copy.table}_orig"
+
+
+def copy_changed_rows(conn, copy: Copy, ids: Sequence[int]) -> None:
+    """Keep the changed rows' bytes in <table>_orig (created here)."""
     with conn.cursor() as cur:
         cur.execute(
-            f"CREATE TABLE {ORIG_TABLE} (id INT NOT NULL PRIMARY KEY, spec MEDIUMTEXT NOT NULL, "
+            f"CREATE TABLE {orig_table(copy)} (id INT NOT NULL PRIMARY KEY, {copy.column} MEDIUMTEXT, "
             "updated_at DATETIME NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb3 COLLATE=utf8mb3_general_ci"
         )
         for chunk in chunks(ids, 1000):
             cur.execute(
-                f"INSERT INTO {ORIG_TABLE} SELECT id, spec, updated_at FROM request_specs WHERE id IN %s",
+                f"INSERT INTO {orig_table(copy)} SELECT id, {copy.column}, updated_at FROM {copy.table} "
+                "WHERE id IN %s",
                 (tuple(chunk),),
             )
 
 
-def restore_rows(conn, ids: Sequence[int] | None = None) -> int:
-    """Put request_specs_orig back (only ``ids`` if given); return rows restored."""
+def restore_rows(conn, copy: Copy, ids: Sequence[int] | None = None) -> int:
+    """Put <table>_orig back (only ``ids`` if given); return rows restored."""
     with conn.cursor() as cur:
         if ids is None:
-            cur.execute(f"SELECT id FROM {ORIG_TABLE} ORDER BY id")
+            cur.execute(f"SELECT id FROM {orig_table(copy)} ORDER BY id")
             ids = [i for (i,) in cur.fetchall()]
         restored = 0
         for chunk in chunks(ids, 2000):
+            # One table in the UPDATE: a multi-table UPDATE ... JOIN makes the server keep a
+            # temporary file under its tmpdir, which another job cleaning /tmp once removed mid-run.
             restored += cur.execute(
-                f"UPDATE request_specs rs JOIN {ORIG_TABLE} o ON o.id = rs.id "
-                "SET rs.spec = o.spec, rs.updated_at = o.updated_at WHERE o.id IN %s",
+                f"UPDATE {copy.table} t SET "
+                f"t.{copy.column} = (SELECT o.{copy.column} FROM {orig_table(copy)} o WHERE o.id = t.id), "
+                f"t.updated_at = (SELECT o.updated_at FROM {orig_table(copy)} o WHERE o.id = t.id) "
+                "WHERE t.id IN %s",
                 (tuple(chunk),),
             )
     return restored
 
 
-def check_hashes(conn, expected: dict[int, str], ids: Sequence[int]) -> int:
-    """Rows among ``ids`` whose SHA2(spec) is not ``expected[id]``."""
+def check_hashes(conn, copy: Copy, expected: dict[int, str], ids: Sequence[int]) -> int:
+    """Rows among ``ids`` whose SHA2(text) is not ``expected[id]``."""
     bad = 0
     with conn.cursor() as cur:
         for chunk in chunks(ids, 1000):
-            cur.execute("SELECT id, SHA2(spec, 256) FROM request_specs WHERE id IN %s", (tuple(chunk),))
+            cur.execute(f"SELECT id, SHA2({copy.column}, 256) FROM {copy.table} WHERE id IN %s", (tuple(chunk),))
             found = dict(cur.fetchall())
             bad += sum(1 for i in chunk if found.get(i) != expected[i])
     return bad
 
 
-def write_spool(conn, plan: Plan, path: Path, batch_size: int) -> int:
+def write_spool(conn, copy: Copy, plan: Plan, layout, path: Path, batch_size: int) -> int:
     """The new texts the tool will write, batch by batch, pickled to ``path``."""
     written = 0
     with open(path, "wb") as out, conn.cursor() as cur:
         for batch in batched(plan.changes, batch_size):
-            cur.execute("SELECT id, spec FROM request_specs WHERE id IN %s", (tuple(c.id for c in batch),))
+            cur.execute(f"SELECT id, {copy.column} FROM {copy.table} WHERE id IN %s", (tuple(c.id for c in batch),))
             current = dict(cur.fetchall())
             texts = []
             for change in batch:
-                new_text = rewrite_extra_specs(current[change.id], dict(change.diff.target_extra_specs))
+                new_text = rewrite_extra_specs(current[change.id], dict(change.diff.target_extra_specs), layout=layout)
                 if sha256_text(new_text) != change.new_sha256:
-                    raise RuntimeError(f"row {change.id}: rewrite differs from the plan")
+                    raise RuntimeError(f"{copy.label} row {change.id}: rewrite differs from the plan")
                 texts.append((change.id, new_text))
             pickle.dump(texts, out, protocol=pickle.HIGHEST_PROTOCOL)
             written += len(texts)
@@ -338,34 +517,16 @@ def read_spool(path: Path) -> Iterator[list[tuple[int, str]]]:
                 return
 
 
-def row_at_a_time(params: DbParams, spool: Path, limit: int) -> int:
-    """(b): one autocommit UPDATE per row, as the script this replaces did."""
-    conn = connect(params)
-    done = 0
-    try:
-        with conn.cursor() as cur:
-            for batch in read_spool(spool):
-                for row_id, text in batch:
-                    if done >= limit:
-                        return done
-                    done += cur.execute(
-                        "UPDATE request_specs SET spec = %s, updated_at = %s WHERE id = %s", (text, utcnow(), row_id)
-                    )
-    finally:
-        conn.close()
-    return done
-
-
-def raw_batched(params: DbParams, spool: Path) -> int:
-    """(c) the floor: one multi-row UPDATE per batch, autocommit, no hash, no re-read."""
-    conn = connect(params)
+def raw_batched(copy: Copy, spool: Path) -> int:
+    """(c) the floor for one table: one multi-row UPDATE per batch, autocommit, no hash, no re-read."""
+    conn = connect(copy.params)
     done = 0
     try:
         with conn.cursor() as cur:
             for batch in read_spool(spool):
                 whens = " ".join("WHEN %s THEN %s" for _ in batch)
                 sql = (
-                    f"UPDATE request_specs SET spec = CASE id {whens} END, updated_at = %s "
+                    f"UPDATE {copy.table} SET {copy.column} = CASE id {whens} END, updated_at = %s "
                     f"WHERE id IN ({', '.join('%s' for _ in batch)})"
                 )
                 args: list[Any] = [v for pair in batch for v in pair]
@@ -380,196 +541,212 @@ def raw_batched(params: DbParams, spool: Path) -> int:
 # -- one database ------------------------------------------------------------------------------
 
 
+def mix_and_size(database: str) -> tuple[str, int | None]:
+    """``nfs_bench_<mix>_<rows>`` (what the Makefile makes) -> (mix, rows); else (database, None)."""
+    match = re.fullmatch(r"nfs_bench_(\w+?)_(\d+)", database)
+    return (match.group(1), int(match.group(2))) if match else (database, None)
+
+
 def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[str, Any]:
     params = parse_db_url(url)
+    copies = find_copies(params)
     monitor = connect(params)
-    out: dict[str, Any] = {"database": params.database, "load_start": load()}
+    conns = {c.label: (monitor if c.cell_uuid is None else connect(c.params)) for c in copies}
+    mix, _ = mix_and_size(params.database)
+    out: dict[str, Any] = {"database": params.database, "mix": mix, "load_start": load()}
+    for copy in copies:
+        with conns[copy.label].cursor() as cur:
+            cur.execute("SHOW TABLES LIKE %s", (orig_table(copy),))
+            if cur.fetchone():
+                print(f"  {copy.label}: {orig_table(copy)} left by an interrupted run: putting its rows back first")
+                restore_rows(conns[copy.label], copy)
+                cur.execute(f"DROP TABLE {orig_table(copy)}")
     with monitor.cursor() as cur:
-        cur.execute("SHOW TABLES LIKE %s", (ORIG_TABLE,))
-        if cur.fetchone():
-            print(f"  {ORIG_TABLE} left by an interrupted run: putting its rows back first")
-            restore_rows(monitor)
-            cur.execute(f"DROP TABLE {ORIG_TABLE}")
-        cur.execute(
-            "SELECT data_length, index_length FROM information_schema.TABLES "
-            "WHERE table_schema = DATABASE() AND table_name = 'request_specs'"
-        )
-        data_length, index_length = cur.fetchone()
         cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
         out["threads_connected"] = int(cur.fetchone()[1])
-    out["data_mb"] = data_length / 2**20
-    out["index_mb"] = index_length / 2**20
-    print(f"\n== {params.database}: {load()}, request_specs {out['data_mb']:,.0f} MB data ==", flush=True)
+    print(f"\n== {params.database}: {load()}; copies: {', '.join(c.label for c in copies)} ==", flush=True)
 
     steps: list[Measured] = []
-
-    def step(name: str, rows: int = 0) -> Meter:
-        return Meter(monitor, name, rows)
-
-    # Reads: warm up, then floor and plan alternately, so neither gets a warmer cache.
-    with step("first read (warm-up)") as m:
-        m.rows, chars = floor_read(params, DEFAULT_PAGE_SIZE)
-    out["rows"], out["spec_mb"] = m.rows, chars / 2**20
+    with Meter(monitor, "first read (warm-up)") as m:
+        warm = floor_read(copies, DEFAULT_PAGE_SIZE)
+    m.rows = warm["rows"]
     steps.append(m)
-    print(f"  warm-up read: {m.rows:,} rows, {out['spec_mb']:,.0f} MB of spec text, {m.seconds:.1f} s", flush=True)
-    floors: list[Measured] = []
+    out["rows"] = warm["per_table"]["request_specs"]["rows"]
+    out["rows_all_tables"] = warm["rows"]
+    out["text_mb"] = {k: v["chars"] / 2**20 for k, v in warm["per_table"].items()}
+    print(f"  warm-up read: {warm['rows']:,} rows of {len(copies)} tables, "
+          f"{warm['chars'] / 2**20:,.0f} MB of text, {m.seconds:.1f} s", flush=True)
+    floors: list[dict[str, Any]] = []
     plans: list[dict[str, Any]] = []
     plan_file = None
     if apply:  # the apply needs the plan object: the last child hands it over in a file
         plan_file = Path(tempfile.mkstemp(prefix="nfs-bench-plan-", suffix=".pickle", dir=args.work_dir)[1])
     for attempt in range(1, args.repeat + 1):
-        with step(f"floor read #{attempt}") as m:
-            m.rows, _ = floor_read(params, DEFAULT_PAGE_SIZE)
-        floors.append(m)
+        with Meter(monitor, f"floor read #{attempt}") as m:
+            floor = floor_read(copies, DEFAULT_PAGE_SIZE)
+        m.rows, m.extra = floor["rows"], floor
+        floors.append(floor)
         steps.append(m)
-        print(f"  floor read #{attempt}: {m.seconds:.2f} s", flush=True)
-        with step(f"plan, new process #{attempt}") as m:
+        print(f"  floor read #{attempt}: {floor['seconds']:.2f} s ("
+              + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in floor["per_table"].items()) + ")", flush=True)
+        with Meter(monitor, f"plan, new process #{attempt}") as m:
             child = run_plan_child(url, plan_file if attempt == args.repeat else None)
-        m.rows = child["rows_read"]
-        m.seconds, m.extra = child["seconds"], child  # timed inside the child (no interpreter start)
-        m.sent, m.sent_by_kind = child["sent"], {}
+        m.rows, m.seconds, m.extra = child["rows_read"], child["seconds"], child
         plans.append(child)
         steps.append(m)
-        print(f"  plan #{attempt}: {child['seconds']:.2f} s, peak RSS {child['vmhwm_kb'] / 1024:.0f} MB "
-              f"(planner {child['planner_vmhwm_kb'] / 1024:.0f} + {child['workers']} workers "
-              f"{child['workers_maxrss_kb'] / 1024:.0f}), "
-              f"{child['changes']:,} changes", flush=True)
-    with step("engine read only") as m:
-        m.rows = engine_read(params)
+        print(f"  plan #{attempt}: {child['seconds']:.2f} s ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in child["phases"].items())
+              + f"), peak RSS {child['vmhwm_kb'] / 1024:.0f} MB (planner {child['planner_vmhwm_kb'] / 1024:.0f}"
+              f" + {child['workers_at_once']} x {child['workers_maxrss_kb'] / 1024:.0f} MB of "
+              f"{child['workers_started']} workers), {child['changes']:,} changes", flush=True)
+    with Meter(monitor, "engine read only") as m:
+        out["engine_read"] = engine_read(params)
+    m.rows = warm["rows"]
     steps.append(m)
-    print(f"  engine read only: {m.seconds:.2f} s", flush=True)
-    out["floor_s"] = min(f.seconds for f in floors)
-    out["plan_s"] = min(p["seconds"] for p in plans)
+    print(f"  engine read only: {m.seconds:.2f} s ("
+          + ", ".join(f"{k} {v:.2f}" for k, v in out["engine_read"].items()) + ")", flush=True)
+    best_floor = min(floors, key=lambda f: f["seconds"])
+    best_plan = min(plans, key=lambda p: p["seconds"])
+    out["floor_s"] = best_floor["seconds"]
+    out["floor_per_table"] = best_floor["per_table"]
+    out["plan_s"] = best_plan["seconds"]
+    out["plan_phases"] = best_plan["phases"]
     out["plan_ratio"] = out["plan_s"] / out["floor_s"]
+    out["plan_ratios"] = [p["seconds"] / f["seconds"] for p, f in zip(plans, floors)]
     out["peak_rss_mb"] = max(p["vmhwm_kb"] for p in plans) / 1024
     out["rss_at_start_mb"] = plans[0]["rss_before_kb"] / 1024
+    out["plan_copies"] = plans[-1]["copies"]
     out["changes"] = plans[-1]["changes"]
-    out["plan_counts"] = {k: plans[0][k] for k in ("rows_read", "changes", "in_sync", "errors", "orphans", "held_back")}
+    out["disagreeing"] = plans[-1]["disagreeing"]
     if len({p["digest"] for p in plans}) != 1:
         raise RuntimeError("the plan changed between runs: something else is writing to this database")
 
     if plan_file is not None:
-        # The apply uses the last child's plan, as a --run applies the plan its dry run made.
         with open(plan_file, "rb") as f:
-            plan = pickle.load(f)
+            cloud = pickle.load(f)
         plan_file.unlink()
-        if plan.changes:
-            db = service.connect(params)
-            try:
-                out["apply"] = bench_apply(params, monitor, db, plan, args, steps)
-            finally:
-                db.close()
+        if cloud.to_update:
+            out["apply"] = bench_apply(params, copies, conns, monitor, cloud, args, steps)
     out["load_end"] = load()
     out["steps"] = [
         {"name": s.name, "seconds": s.seconds, "rows": s.rows, "server": s.server, "sent": s.sent,
-         "sent_by_kind": s.sent_by_kind, "note": s.note}
+         "updates": s.updates, "note": s.note}
         for s in steps
     ]
+    for label, conn in conns.items():
+        if conn is not monitor:
+            conn.close()
     monitor.close()
-    print_database(out, steps)
+    print_database(out)
     return out
 
 
-def bench_apply(params, monitor, db, plan: Plan, args, steps: list[Measured]) -> dict[str, Any]:
-    ids = [c.id for c in plan.changes]
-    old = {c.id: c.old_sha256 for c in plan.changes}
-    new = {c.id: c.new_sha256 for c in plan.changes}
+def bench_apply(params, copies, conns, monitor, cloud: CloudPlan, args, steps: list[Measured]) -> dict[str, Any]:
+    plans = {c.cell_uuid: c.plan for c in cloud.copies}
+    layouts = {c.label: (NovaApiDb if c.cell_uuid is None else NovaCellDb).COPY.layout for c in copies}
+    todo = [c for c in copies if plans.get(c.cell_uuid) is not None and plans[c.cell_uuid].changes]
+    ids = {c.label: [ch.id for ch in plans[c.cell_uuid].changes] for c in todo}
+    old = {c.label: {ch.id: ch.old_sha256 for ch in plans[c.cell_uuid].changes} for c in todo}
+    new = {c.label: {ch.id: ch.new_sha256 for ch in plans[c.cell_uuid].changes} for c in todo}
     work = Path(tempfile.mkdtemp(prefix="nfs-bench-", dir=args.work_dir))
-    result: dict[str, Any] = {"changed_rows": len(ids)}
-    copied = clean = False
+    result: dict[str, Any] = {"changed_rows": {c.label: len(ids[c.label]) for c in todo}}
+    copied: list[Copy] = []
+    clean = False
+    spools = {c.label: work / f"new_texts_{i}.pickle" for i, c in enumerate(todo)}
     try:
         t0 = time.perf_counter()
-        copy_changed_rows(monitor, ids)
-        copied = True
+        for copy in todo:
+            copy_changed_rows(conns[copy.label], copy, ids[copy.label])
+            copied.append(copy)
         result["copy_s"] = time.perf_counter() - t0
-        spool = work / "new_texts.pickle"
         t0 = time.perf_counter()
-        write_spool(monitor, plan, spool, args.batch_size)
-        result["spool_s"] = time.perf_counter() - t0  # read + rewrite + hash: not in (b) or (c)
+        for copy in todo:
+            write_spool(conns[copy.label], copy, plans[copy.cell_uuid], layouts[copy.label], spools[copy.label],
+                        args.batch_size)
+        result["spool_s"] = time.perf_counter() - t0
         print(f"  apply prep: copy {result['copy_s']:.1f} s, new texts {result['spool_s']:.1f} s "
-              f"({spool.stat().st_size / 2**20:,.0f} MB spool)", flush=True)
+              f"({sum(s.stat().st_size for s in spools.values()) / 2**20:,.0f} MB spool)", flush=True)
 
-        def restore(label: str, written: Sequence[int]) -> None:
-            t0 = time.perf_counter()
-            restore_rows(monitor, written)
-            seconds = time.perf_counter() - t0
-            if args.rows_check:
-                bad = check_hashes(monitor, old, written)
-                if bad:
-                    raise RuntimeError(f"after {label}: {bad} rows not restored to their original bytes")
-            print(f"  restored after {label}: {seconds:.1f} s", flush=True)
-
-        def check(label: str, written: Sequence[int]) -> str:
+        def check(label: str) -> str:
             if not args.rows_check:
                 return ""
-            bad = check_hashes(monitor, new, written)
-            if bad:
-                raise RuntimeError(f"{label}: {bad} rows do not hold the planned bytes")
-            return f"{len(written):,} rows read back: all hold the planned bytes"
+            for copy in todo:
+                bad = check_hashes(conns[copy.label], copy, new[copy.label], ids[copy.label])
+                if bad:
+                    raise RuntimeError(f"{label}: {copy.label}: {bad} rows do not hold the planned bytes")
+            return f"{sum(map(len, ids.values())):,} rows read back: all hold the planned bytes"
 
-        # (a) the tool: backup, then CAS batches.
-        backup_dir = work / "backups"
-        with Meter(monitor, "(a) tool: back_up + apply_plan", len(ids)) as a:
+        def restore(label: str) -> None:
             t0 = time.perf_counter()
-            backup = service.back_up(db, plan, backup_dir)
-            backup_s = time.perf_counter() - t0
-            applied = service.apply_plan(db, plan, batch_size=args.batch_size)
-        a.extra = {"backup_s": backup_s, "apply_s": a.seconds - backup_s, "batches": applied.batches,
-                   "backup_mb": backup.info.path.stat().st_size / 2**20, "retries": applied.retries}
-        if (len(applied.updated), applied.conflicts, applied.errors, backup.diverged) != (len(ids), [], {}, []):
-            raise RuntimeError(f"the tool did not apply cleanly: {len(applied.updated)} updated, "
-                               f"{len(applied.conflicts)} conflicts, {len(applied.errors)} errors")
-        a.note = check("(a)", ids)
+            for copy in todo:
+                restore_rows(conns[copy.label], copy, ids[copy.label])
+                if args.rows_check:
+                    bad = check_hashes(conns[copy.label], copy, old[copy.label], ids[copy.label])
+                    if bad:
+                        raise RuntimeError(f"after {label}: {copy.label}: {bad} rows not restored")
+            print(f"  restored after {label}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+        total = sum(map(len, ids.values()))
+        # (a) the tool: backups, then CAS batches, each copy.
+        backup_dir = work / "backups"
+        api = service.connect(params)
+        try:
+            with service.open_cells_of(api, template_url=template_url(params)) as cells:
+                cell_dbs = {mapping.uuid: db for mapping, db in cells}
+                with Meter(monitor, "(a) tool: back_up + apply_plan, both copies", total) as a:
+                    per_copy = apply_both_copies(api, cell_dbs, cloud, backup_dir, args.batch_size)
+        finally:
+            api.close()
+        a.extra = per_copy
+        for key, r in per_copy.items():
+            if (r["conflicts"], r["errors"], r["diverged"]) != (0, 0, 0):
+                raise RuntimeError(f"the tool did not apply {key} cleanly: {r}")
+        if sum(r["updated"] for r in per_copy.values()) != total:
+            raise RuntimeError(f"the tool updated {sum(r['updated'] for r in per_copy.values())} rows, not {total}")
+        a.note = check("(a)")
         steps.append(a)
         shutil.rmtree(backup_dir)
-        print(f"  (a) tool: {a.seconds:.1f} s (backup {backup_s:.1f} s, {a.extra['backup_mb']:,.0f} MB)", flush=True)
-        restore("(a)", ids)
+        print(f"  (a) tool: {a.seconds:.1f} s ("
+              + ", ".join(f"{k[:8]}: backup {r['backup_s']:.1f} + apply {r['apply_s']:.1f} s"
+                          for k, r in per_copy.items()) + ")", flush=True)
+        restore("(a)")
 
-        # (b) row at a time: on the first --row-at-a-time-max rows if there are more.
-        limit = min(len(ids), args.row_at_a_time_max)
-        with Meter(monitor, "(b) row at a time", limit) as b:
-            done = row_at_a_time(params, spool, limit)
-        if done != limit:
-            raise RuntimeError(f"(b) updated {done} rows, not {limit}")
-        if limit < len(ids):
-            b.note = (f"measured on the first {limit:,} of {len(ids):,} rows; "
-                      f"all of them would take ~{b.seconds * len(ids) / limit:,.0f} s")
-            b.extra["extrapolated_s"] = b.seconds * len(ids) / limit
-        checked = check("(b)", ids[:limit])
-        b.note = "; ".join(x for x in (b.note, checked) if x)
-        steps.append(b)
-        print(f"  (b) row at a time: {b.seconds:.1f} s for {limit:,} rows", flush=True)
-        restore("(b)", ids[:limit])
-
-        # (c) the floor: raw batched UPDATE of the same bytes.
-        with Meter(monitor, "(c) floor: raw batched UPDATE", len(ids)) as c:
-            done = raw_batched(params, spool)
-        if done != len(ids):
-            raise RuntimeError(f"(c) updated {done} rows, not {len(ids)}")
-        c.note = check("(c)", ids)
+        # (c) the floor: raw batched UPDATEs of the same bytes, table after table.
+        raw_per: dict[str, float] = {}
+        with Meter(monitor, "(c) floor: raw batched UPDATE, both copies", total) as c:
+            for copy in todo:
+                t0 = time.perf_counter()
+                done = raw_batched(copy, spools[copy.label])
+                raw_per[copy.label] = time.perf_counter() - t0
+                if done != len(ids[copy.label]):
+                    raise RuntimeError(f"(c) {copy.label}: updated {done} rows, not {len(ids[copy.label])}")
+        c.extra = raw_per
+        c.note = check("(c)")
         steps.append(c)
-        print(f"  (c) raw batched: {c.seconds:.1f} s", flush=True)
-        restore("(c)", ids)
+        print(f"  (c) raw batched: {c.seconds:.1f} s ("
+              + ", ".join(f"{k} {v:.1f}" for k, v in raw_per.items()) + ")", flush=True)
+        restore("(c)")
 
-        result["tool_s"], result["tool_apply_s"], result["tool_backup_s"] = a.seconds, a.extra["apply_s"], backup_s
-        result["row_s_per_row"] = b.seconds / limit
+        result["tool_s"] = a.seconds
+        result["tool_per_copy"] = per_copy
         result["raw_s"] = c.seconds
+        result["raw_per_table"] = raw_per
         result["tool_vs_raw"] = a.seconds / c.seconds
-        result["tool_apply_only_vs_raw"] = a.extra["apply_s"] / c.seconds
-        methods = (("a", a), ("b", b), ("c", c))
-        result["updates_per_row"] = {k: m.server.get("Com_update", 0) / m.rows for k, m in methods}
-        result["sent_per_row"] = {k: m.sent / m.rows for k, m in methods}
-        result["tool_updates_sent"] = a.sent_by_kind.get("UPDATE", 0)
-        result["bytes_received_per_row"] = {k: m.server.get("Bytes_received", 0) / m.rows for k, m in methods}
-        result["bytes_sent_per_row"] = {k: m.server.get("Bytes_sent", 0) / m.rows for k, m in methods}
-        result["tool_batches"] = applied.batches
+        result["tool_updates"] = {copy.label: a.updates.get(copy.key, 0) for copy in todo}
+        result["raw_updates"] = {copy.label: c.updates.get(copy.key, 0) for copy in todo}
+        result["rows_per_update"] = {
+            copy.label: len(ids[copy.label]) / max(result["tool_updates"][copy.label], 1) for copy in todo
+        }
+        result["server_com_update"] = {"a": a.server.get("Com_update", 0), "c": c.server.get("Com_update", 0)}
+        result["statements_sent"] = {"a": a.sent, "c": c.sent}
+        result["rows_checked"] = bool(args.rows_check)
         clean = True
     finally:
-        if copied:
-            with monitor.cursor() as cur:
+        for copy in copied:
+            with conns[copy.label].cursor() as cur:
                 if not clean:  # stopped partway: put every changed row back
-                    restore_rows(monitor)
-                cur.execute(f"DROP TABLE {ORIG_TABLE}")
+                    restore_rows(conns[copy.label], copy)
+                cur.execute(f"DROP TABLE {orig_table(copy)}")
         shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -577,79 +754,107 @@ def bench_apply(params, monitor, db, plan: Plan, args, steps: list[Measured]) ->
 # -- printing ------------------------------------------------------------------------------------
 
 
-def print_database(out: dict[str, Any], steps: list[Measured]) -> None:
-    rows = out["rows"]
-    print(f"\n{out['database']}: {rows:,} rows, {out['changes']:,} to change, "
-          f"{out['spec_mb']:,.0f} MB of spec text; {out['load_start']} -> {out['load_end']}; "
-          f"{out['threads_connected']} client connections at start")
-    header = (f"{'step':34} {'seconds':>9} {'rows':>9} {'rows/s':>9} {'vs floor':>8} "
-              f"{'Com_update':>10} {'Questions':>9} {'ours':>7} {'others':>6}  note")
-    print(header)
-    print("-" * len(header))
-    floor = out["floor_s"]
-    raw = out.get("apply", {}).get("raw_s")
-    for s in steps:
-        is_apply = s.name.startswith("(")
-        ref = raw if is_apply else floor
-        per = s.seconds / s.rows if is_apply and s.rows else None
-        ratio = ((per * out["apply"]["changed_rows"]) if per and "(b)" in s.name else s.seconds) / ref if ref else 0
-        questions = s.server.get("Questions", 0)
-        others = questions - s.sent
-        note = s.note
-        if "backup_s" in s.extra:
-            note = (f"backup {s.extra['backup_s']:.1f} s + apply {s.extra['apply_s']:.1f} s, "
-                    f"{s.extra['batches']} batches; " + note).rstrip("; ")
-        print(f"{s.name:34} {s.seconds:9.2f} {s.rows:9,} {s.rate:9,.0f} {ratio:7.2f}x "
-              f"{s.server.get('Com_update', 0):10,} {questions:9,} {s.sent:7,} {others:6,}  {note}")
-    print(f"plan: {out['plan_s']:.2f} s = {out['plan_ratio']:.2f}x the read floor ({floor:.2f} s); "
-          f"peak RSS {out['peak_rss_mb']:.0f} MB ({out['rss_at_start_mb']:.0f} MB before planning)")
+def phase_of(phases: dict[str, float], label: str) -> float:
+    """The plan's time for one table (``request_specs``, ``cell1 instance_extra``)."""
+    if label == "request_specs":
+        return phases.get(label, float("nan"))
+    cell = label.split()[0]
+    return next((v for k, v in phases.items() if k.split()[0].endswith(f"_{cell}")), float("nan"))
+
+
+def print_database(out: dict[str, Any]) -> None:
+    print(f"\n{out['database']} (mix {out['mix']}): {out['rows']:,} instances, {out['changes']:,} rows to "
+          f"change; {out['load_start']} -> {out['load_end']}; {out['threads_connected']} client connections at start")
+    print(f"  {'table':24} {'rows':>9} {'text MB':>8} {'floor s':>8} {'engine s':>8} {'plan s':>8} "
+          f"{'changes':>8} {'left alone':>10}")
+    for label, floor in out["floor_per_table"].items():
+        copy = out["plan_copies"].get(label, {})
+        phase = phase_of(out["plan_phases"], label)
+        print(f"  {label:24} {floor['rows']:9,} {floor['chars'] / 2**20:8,.0f} {floor['seconds']:8.2f} "
+              f"{out['engine_read'].get(label, float('nan')):8.2f} {phase:8.2f} {copy.get('changes', 0):8,} "
+              f"{copy.get('left_alone', 0):10,}")
+    print(f"  plan: {out['plan_s']:.2f} s = {out['plan_ratio']:.2f}x the read floor ({out['floor_s']:.2f} s); "
+          f"each attempt {', '.join(f'{r:.2f}x' for r in out['plan_ratios'])}; phases "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in out["plan_phases"].items()))
+    print(f"  peak RSS {out['peak_rss_mb']:.0f} MB ({out['rss_at_start_mb']:.0f} MB before planning); "
+          f"{out['disagreeing']:,} instances whose copies disagree")
     if "apply" in out:
         ap = out["apply"]
-        print(f"apply: tool {ap['tool_s']:.2f} s = {ap['tool_vs_raw']:.2f}x the raw batched floor "
-              f"({ap['raw_s']:.2f} s); apply alone {ap['tool_apply_only_vs_raw']:.2f}x")
-        for key, label in (("a", "tool"), ("b", "row at a time"), ("c", "raw batched")):
-            print(f"  {label:14}: {ap['updates_per_row'][key]:.4f} UPDATE per changed row (server), "
-                  f"{ap['sent_per_row'][key]:.4f} statements sent per changed row (exact), "
-                  f"bytes per changed row: {ap['bytes_received_per_row'][key]:,.0f} to the server, "
-                  f"{ap['bytes_sent_per_row'][key]:,.0f} from it")
+        print(f"  apply: tool {ap['tool_s']:.2f} s = {ap['tool_vs_raw']:.2f}x raw batched ({ap['raw_s']:.2f} s)")
+        for label, rows in ap["changed_rows"].items():
+            print(f"    {label:24} {rows:9,} changed rows: tool {ap['tool_updates'][label]:,} UPDATEs "
+                  f"(1 per {ap['rows_per_update'][label]:.0f} rows), raw {ap['raw_updates'][label]:,}; "
+                  f"raw {ap['raw_per_table'][label]:.1f} s")
+        print(f"    server Com_update: tool {ap['server_com_update']['a']:,}, raw {ap['server_com_update']['c']:,}; "
+              f"all statements sent: tool {ap['statements_sent']['a']:,}, raw {ap['statements_sent']['c']:,}"
+              + ("; every changed row read back after each way and each restore" if ap["rows_checked"] else ""))
+
+
+def target_rows(results: list[dict[str, Any]]) -> list[tuple[str, str, float, bool]]:
+    """(target, where, figure, met) for every result, and the RSS growth per mix."""
+    lines = []
+    for r in results:
+        where = f"{r['mix']} {r['rows']:,}"
+        lines.append(("plan_ratio", where, r["plan_ratio"], r["plan_ratio"] <= 1.5))
+        lines.append(("peak_rss_mb", where, r["peak_rss_mb"], r["peak_rss_mb"] < RSS_TARGET_MB))
+        if "apply" in r:
+            ap = r["apply"]
+            lines.append(("apply_ratio", where, ap["tool_vs_raw"], ap["tool_vs_raw"] <= 1.5))
+            for label, per in ap["rows_per_update"].items():
+                lines.append(("rows_per_update", f"{where} {label}", per, per >= 50))
+    by_mix: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_mix.setdefault(r["mix"], []).append(r)
+    for mix, rs in by_mix.items():
+        if len(rs) > 1:
+            big, small = max(rs, key=lambda r: r["rows"]), min(rs, key=lambda r: r["rows"])
+            growth = big["peak_rss_mb"] / small["peak_rss_mb"]
+            lines.append(("rss_growth", f"{mix} {big['rows']:,} / {small['rows']:,}", growth, growth <= 1.2))
+    return lines
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
-    print("\n== targets (issue 5) ==")
-    big = max(results, key=lambda r: r["rows"])
-    small = min(results, key=lambda r: r["rows"])
-    lines = [("plan within 1.5x of the read floor",
-              f"{big['plan_ratio']:.2f}x at {big['rows']:,} rows", big["plan_ratio"] <= 1.5)]
-    if big is not small:
-        growth = big["peak_rss_mb"] / small["peak_rss_mb"]
-        lines.append((f"peak RSS under {RSS_TARGET_MB} MB (at 1M rows)",
-                      f"{big['peak_rss_mb']:.0f} MB at {big['rows']:,} rows", big["peak_rss_mb"] < RSS_TARGET_MB))
-        lines.append(("peak RSS within 1.2x of ROWS/10",
-                      f"{growth:.2f}x ({big['peak_rss_mb']:.0f} / {small['peak_rss_mb']:.0f} MB)", growth <= 1.2))
-    if "apply" in big:
-        ap = big["apply"]
-        lines.append(("apply (backup + CAS) within 1.5x of raw batched",
-                      f"{ap['tool_vs_raw']:.2f}x", ap["tool_vs_raw"] <= 1.5))
-        # Our own count is exact; the server's global Com_update also has other clients' UPDATEs.
-        lines.append(("at most one UPDATE per 50 changed rows",
-                      f"1 per {ap['changed_rows'] / max(ap['tool_updates_sent'], 1):.0f}: "
-                      f"{ap['tool_updates_sent']:,} sent for {ap['changed_rows']:,} rows "
-                      f"(server's Com_update delta: 1 per {1 / ap['updates_per_row']['a']:.0f})",
-                      ap["tool_updates_sent"] <= ap["changed_rows"] / 50))
-    for target, figure, met in lines:
-        print(f"  {'MET    ' if met else 'NOT MET'}  {target:50} {figure}")
-    if big["rows"] < 1_000_000:
-        print(f"  (the targets are stated for 1,000,000 rows; this run's largest is {big['rows']:,})")
+    lines = target_rows(results)
+    print("\n== targets (issue 11, both copies) ==")
+    for target, where, figure, met in lines:
+        unit = " MB" if target == "peak_rss_mb" else " rows/UPDATE" if target == "rows_per_update" else "x"
+        print(f"  {'MET    ' if met else 'NOT MET'}  {target:16} {where:44} {figure:8.2f}{unit}")
+    print("\n== worst per target ==")
+    for target, (_, what) in TARGETS.items():
+        mine = [line for line in lines if line[0] == target]
+        if not mine:
+            continue
+        worst = (min if target == "rows_per_update" else max)(mine, key=lambda line: line[2])
+        print(f"  {'MET    ' if all(m[3] for m in mine) else 'NOT MET'}  {what}: worst {worst[2]:.2f} ({worst[1]})")
+
+
+def print_markdown(results: list[dict[str, Any]]) -> None:
+    """One table row per database, as docs/benchmarks.md shows them."""
+    print("| mix | instances | read floor | plan | plan / floor (each attempt) | peak RSS | apply: tool | raw "
+          "floor | tool / raw | rows per UPDATE (RS, cell1, cell2) | load at start, end |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |")
+    for r in sorted(results, key=lambda r: (r["mix"], r["rows"])):
+        ap = r.get("apply")
+        apply_cells = (f"{ap['tool_s']:.1f} s | {ap['raw_s']:.1f} s | **{ap['tool_vs_raw']:.2f}x** | "
+                       + ", ".join(f"{v:.0f}" for v in ap["rows_per_update"].values())) if ap else "- | - | - | -"
+        print(f"| {r['mix']} | {r['rows']:,} | {r['floor_s']:.1f} s | {r['plan_s']:.1f} s | **{r['plan_ratio']:.2f}x** "
+              f"({', '.join(f'{x:.2f}' for x in r['plan_ratios'])}) | {r['peak_rss_mb']:.0f} MB | {apply_cells} | "
+              f"{r['load_start'].removeprefix('load ').split()[0]}, {r['load_end'].removeprefix('load ').split()[0]} |")
 
 
 def profile(url: str, top: int) -> None:
     params = parse_db_url(url)
     profiler = cProfile.Profile()
+    old = service.PLAN_WORKERS_FROM
+    service.PLAN_WORKERS_FROM = 1 << 62  # the planning code itself, in this process
     profiler.enable()
-    plan, db = plan_in_process(params, workers=1)  # the planning code itself, in this process
-    profiler.disable()
-    db.close()
-    print(f"plan of {plan.rows_read:,} rows under cProfile ({len(plan.changes):,} changes)")
+    try:
+        cloud = plan_both_in_process(params)
+    finally:
+        profiler.disable()
+        service.PLAN_WORKERS_FROM = old
+    print(f"plan of both copies, {sum(c.plan.rows_read for c in cloud.copies):,} rows under cProfile "
+          f"({cloud.to_update:,} changes)")
     stats = pstats.Stats(profiler).strip_dirs()
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
@@ -657,40 +862,47 @@ def profile(url: str, top: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db-url", action="append", required=True,
-                        help="a database made by bench/make_data.py; give it twice for ROWS and ROWS/10")
+    parser.add_argument("--db-url", action="append", help="an API database made by bench/make_data.py (repeatable)")
     parser.add_argument("--rows-check", action="store_true",
                         help="read back every changed row after each apply and each restore")
     parser.add_argument("--repeat", type=int, default=2, help="floor reads and plans, alternately (default 2)")
     parser.add_argument("--batch-size", type=int, default=apply_mod.DEFAULT_BATCH_SIZE)
-    parser.add_argument("--row-at-a-time-max", type=int, default=50_000,
-                        help="time (b) on at most this many rows, and extrapolate (default 50,000)")
     parser.add_argument("--no-apply", action="store_true", help="reads and plan only")
-    parser.add_argument("--apply-all", action="store_true",
-                        help="measure the apply on every --db-url, not only on the first")
-    parser.add_argument("--work-dir", default=None, help="where the spool and the backup go (default: TMPDIR)")
+    parser.add_argument("--apply-first-only", action="store_true", help="measure the apply on the first --db-url only")
+    parser.add_argument("--work-dir", default=None, help="where the spool and the backups go (default: TMPDIR)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                        help="print the targets and the worst ratios of earlier --json files, and stop")
+    parser.add_argument("--markdown", action="store_true", help="with --summarize: also a Markdown table")
     parser.add_argument("--profile", action="store_true", help="profile the plan on the first --db-url and stop")
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--plan-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plan-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeat < 1 or not 1 <= args.batch_size <= service.MAX_BATCH_SIZE or args.row_at_a_time_max < 1:
-        parser.error(f"--repeat and --row-at-a-time-max must be positive, --batch-size 1 to {service.MAX_BATCH_SIZE}")
+    if args.summarize:
+        results = [r for path in args.summarize for r in json.loads(path.read_text())]
+        print_summary(results)
+        if args.markdown:
+            print()
+            print_markdown(results)
+        return 0
+    if not args.db_url:
+        parser.error("--db-url is required")
+    if args.repeat < 1 or not 1 <= args.batch_size <= service.MAX_BATCH_SIZE:
+        parser.error(f"--repeat must be positive, --batch-size 1 to {service.MAX_BATCH_SIZE}")
     if args.plan_child:
         return plan_child(args.db_url[0], args.plan_out)
     if args.profile:
         profile(args.db_url[0], args.top)
         return 0
-    print(f"nova-flavor-sync benchmark: {os.cpu_count()} CPUs, {load()}, Python {sys.version.split()[0]}, "
-          f"page size {DEFAULT_PAGE_SIZE}, batch size {args.batch_size}")
-    results = [
-        bench_database(url, args, apply=not args.no_apply and (index == 0 or args.apply_all))
-        for index, url in enumerate(args.db_url)
-    ]
+    print(f"nova-flavor-sync benchmark, both copies: {os.cpu_count()} CPUs, {load()}, Python "
+          f"{sys.version.split()[0]}, page size {DEFAULT_PAGE_SIZE}, batch size {args.batch_size}")
+    results = []
+    for index, url in enumerate(args.db_url):
+        results.append(bench_database(url, args, apply=not args.no_apply and (index == 0 or not args.apply_first_only)))
+        if args.json:  # after each database, so a long run keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1, default=str))
     print_summary(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from nova_flavor_sync.db import CELL0_UUID, NovaApiDb, NovaCellDb
+from nova_flavor_sync.db import CELL0_UUID, MISSING_INSTANCE_ROW, NovaApiDb, NovaCellDb
 from nova_flavor_sync.dburl import DbParams, cell_db_params, parse_db_url, redact_url
 from nova_flavor_sync.errors import ConfigError, NovaFlavorSyncError, UsageError
 
@@ -134,7 +134,7 @@ def instances_to_leave_alone(api: NovaApiDb, cells: Mapping[str, NovaCellDb]) ->
 
 
 # Why an instance whose mapping names a cell that has no row for it is left alone (both copies).
-MISSING_FROM_CELL = "instance row missing from its cell"
+MISSING_FROM_CELL = MISSING_INSTANCE_ROW  # the reason db.iter_flavor_rows gives such a row too
 
 
 def instances_missing_from_cell(api: NovaApiDb, cell_uuid: str, cell: NovaCellDb) -> Iterator[str]:

@@ -88,9 +88,7 @@ def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:
         plan.out_of_scope += part.out_of_scope
         for kind in ("held_back", "orphans", "errors", "left_alone"):
             getattr(plan, kind).extend(getattr(part, kind))
-        for change in part.changes:
-            plan.changes.append(change)
-            digest.add(change.id, change.old_sha256, change.new_sha256)
+        plan.changes.extend_from(part.changes, digest)
         part.changes.close()
     plan.digest = digest.hexdigest()
     return plan

@@ -213,6 +213,70 @@ class ChangeList:
                 at = end
             buffer = buffer[at:]
 
+    def extend_from(self, other: ChangeList, digest: PlanDigest | None = None) -> None:
+        """Append every change of ``other``, in order (adding each to ``digest``): what merging plans does.
+
+        The same as ``append`` for each change of ``other``, without making a RowChange of
+        each: a spooled record is copied as it is, only its diff index translated. Merging the
+        plan workers' lists took a few microseconds a change in the parent alone, 10% of the
+        plan of a table whose rows nearly all change.
+        """
+        if other._file is None:
+            for change in other._rows:
+                self.append(change)
+                if digest is not None:
+                    digest.add(change.id, change.old_sha256, change.new_sha256)
+            return
+        remap: list[int] = []
+        for diff, count in zip(other._diffs, other._per_diff, strict=True):
+            index = self._diff_index.get(id(diff))
+            if index is None:
+                index = self._diff_index[id(diff)] = len(self._diffs)
+                self._diffs.append(diff)
+                self._per_diff.append(0)
+            self._per_diff[index] += count
+            remap.append(index)
+        if self._file is None:
+            self._open_spool()
+            self._pending.extend(self._record(row) for row in self._rows)
+            self._rows = []
+        self._count += other._count
+        head, pending = self._HEAD, self._pending
+        for buffer, starts in other._record_chunks():
+            lines = []
+            for at in starts:
+                row_id, old, new, index, uuid_len = head.unpack_from(buffer, at)
+                end = at + head.size + uuid_len
+                pending.append(head.pack(row_id, old, new, remap[index], uuid_len) + buffer[at + head.size : end])
+                lines.append(f"{row_id} {old.hex()} {new.hex()}\n")
+            if digest is not None:
+                digest.add_lines("".join(lines).encode())
+            if len(pending) >= 4096:
+                self._flush()
+                pending = self._pending
+
+    def _record_chunks(self) -> Iterator[tuple[bytes, list[int]]]:
+        """The spooled records a chunk at a time: (bytes, where each whole record in them starts)."""
+        self._flush()
+        self._file.flush()
+        fd, offset, buffer = self._file.fileno(), 0, b""
+        head = self._HEAD
+        while True:
+            chunk = os.pread(fd, self._CHUNK, offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            buffer += chunk
+            at, starts = 0, []
+            while at + head.size <= len(buffer):
+                end = at + head.size + head.unpack_from(buffer, at)[4]
+                if end > len(buffer):
+                    break
+                starts.append(at)
+                at = end
+            yield buffer, starts
+            buffer = buffer[at:]
+
     def __getitem__(self, index: int | slice) -> Any:
         """For tests and small plans: reads every row (use iteration or batches() for big ones)."""
         return list(self)[index]
@@ -323,6 +387,10 @@ class PlanDigest:
 
     def add(self, row_id: int, old_sha256: str, new_sha256: str) -> None:
         self._hash.update(f"{row_id} {old_sha256} {new_sha256}\n".encode())
+
+    def add_lines(self, lines: bytes) -> None:
+        """Many changes at once: their ``add`` lines, concatenated."""
+        self._hash.update(lines)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

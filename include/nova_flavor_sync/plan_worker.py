@@ -1,5 +1,8 @@
 """Plan a big table in worker processes, one consecutive id range each, then merge.
 
+The table is nova_api's request_specs or one cell's instance_extra (``cell=True``): the
+CLI plans one copy after the other, and the Airflow DAG each copy in its own task.
+
 PyMySQL is pure Python: turning the server's packets into rows costs about as much CPU as
 planning them, and Python threads cannot do both at once (the GIL). One process planning a
 million rows took twice as long as a bare read of them. Here each worker reads and plans its
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -53,7 +56,11 @@ class PlanWorkerError(NovaFlavorSyncError):
 
 @dataclass(frozen=True)
 class PlanJob:
-    """One worker's share: plan the rows with ids in ``id_range``, with these flavors and scope."""
+    """One worker's share: plan the rows with ids in ``id_range``, with these flavors and scope.
+
+    ``cell``: the rows are a cell database's instance copies (``instance_extra.flavor``),
+    not nova_api's RequestSpecs.
+    """
 
     params: DbParams
     flavors: Mapping[int, Flavor]
@@ -62,6 +69,7 @@ class PlanJob:
     page_size: int
     spool_dir: str
     left_alone: Mapping[str, str] | None = None  # see NovaApiDb.iter_spec_rows
+    cell: bool = False
 
 
 def split_ids(bounds: tuple[int, int], parts: int) -> list[tuple[int, int]]:
@@ -83,52 +91,76 @@ def plan_in_workers(
     page_size: int,
     progress: Callable[[int], None] | None = None,
     left_alone: Mapping[str, str] | None = None,
+    cell: bool = False,
 ) -> Plan:
-    """Plan every row with an id in ``bounds`` in ``workers`` processes; return the merged plan."""
+    """Plan every row with an id in ``bounds`` in ``workers`` processes; return the merged plan.
+
+    ``cell``: ``params`` is a cell database and the rows its instance copies (instance_extra).
+    """
     with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
-        jobs = [PlanJob(params, flavors, scope, ids, page_size, spool_dir, left_alone)
+        jobs = [PlanJob(params, flavors, scope, ids, page_size, spool_dir, left_alone, cell=cell)
                 for ids in split_ids(bounds, workers)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        children: list[subprocess.Popen] = []
-        messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
-        readers: list[threading.Thread] = []
-        try:
-            for index, job in enumerate(jobs):
-                # The child imports this package the way this process did (an Airflow worker
-                # may have it on sys.path only).
-                child = subprocess.Popen(
-                    [sys.executable, "-m", "nova_flavor_sync.plan_worker"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                )
-                children.append(child)
-                assert child.stdin is not None and child.stdout is not None
-                pickle.dump(job, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                child.stdin.close()
-                reader = threading.Thread(target=_read_frames, args=(index, child.stdout, messages), daemon=True)
-                reader.start()
-                readers.append(reader)
-            results: list[Plan | None] = [None] * len(jobs)
-            done = [0] * len(jobs)
-            while any(result is None for result in results):
-                index, kind, payload = messages.get()
-                if kind == PROGRESS:
-                    done[index] = payload
-                    if progress is not None:
-                        progress(sum(done))
-                elif kind == RESULT:
-                    results[index] = payload
-                else:
-                    code, _, message = payload.partition("\n")
-                    raise PlanWorkerError(message, ExitCode(int(code)))
-            return merge_plans(scope, [r for r in results if r is not None])
-        finally:
-            for child in children:
-                if child.poll() is None:
-                    child.kill()  # only after a failure: a finished worker has exited
-            for child in children:
-                child.wait(timeout=STOP_TIMEOUT_S)
-            for reader in readers:
-                reader.join(timeout=STOP_TIMEOUT_S)
+        return merge_plans(scope, run_jobs(jobs, max_running=len(jobs), progress=progress))
+
+
+def run_jobs(
+    jobs: Sequence[PlanJob], *, max_running: int, progress: Callable[[int], None] | None = None
+) -> list[Plan]:
+    """Plan each job in its own worker process, at most ``max_running`` at a time; the plans in job order.
+
+    Each plan's changes stay spooled in the jobs' ``spool_dir``: merge them (``merge_plans``)
+    before that directory goes.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    children: list[subprocess.Popen] = []
+    messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
+    readers: list[threading.Thread] = []
+    results: list[Plan | None] = [None] * len(jobs)
+    done = [0] * len(jobs)
+
+    def start(index: int) -> None:
+        # The child imports this package the way this process did (an Airflow worker
+        # may have it on sys.path only).
+        child = subprocess.Popen(
+            [sys.executable, "-m", "nova_flavor_sync.plan_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        children.append(child)
+        assert child.stdin is not None and child.stdout is not None
+        pickle.dump(jobs[index], child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        child.stdin.close()
+        reader = threading.Thread(target=_read_frames, args=(index, child.stdout, messages), daemon=True)
+        reader.start()
+        readers.append(reader)
+
+    try:
+        started = 0
+        while started < min(max(max_running, 1), len(jobs)):
+            start(started)
+            started += 1
+        while any(result is None for result in results):
+            index, kind, payload = messages.get()
+            if kind == PROGRESS:
+                done[index] = payload
+                if progress is not None:
+                    progress(sum(done))
+            elif kind == RESULT:
+                results[index] = payload
+                if started < len(jobs):
+                    start(started)
+                    started += 1
+            else:
+                code, _, message = payload.partition("\n")
+                raise PlanWorkerError(message, ExitCode(int(code)))
+        return [r for r in results if r is not None]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()  # only after a failure: a finished worker has exited
+        for child in children:
+            child.wait(timeout=STOP_TIMEOUT_S)
+        for reader in readers:
+            reader.join(timeout=STOP_TIMEOUT_S)
 
 
 def _read_frames(index: int, stream: BinaryIO, messages: queue.Queue) -> None:
@@ -160,10 +192,14 @@ def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
 
 
 def _work(job: PlanJob, out: BinaryIO) -> None:
-    from nova_flavor_sync.db import NovaApiDb  # the parent process does not need it
+    from nova_flavor_sync.db import NovaApiDb, NovaCellDb  # the parent process does not need it
+    from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC
 
-    with NovaApiDb(job.params) as db:
-        rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
+    with (NovaCellDb if job.cell else NovaApiDb)(job.params) as db:
+        if job.cell:
+            rows = db.iter_flavor_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
+        else:
+            rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
 
         def counted():
             for count, row in enumerate(rows, 1):
@@ -171,7 +207,8 @@ def _work(job: PlanJob, out: BinaryIO) -> None:
                 if count % PROGRESS_EVERY == 0:
                     _send(out, PROGRESS, pickle.dumps(count))
 
-        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir)
+        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir,
+                         layout=INSTANCE_FLAVOR if job.cell else REQUEST_SPEC)
     _send(out, RESULT, pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
 
 

@@ -131,13 +131,25 @@ def make_cell_plan(
     flavors: dict[int, Flavor],
     left_alone: Mapping[str, str] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    workers: int | None = None,
 ) -> Plan:
     """Plan the instances' own flavor copies (``cur`` in instance_extra.flavor) of one cell.
 
     ``flavors`` come from nova_api (where flavors live); ``left_alone`` is
     ``cells.instances_to_leave_alone``. Instances that are deleted or in the middle of a
     resize or migration are left alone too, with the reason (``db.instance_state_reason``).
+
+    As for the RequestSpecs (make_plan), a cell of PLAN_WORKERS_FROM rows or more (by its
+    instance_extra ids) is planned by PLAN_WORKERS processes, one id range each: reading
+    rows in PyMySQL costs about as much CPU as planning them. ``workers`` overrides that
+    (1: in this process). An instance-uuid scope is planned in this process.
     """
+    bounds = cell.flavor_id_bounds() if scope.instance_uuids is None and workers != 1 else None
+    if workers is None:
+        workers = PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1
+    if workers > 1 and bounds is not None:
+        return plan_in_workers(cell.params, flavors, scope, bounds, workers=workers, page_size=page_size,
+                               left_alone=left_alone, cell=True)
     rows = _rows_in_scope(cell, scope, page_size, left_alone=left_alone)
     return diff_make_plan(flavors, rows, scope, layout=INSTANCE_FLAVOR)
 
@@ -166,19 +178,21 @@ def plan_both_copies(
     flavors: dict[int, Flavor] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> CloudPlan:
     """Plan both copies of every instance: the RequestSpecs in nova_api and each cell's instance copies.
 
     ``cells`` are the open cells in cell_mappings order; cell0's instances are counted, never
     planned. Both copies of an instance that must be left alone are (``instances_to_leave_alone``).
     ``progress`` follows the reading of the RequestSpecs (see make_plan). Without ``flavors``
-    they are read now (a verify after writing reads everything again).
+    they are read now (a verify after writing reads everything again). ``workers``: how many
+    plan worker processes a big copy gets (see make_plan, make_cell_plan; 1: none).
     """
     flavors = api.load_flavors() if flavors is None else flavors
     left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
     copies = [
         plan_copy(api, cells, key, scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
-                  progress=progress)
+                  progress=progress, workers=workers)
         for key in copy_keys(cells)
     ]
     never_written = {mapping.label: db.instance_counts()["total"] for mapping, db in cells if mapping.is_cell0}
@@ -200,18 +214,22 @@ def plan_copy(
     left_alone: Mapping[str, str],
     page_size: int = DEFAULT_PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> CopyPlan:
     """The plan of one copy: nova_api's RequestSpecs (``key`` "nova_api") or one cell's instance copies.
 
     ``left_alone`` is ``cells.instances_to_leave_alone`` over every cell: the copies of one
     instance are planned with the same reasons whichever is planned first, or elsewhere.
+    A big copy is planned in worker processes (``workers``: see make_plan, make_cell_plan).
     """
     if key == API_DATABASE:
-        plan = make_plan(api, scope, flavors=flavors, page_size=page_size, left_alone=left_alone, progress=progress)
+        plan = make_plan(api, scope, flavors=flavors, page_size=page_size, left_alone=left_alone, progress=progress,
+                         workers=workers)
         return CopyPlan(API_DATABASE, None, plan)
     for mapping, db in cells:
         if mapping.uuid == key and not mapping.is_cell0:
-            plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size)
+            plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
+                                  workers=workers)
             return CopyPlan(mapping.label, mapping.uuid, plan)
     raise ConfigError(f"no cell {key} in nova_api's cell_mappings (cell0 is never written)")
 

@@ -1,0 +1,81 @@
+"""Planning the cells' instance copies in worker processes, and what both copies leave alone.
+
+Against the real demo cloud (884 instances in cell1, 576 in cell2): the plan made by worker
+processes, and the instances left alone found while reading the cells, must be exactly what
+one process and ``cells.instances_to_leave_alone`` give.
+"""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from dbtools import connect
+from nova_flavor_sync import service
+from nova_flavor_sync.cells import instances_to_leave_alone, locate_cells, open_cells, read_cell_mappings
+from nova_flavor_sync.db import NovaCellDb
+from nova_flavor_sync.plan_worker import split_ids
+
+
+def plan_both(cloud, workers):
+    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}" for name, p in cloud.cells.items()}
+    with service.connect(cloud.api) as api:
+        flavors, scope = service.resolve_scope(api, all_keys=True)
+        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
+        with open_cells(cells) as opened:
+            mapped = [(c.mapping, opened[c.mapping.uuid]) for c in cells]
+            both = service.plan_both_copies(api, mapped, scope, flavors=flavors, workers=workers)
+            left_alone = instances_to_leave_alone(api, opened)
+            by_scan = service.make_plan(api, scope, flavors=flavors, left_alone=left_alone, workers=1)
+    return both, by_scan
+
+
+def summary(plan):
+    return (plan.digest, list(plan.changes), plan.summary(), plan.left_alone, plan.errors, plan.orphans,
+            plan.rows_read, plan.in_sync)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_cells_planned_in_workers_make_exactly_the_plan_one_process_makes(demo_cloud, workers):
+    alone, _ = plan_both(demo_cloud, 1)
+    together, _ = plan_both(demo_cloud, workers)
+
+    assert together.digest == alone.digest
+    assert [c.where for c in together.copies] == [c.where for c in alone.copies]
+    for mine, theirs in zip(together.copies, alone.copies, strict=True):
+        assert summary(mine.plan) == summary(theirs.plan), mine.where
+    assert [len(c.plan.changes) for c in together.copies] == [726, 409, 317]
+    assert together.never_written == alone.never_written
+    assert not psutil.Process().children()  # every worker has exited
+
+
+def test_requestspecs_leave_alone_what_a_scan_of_the_cells_would(demo_cloud):
+    both, by_scan = plan_both(demo_cloud, 1)
+    api_plan = both.copies[0].plan
+
+    assert summary(api_plan) == summary(by_scan)
+    reasons = api_plan.summary()["left_alone_by_reason"]
+    assert reasons["instance is queued for delete"] == 56
+    assert reasons["instance has no cell yet (still being built)"] == 10
+    assert reasons["instance never scheduled (in cell0)"] == 30
+    assert sum(n for r, n in reasons.items() if "resize" in r or "task_state" in r) == 106
+
+
+def test_a_request_spec_without_an_instance_mapping_is_left_alone(demo_cloud):
+    with connect(demo_cloud.api) as conn, conn.cursor() as cur:
+        cur.execute("SELECT instance_uuid FROM request_specs ORDER BY id LIMIT 1")
+        (uuid,) = cur.fetchone()
+        cur.execute("DELETE FROM instance_mappings WHERE instance_uuid = %s", (uuid,))
+    with service.connect(demo_cloud.api) as api:
+        found = api.instances_without_a_cell()
+    assert found[uuid] == "instance has no instance mapping"
+    assert sorted(found.values()).count("instance has no cell yet (still being built)") == 10
+    assert sorted(found.values()).count("instance never scheduled (in cell0)") == 30
+
+
+def test_a_cell_is_read_in_id_ranges_without_gaps_or_overlaps(demo_cloud):
+    with NovaCellDb(demo_cloud.cells["cell1"]) as db:
+        ranges = split_ids(db.flavor_id_bounds(), 3)
+        parts = [[r.id for r in db.iter_flavor_rows(page_size=7, id_range=ids)] for ids in ranges]
+        every = [r.id for r in db.iter_flavor_rows()]
+    assert [i for part in parts for i in part] == every and len(every) == 884
