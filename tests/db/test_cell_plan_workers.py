@@ -1,8 +1,9 @@
 """Planning the cells' instance copies in worker processes, and what both copies leave alone.
 
 Against the real demo cloud (884 instances in cell1, 576 in cell2): the plan made by worker
-processes, and the instances left alone found while reading the cells, must be exactly what
-one process and ``cells.instances_to_leave_alone`` give.
+processes must be exactly what one process makes, with the instances left alone that
+``cells.instances_to_leave_alone`` gives, whether the copies are planned together
+(``plan_both_copies``) or one at a time (``plan_copy``, as the DAG's mapped tasks do).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from dbtools import connect
 from nova_flavor_sync import service
 from nova_flavor_sync.cells import instances_to_leave_alone, locate_cells, open_cells, read_cell_mappings
-from nova_flavor_sync.db import NovaCellDb
+from nova_flavor_sync.db import CELL0_UUID, NovaCellDb
 from nova_flavor_sync.plan_worker import split_ids
 
 
@@ -49,6 +50,25 @@ def test_cells_planned_in_workers_make_exactly_the_plan_one_process_makes(demo_c
     assert not psutil.Process().children()  # every worker has exited
 
 
+@pytest.mark.parametrize("workers", [None, 2])
+def test_one_cell_copy_planned_alone_in_workers_is_the_copy_both_copies_plan(demo_cloud, workers, monkeypatch):
+    monkeypatch.setattr(service, "PLAN_WORKERS_FROM", 100)  # the demo's cells are small: force the workers
+    together, _ = plan_both(demo_cloud, 1)
+    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}" for name, p in demo_cloud.cells.items()}
+    with service.connect(demo_cloud.api) as api:
+        flavors, scope = service.resolve_scope(api, all_keys=True)
+        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
+        with open_cells(cells) as opened:
+            mapped = [(c.mapping, opened[c.mapping.uuid]) for c in cells]
+            left_alone = instances_to_leave_alone(api, opened)
+            alone = [service.plan_copy(api, mapped, key, scope, flavors=flavors, left_alone=left_alone, workers=workers)
+                     for key in service.copy_keys(mapped)]
+    assert [c.key for c in alone] == [c.key for c in together.copies]
+    for mine, theirs in zip(alone, together.copies, strict=True):
+        assert summary(mine.plan) == summary(theirs.plan), mine.where
+    assert not psutil.Process().children()
+
+
 def test_requestspecs_leave_alone_what_a_scan_of_the_cells_would(demo_cloud):
     both, by_scan = plan_both(demo_cloud, 1)
     api_plan = both.copies[0].plan
@@ -71,6 +91,41 @@ def test_a_request_spec_without_an_instance_mapping_is_left_alone(demo_cloud):
     assert found[uuid] == "instance has no instance mapping"
     assert sorted(found.values()).count("instance has no cell yet (still being built)") == 10
     assert sorted(found.values()).count("instance never scheduled (in cell0)") == 30
+
+
+def test_instances_without_a_cell_answers_as_the_single_join_did(demo_cloud):
+    """The two-query instances_without_a_cell gives what the one query joining the mappings' rows gave."""
+    with connect(demo_cloud.api) as conn, conn.cursor() as cur:
+        cur.execute("SELECT instance_uuid FROM request_specs ORDER BY id LIMIT 3")
+        no_mapping, no_cell, to_cell0 = (uuid for (uuid,) in cur.fetchall())
+        cur.execute("DELETE FROM instance_mappings WHERE instance_uuid = %s", (no_mapping,))
+        cur.execute("UPDATE instance_mappings SET cell_id = NULL WHERE instance_uuid = %s", (no_cell,))
+        cur.execute("UPDATE instance_mappings SET cell_id = (SELECT id FROM cell_mappings WHERE uuid = %s) "
+                    "WHERE instance_uuid = %s", (CELL0_UUID, to_cell0))
+        cur.execute("SELECT instance_uuid FROM instance_mappings WHERE cell_id IS NULL AND instance_uuid != %s "
+                    "ORDER BY instance_uuid LIMIT 1", (no_cell,))
+        (no_spec,) = cur.fetchone()
+        cur.execute("DELETE FROM request_specs WHERE instance_uuid = %s", (no_spec,))  # not asked about
+        cur.execute(
+            "SELECT r.instance_uuid, m.id, m.cell_id, c.uuid FROM request_specs r "
+            "LEFT JOIN instance_mappings m ON m.instance_uuid = r.instance_uuid "
+            "LEFT JOIN cell_mappings c ON c.id = m.cell_id "
+            "WHERE m.id IS NULL OR m.cell_id IS NULL OR c.uuid = %s",
+            (CELL0_UUID,),
+        )
+        joined = {
+            uuid: "instance has no instance mapping" if mapping is None
+            else "instance has no cell yet (still being built)" if cell_id is None
+            else "instance never scheduled (in cell0)"
+            for uuid, mapping, cell_id, _cell_uuid in cur.fetchall()
+        }
+    with service.connect(demo_cloud.api) as api:
+        found = api.instances_without_a_cell()
+    assert found == joined
+    assert (found[no_mapping], found[no_cell], found[to_cell0]) == (
+        "instance has no instance mapping", "instance has no cell yet (still being built)",
+        "instance never scheduled (in cell0)")
+    assert no_spec not in found and len(found) >= 10 + 30
 
 
 def test_a_cell_is_read_in_id_ranges_without_gaps_or_overlaps(demo_cloud):
