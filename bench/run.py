@@ -26,8 +26,9 @@ apply: on every database unless ``--apply-first-only``):
 * **apply** of the plan's changed rows of both copies, two ways, each from the same bytes
   (every changed row is copied to ``<table>_orig`` in its database first and put back after
   each way):
-  (a) the tool, ``apply_both_copies`` below: for each cell, then the RequestSpecs,
-  ``service.back_up`` + ``service.apply_plan`` (CAS batches, default 500, no pacer);
+  (a) the tool, ``apply_both_copies`` below, as the command line writes: one backup of
+  both copies (``service.back_up_copies``), then ``service.apply_copies``: each cell's
+  instance copies first, then the RequestSpecs (CAS batches, default 500, no pacer);
   (c) the floor: per table, one multi-row ``UPDATE ... CASE id`` of 500 rows per statement,
   autocommit, no hash check, no re-read, no backup, one table after the other, writing
   exactly the bytes the tool writes (computed before, with the engine's
@@ -72,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))  # run 
 
 from nova_flavor_sync import apply as apply_mod  # noqa: E402
 from nova_flavor_sync import service  # noqa: E402
-from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb, utcnow  # noqa: E402
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, utcnow  # noqa: E402
 from nova_flavor_sync.dburl import DbParams, parse_db_url  # noqa: E402
 from nova_flavor_sync.plan import CloudPlan, Plan, batched  # noqa: E402
 from nova_flavor_sync.spec_json import rewrite_extra_specs, sha256_text  # noqa: E402
@@ -405,36 +406,49 @@ def run_plan_child(url: str, plan_out: Path | None = None) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# -- apply: the tool's way (swap in the combined verb here) ------------------------------------
+# -- apply: the tool's way -------------------------------------------------------------------------
 
 
 def apply_both_copies(
-    api: NovaApiDb, cells: dict[str, NovaCellDb], cloud: CloudPlan, backup_dir: Path, batch_size: int
-) -> dict[str, dict[str, Any]]:
-    """Back up and apply every copy's plan: each cell's instance copies first, then the RequestSpecs.
+    api: NovaApiDb, cells: Sequence[tuple[Any, NovaCellDb]], cloud: CloudPlan, backup_dir: Path, batch_size: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Back up and apply every copy's plan as the command line does (``cli.py``'s sync, no pacer).
 
-    The per-copy calls that exist today (``service.back_up``, ``service.apply_plan``); the
-    combined verb for both copies can replace this function as a whole. Returns per copy:
-    seconds of backup and apply, rows updated, conflicts, errors, batches, backup size.
+    ``service.back_up_copies`` (one backup file for all copies, its diverged rows excluded
+    from the apply) then ``service.apply_copies`` (each cell's instance copies first, then
+    the RequestSpecs; CAS batches, the instance copies with their write guard). Returns the
+    backup (seconds, MB, records) and, per copy: seconds of apply (from the progress of
+    each copy's batches), rows updated, conflicts, errors, diverged, batches, retries.
     """
-    order = [c for c in cloud.copies if c.cell_uuid is not None] + [c for c in cloud.copies if c.cell_uuid is None]
+    databases = service.databases_of(api, cells)
+    t0 = time.perf_counter()
+    backup = service.back_up_copies(
+        databases, cloud.copies, backup_dir, digest=cloud.digest, scope=cloud.scope,
+        cell_names={mapping.uuid: mapping.name for mapping, _ in cells},
+    )
+    t1 = time.perf_counter()
+    last: dict[str, float] = {}  # each copy's last batch done, in the order they were written
+
+    def progress(copy, result, total) -> None:
+        last[copy.key] = time.perf_counter()
+
+    applied = service.apply_copies(databases, cloud.copies, batch_size=batch_size,
+                                   exclude=backup.diverged_by_database, progress=progress)
+    started, apply_s = t1, {}
+    for key, ended in last.items():
+        apply_s[key], started = ended - started, ended
     out: dict[str, dict[str, Any]] = {}
-    for copy in order:
-        db: NovaDb = api if copy.cell_uuid is None else cells[copy.cell_uuid]
-        if not copy.plan.changes:
-            continue
-        t0 = time.perf_counter()
-        backup = service.back_up(db, copy.plan, backup_dir / (copy.cell_uuid or "nova_api"))
-        t1 = time.perf_counter()
-        applied = service.apply_plan(db, copy.plan, batch_size=batch_size)
-        t2 = time.perf_counter()
-        out[copy.cell_uuid or "nova_api"] = {
-            "backup_s": t1 - t0, "apply_s": t2 - t1, "updated": len(applied.updated),
-            "conflicts": len(applied.conflicts), "errors": len(applied.errors), "diverged": len(backup.diverged),
-            "batches": applied.batches, "retries": applied.retries,
-            "backup_mb": backup.info.path.stat().st_size / 2**20,
+    for done in applied:
+        key = done.copy.key
+        out[key] = {
+            "apply_s": apply_s.get(key, 0.0), "updated": len(done.result.updated),
+            "conflicts": len(done.result.conflicts), "errors": len(done.result.errors),
+            "diverged": len(backup.diverged_by_database.get(key, ())),
+            "batches": done.result.batches, "retries": done.result.retries,
         }
-    return out
+    backup_info = {"seconds": t1 - t0, "mb": backup.info.path.stat().st_size / 2**20,
+                   "records": backup.info.record_count}
+    return backup_info, out
 
 
 # -- apply: the copy, the restore, the spool, the floor -----------------------------------------
@@ -692,12 +706,11 @@ def bench_apply(params, copies, conns, monitor, cloud: CloudPlan, args, steps: l
         api = service.connect(params)
         try:
             with service.open_cells_of(api, template_url=template_url(params)) as cells:
-                cell_dbs = {mapping.uuid: db for mapping, db in cells}
-                with Meter(monitor, "(a) tool: back_up + apply_plan, both copies", total) as a:
-                    per_copy = apply_both_copies(api, cell_dbs, cloud, backup_dir, args.batch_size)
+                with Meter(monitor, "(a) tool: back_up_copies + apply_copies, both copies", total) as a:
+                    backup_info, per_copy = apply_both_copies(api, cells, cloud, backup_dir, args.batch_size)
         finally:
             api.close()
-        a.extra = per_copy
+        a.extra = {"backup": backup_info, **per_copy}
         for key, r in per_copy.items():
             if (r["conflicts"], r["errors"], r["diverged"]) != (0, 0, 0):
                 raise RuntimeError(f"the tool did not apply {key} cleanly: {r}")
@@ -706,9 +719,9 @@ def bench_apply(params, copies, conns, monitor, cloud: CloudPlan, args, steps: l
         a.note = check("(a)")
         steps.append(a)
         shutil.rmtree(backup_dir)
-        print(f"  (a) tool: {a.seconds:.1f} s ("
-              + ", ".join(f"{k[:8]}: backup {r['backup_s']:.1f} + apply {r['apply_s']:.1f} s"
-                          for k, r in per_copy.items()) + ")", flush=True)
+        print(f"  (a) tool: {a.seconds:.1f} s (backup {backup_info['seconds']:.1f} s, "
+              f"{backup_info['mb']:,.0f} MB; apply "
+              + ", ".join(f"{k[:8]} {r['apply_s']:.1f} s" for k, r in per_copy.items()) + ")", flush=True)
         restore("(a)")
 
         # (c) the floor: raw batched UPDATEs of the same bytes, table after table.
@@ -729,6 +742,7 @@ def bench_apply(params, copies, conns, monitor, cloud: CloudPlan, args, steps: l
 
         result["tool_s"] = a.seconds
         result["tool_per_copy"] = per_copy
+        result["tool_backup"] = backup_info
         result["raw_s"] = c.seconds
         result["raw_per_table"] = raw_per
         result["tool_vs_raw"] = a.seconds / c.seconds
