@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
-from nova_flavor_sync_airflow import cell_template_url, conn_id_param, database_conn_id_param, db_params
+from nova_flavor_sync_airflow import (
+    cell_conn_ids_param,
+    cell_sources,
+    conn_id_param,
+    database_conn_id_param,
+    db_params,
+)
 
 from nova_flavor_sync import pipeline
 
@@ -21,7 +27,7 @@ from nova_flavor_sync import pipeline
 @task
 def check_drift(params=None):
     summary = pipeline.drift_summary(db_params(params), all_keys=params["all_keys"],
-                                     template_url=cell_template_url(params))
+                                     cell_sources=cell_sources(params))
     get_current_context()["ti"].xcom_push(key="summary", value=summary)  # kept when the task fails
     return pipeline.fail_on_drift(summary)
 
@@ -38,6 +44,7 @@ with DAG(
     params={
         "conn_id": conn_id_param(),
         "database_conn_id": database_conn_id_param(),
+        "cell_conn_ids": cell_conn_ids_param(),
         "all_keys": Param(False, type="boolean",
                           description="Count drift in placement/topology keys too (held back by a default sync)"),
     },

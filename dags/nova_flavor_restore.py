@@ -17,7 +17,8 @@ import pendulum
 from airflow.sdk import DAG, Param, task
 from nova_flavor_sync_airflow import (
     RecordedApprovalOperator,
-    cell_template_url,
+    cell_conn_ids_param,
+    cell_sources,
     conn_id_param,
     database_conn_id_param,
     db_params,
@@ -30,7 +31,7 @@ from nova_flavor_sync.service import MAX_BATCH_SIZE
 @task
 def check_backup(params=None):
     return pipeline.restore_backup(db_params(params), params["backup_path"], run=False, force=params["force"],
-                                   template_url=cell_template_url(params))
+                                   cell_sources=cell_sources(params))
 
 
 @task.short_circuit
@@ -45,7 +46,7 @@ def should_restore(checked, params=None):
 def restore(params=None):
     return pipeline.restore_backup(
         db_params(params), params["backup_path"], run=True, force=params["force"], batch_size=params["batch_size"],
-        template_url=cell_template_url(params),
+        cell_sources=cell_sources(params),
     )
 
 
@@ -61,6 +62,7 @@ with DAG(
     params={
         "conn_id": conn_id_param(),
         "database_conn_id": database_conn_id_param(),
+        "cell_conn_ids": cell_conn_ids_param(),
         "backup_path": Param(type="string", minLength=1,
                              description="Backup file (Browse > Flavor sync backups lists them)"),
         "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),

@@ -29,7 +29,8 @@ from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryActi
 from nova_flavor_sync_airflow import (
     NovaApiDbHook,
     RecordedApprovalOperator,
-    cell_template_url,
+    cell_conn_ids_param,
+    cell_sources,
     conn_id_param,
     database_conn_id_param,
     db_params,
@@ -56,7 +57,7 @@ UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-
 
 @task
 def check_db(params=None):
-    return pipeline.check_database(db_params(params), template_url=cell_template_url(params))
+    return pipeline.check_database(db_params(params), cell_sources=cell_sources(params))
 
 
 @task(map_index_template="{{ copy_where }}")
@@ -70,7 +71,7 @@ def make_plan(copy, params=None):
         instances=params["instances"],
         key_prefixes=params["key_prefixes"],
         all_keys=params["all_keys"],
-        template_url=cell_template_url(params),
+        cell_sources=cell_sources(params),
     )
 
 
@@ -99,7 +100,7 @@ def back_up(plan, params=None):
         print("backup=false: writing without a backup file")
         return {"backup_path": None, "records": 0, "diverged": {}}
     return pipeline.back_up_plans(db_params(params), plan, pipeline.backups_dir(),
-                                  template_url=cell_template_url(params))
+                                  cell_sources=cell_sources(params))
 
 
 # The id ranges the apply tasks are mapped over: the cells' (written first), then nova_api's.
@@ -143,7 +144,7 @@ def _apply(id_range, params):
         first_id=id_range["first_id"],
         last_id=id_range["last_id"],
         key=id_range["key"],
-        template_url=cell_template_url(params),
+        cell_sources=cell_sources(params),
         exclude_ids=(backup["diverged"] or {}).get(id_range["key"], []),
         batch_size=params["batch_size"],
         verbose=params["verbose"],
@@ -184,7 +185,7 @@ def apply_request_specs(id_range, params=None):
 # task); skipped on a dry run or a Reject, where every upstream is skipped.
 @task(trigger_rule="none_failed_min_one_success")
 def verify(plan_path, params=None):  # the scope of the run's plan, both copies read again
-    return pipeline.verify(db_params(params), plan_path, template_url=cell_template_url(params))
+    return pipeline.verify(db_params(params), plan_path, cell_sources=cell_sources(params))
 
 
 # The run's only last task, so Airflow judges the run by it: it fails when the sync did not
@@ -216,6 +217,7 @@ with DAG(
     params={
         "conn_id": conn_id_param(),
         "database_conn_id": database_conn_id_param(),
+        "cell_conn_ids": cell_conn_ids_param(),
         "dry_run": Param(True, type="boolean", description="Plan only; nothing is written"),
         "all_keys": Param(False, type="boolean", description="Also sync placement/topology keys (risky)"),
         "flavors": Param([], **STRINGS, description="Flavor ids, names or flavorids; empty = all"),

@@ -16,6 +16,7 @@ from airflow.sdk import BaseHook, Param
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, DEFAULT_DATABASE_CONN_ID, params_from_connection
+from nova_flavor_sync.cells import CellSources
 from nova_flavor_sync.dburl import DbParams
 
 
@@ -68,6 +69,24 @@ def cell_template_url(params: dict[str, Any]) -> str | None:
     host = f"[{db.host}]" if ":" in db.host else db.host
     return (f"mysql+pymysql://{quote(db.user, safe='')}:{quote(db.password or '', safe='')}@{host}:{db.port}/"
             f"{quote(db.database, safe='')}")
+
+
+def cell_conn_ids_param() -> Param:
+    """The ``cell_conn_ids`` param: a cell's own Connection, by cell name or uuid (optional)."""
+    return Param({}, type="object", additionalProperties={"type": "string", "minLength": 1},
+                 description="A cell's database as a Connection (type mysql), by cell name or uuid, e.g. "
+                 '{"cell1": "nova_cell1_db"}; wins over its cell_mappings URL. Empty: cell_mappings, '
+                 "templates filled from database_conn_id")
+
+
+def cell_sources(params: dict[str, Any]) -> CellSources:
+    """Where a run's cell databases are: the template filling (``database_conn_id``) and each
+    cell's own Connection (``cell_conn_ids``). Call it inside a task, never at parse time."""
+    return CellSources(
+        template_url=cell_template_url(params),
+        cell_urls={cell: NovaApiDbHook(conn_id).get_db_params()
+                   for cell, conn_id in (params.get("cell_conn_ids") or {}).items()},
+    )
 
 
 class RecordedApprovalOperator(ApprovalOperator):

@@ -185,7 +185,8 @@ def dry_run(airflow: Airflow, *, timeout: float) -> tuple[str, list[str]]:
         raise DemoError(run_failure(airflow, run_id, f"the dry run ended {run['state']}"))
     plan = airflow.xcom(SYNC, run_id, "combine_plans")
     outcome = airflow.xcom(SYNC, run_id, "report_outcome")
-    print(f"Dry run done in {time.monotonic() - started:.0f} s. Its summary (the make_plan task's log has every change):")
+    print(f"Dry run done in {time.monotonic() - started:.0f} s. Its summary "
+          "(each make_plan task's log has every change of its copy):")
     return run_id, summary_lines(plan, outcome)
 
 

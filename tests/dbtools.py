@@ -156,6 +156,33 @@ def map_instances(params: DbParams, uuids: list[str], cell: str = "cell1") -> No
                         [(uuid,) for uuid in uuids])
 
 
+def enlarge(params: DbParams, total: int, seed: int) -> None:
+    """Copy the demo specs (new instance uuid, inside the spec too) until there are ``total`` rows.
+
+    Each copy's instance is placed in cell1 (``map_instances``), so its RequestSpec is judged.
+    """
+    import json
+    import random
+    import uuid
+
+    rng = random.Random(seed)
+    with connect(params, autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SELECT created_at, updated_at, spec FROM request_specs ORDER BY id")
+        base = cur.fetchall()
+        rows = []
+        for i in range(total - len(base)):
+            created_at, updated_at, spec = base[i % len(base)]
+            new_uuid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            document = json.loads(spec)
+            document["nova_object.data"]["instance_uuid"] = new_uuid
+            rows.append((created_at, updated_at, new_uuid, json.dumps(document)))
+        cur.executemany(
+            "INSERT INTO request_specs (created_at, updated_at, instance_uuid, spec) VALUES (%s, %s, %s, %s)", rows
+        )
+        conn.commit()
+    map_instances(params, [row[2] for row in rows])
+
+
 def nova_database_connection(server: dict[str, Any] | DbParams) -> str:
     """What the nova.conf of a Nova service of a test's demo cloud has as [database] connection.
 

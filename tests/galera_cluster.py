@@ -35,7 +35,8 @@ from nova_flavor_sync.dburl import DbParams
 
 MARIADBD = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin")
 INSTALL_DB = shutil.which("mariadb-install-db")
-PROVIDER_PATHS = ("/usr/lib/galera/libgalera_smm.so", "/usr/lib/libgalera_smm.so", "/usr/lib64/galera-4/libgalera_smm.so")
+PROVIDER_PATHS = ("/usr/lib/galera/libgalera_smm.so", "/usr/lib/libgalera_smm.so",
+                  "/usr/lib64/galera-4/libgalera_smm.so")
 PROVIDER = next((p for p in PROVIDER_PATHS if os.path.exists(p)), None)
 # What wsrep_sst_rsync runs (rsync as a daemon on the joiner, ss or lsof to see it listen).
 SST_TOOLS = ("rsync", "wsrep_sst_rsync", "my_print_defaults")

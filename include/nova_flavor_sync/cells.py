@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nova_flavor_sync.db import CELL0_UUID, MISSING_INSTANCE_ROW, NovaApiDb, NovaCellDb
 from nova_flavor_sync.dburl import DbParams, cell_db_params, parse_db_url, redact_url
@@ -43,6 +43,20 @@ class CellMapping:
     def label(self) -> str:
         """How messages name the cell: ``cell1 (835ce9b0-...)``."""
         return f"{self.name} ({self.uuid})" if self.name else self.uuid
+
+
+@dataclass(frozen=True)
+class CellSources:
+    """Where the cells' databases are, beyond what cell_mappings says: what an operator gives.
+
+    ``template_url``: Nova's ``[database] connection``, which cell URL templates are filled
+    from (``$NOVA_DATABASE_CONNECTION`` when None). ``cell_urls``: a cell's own database, by
+    cell name or uuid, as a URL or as DbParams (an Airflow Connection's); it wins over the
+    cell's mapping.
+    """
+
+    template_url: str | None = None
+    cell_urls: Mapping[str, str | DbParams] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +91,8 @@ def parse_cell_urls(values: Iterable[str]) -> dict[str, str]:
 
 
 def locate_cells(
-    mappings: Sequence[CellMapping], *, template_url: str | None = None, cell_urls: Mapping[str, str] | None = None
+    mappings: Sequence[CellMapping], *, template_url: str | None = None,
+    cell_urls: Mapping[str, str | DbParams] | None = None,
 ) -> list[Cell]:
     """Where each cell's database is: the operator's URL for it, else its mapping as Nova fills it.
 
@@ -87,7 +102,7 @@ def locate_cells(
     """
     if not mappings:
         raise ConfigError("nova_api has no cell_mappings: Nova has no cells here (nova-manage cell_v2 list_cells)")
-    chosen: dict[str, str] = {}  # cell uuid -> the operator's URL
+    chosen: dict[str, str | DbParams] = {}  # cell uuid -> the operator's URL
     for which, url in (cell_urls or {}).items():
         matches = [m for m in mappings if which in (m.uuid, m.name)]
         if not matches:
@@ -99,8 +114,12 @@ def locate_cells(
     cells = []
     for mapping in mappings:
         if mapping.uuid in chosen:
+            given = chosen[mapping.uuid]
             source = f"--cell-db-url for cell {mapping.label}"
-            cells.append(Cell(mapping, parse_db_url(chosen[mapping.uuid], source=source), source))
+            if isinstance(given, DbParams):  # an Airflow Connection's
+                cells.append(Cell(mapping, given, f"the Connection given for cell {mapping.label}"))
+            else:
+                cells.append(Cell(mapping, parse_db_url(given, source=source), source))
             continue
         source = f"cell {mapping.label} database_connection"
         is_template = "{" in mapping.database_connection

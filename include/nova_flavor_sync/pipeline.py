@@ -19,7 +19,7 @@ from typing import Any
 from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import ApplyResult
 from nova_flavor_sync.backup import API_DATABASE, HOME_DIR, list_backups
-from nova_flavor_sync.cells import instances_to_leave_alone
+from nova_flavor_sync.cells import CellSources, instances_to_leave_alone
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.plan import CopyPlan, cloud_digest
@@ -82,14 +82,15 @@ class DriftFoundError(NovaFlavorSyncError):
     """Verify found flavor copies still out of sync in scope: fails the task."""
 
 
-def check_database(params: DbParams, *, template_url: str | None = None) -> list[dict[str, str]]:
+def check_database(params: DbParams, *, cell_sources: CellSources | None = None) -> list[dict[str, str]]:
     """Connect, check the schema, open and check every cell; return the copies a run plans.
 
-    ``template_url``: Nova's [database] connection, which cell URL templates are filled from.
+    ``cell_sources``: where the cell databases are beyond cell_mappings (a template's
+    filling, a cell's own database); every function here that opens the cells takes it.
     The copies, in the order a run plans them: ``{"key": "nova_api" or the cell uuid, "where": ...}``
     (``service.copy_keys``); cell0 is counted here, never planned.
     """
-    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
+    with service.connect(params) as db, service.open_cells_of(db, sources=cell_sources) as cells:
         db.server_identity()
         labels = {mapping.uuid: mapping.label for mapping, _ in cells}
         for mapping, cell in cells:
@@ -110,7 +111,7 @@ def plan_copy_to_file(
     instances: Sequence[str] = (),
     key_prefixes: Sequence[str] = (),
     all_keys: bool = False,
-    template_url: str | None = None,
+    cell_sources: CellSources | None = None,
 ) -> dict[str, Any]:
     """Plan one copy (one mapped task per copy: nova_api's RequestSpecs, each cell's instance copies).
 
@@ -118,7 +119,7 @@ def plan_copy_to_file(
     built, in cell0) are left alone whichever copy this task plans. The plan is saved to a
     file (``plan_file``); its digest goes into the run's digest (``combine_plans``).
     """
-    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
+    with service.connect(params) as db, service.open_cells_of(db, sources=cell_sources) as cells:
         found, scope = service.resolve_scope(
             db, flavor_selectors=flavors, instance_uuids=instances, key_prefixes=key_prefixes, all_keys=all_keys
         )
@@ -153,10 +154,10 @@ def combine_plans(copies: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def back_up_plans(
     params: DbParams, combined: dict[str, Any], backup_dir: Path, *, backup_all: bool = False,
-    template_url: str | None = None,
+    cell_sources: CellSources | None = None,
 ) -> dict[str, Any]:
     """Back up the rows every copy's saved plan changes, in one backup file; return it and the rows that moved on."""
-    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
+    with service.connect(params) as db, service.open_cells_of(db, sources=cell_sources) as cells:
         saved = [(c, load_plan(Path(c["plan_path"]), expected_digest=c["digest"])) for c in combined["copies"]]
         copies = [CopyPlan(c["where"], None if c["key"] == API_DATABASE else c["key"], plan)  # type: ignore[arg-type]
                   for c, plan in saved]
@@ -216,7 +217,7 @@ def apply_range(
     first_id: int,
     last_id: int,
     key: str = API_DATABASE,
-    template_url: str | None = None,
+    cell_sources: CellSources | None = None,
     exclude_ids: Sequence[int] = (),
     batch_size: int,
     verbose: bool = False,
@@ -227,14 +228,14 @@ def apply_range(
     """Apply the approved plan's rows in [first_id, last_id] of one copy; conflicts are reported, not written.
 
     ``key``: the copy's database, nova_api or a cell's uuid (opened through nova_api's
-    cell_mappings, ``template_url`` filling a template). With ``pace``, batches are sized and
+    cell_mappings and ``cell_sources``). With ``pace``, batches are sized and
     paced by it, watching ``replicas`` too; ``pause_first`` pauses before the first batch as
     well (every mapped task but the first).
     """
     saved = load_plan(Path(plan_path), expected_digest=approved_digest, first_id=first_id, last_id=last_id)
     pace = pace or PaceSettings(batch_size=batch_size, target_batch_s=None, max_threads_running=None,
                                 max_replica_lag_s=None, pause_on_flow_control=False)
-    with service.connect(params) as api, service.open_cells_of(api, template_url=template_url) as cells, \
+    with service.connect(params) as api, service.open_cells_of(api, sources=cell_sources) as cells, \
             service.pacers(pace, replicas, pause_first=pause_first) as pacer_for:
         databases = service.databases_of(api, cells)
         if key not in databases:
@@ -274,13 +275,13 @@ def pace_settings(params: Mapping[str, Any]) -> PaceSettings:
     )
 
 
-def verify(params: DbParams, plan_path: str, *, template_url: str | None = None) -> dict[str, Any]:
+def verify(params: DbParams, plan_path: str, *, cell_sources: CellSources | None = None) -> dict[str, Any]:
     """Read both copies in the plan's scope again; raise DriftFoundError if drift remains."""
-    return fail_on_drift(drift_summary(params, scope_from=plan_path, template_url=template_url))
+    return fail_on_drift(drift_summary(params, scope_from=plan_path, cell_sources=cell_sources))
 
 
 def drift_summary(
-    params: DbParams, *, scope_from: str | None = None, all_keys: bool = False, template_url: str | None = None
+    params: DbParams, *, scope_from: str | None = None, all_keys: bool = False, cell_sources: CellSources | None = None
 ) -> dict[str, Any]:
     """The drift check: plan both copies, log every stale instance and the summary; never writes.
 
@@ -288,7 +289,7 @@ def drift_summary(
     own summary (by where it is: nova_api, each cell); ``disagreeing``: instances stale in one
     copy only.
     """
-    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
+    with service.connect(params) as db, service.open_cells_of(db, sources=cell_sources) as cells:
         if scope_from is not None:
             scope, found = load_plan(Path(scope_from)).scope, None  # flavors read again: a verify
         else:
@@ -329,10 +330,10 @@ def fail_on_drift(summary: dict[str, Any]) -> dict[str, Any]:
 
 def restore_backup(
     params: DbParams, backup_path: str, *, run: bool, force: bool = False, batch_size: int = 500,
-    template_url: str | None = None,
+    cell_sources: CellSources | None = None,
 ) -> dict[str, Any]:
     """Check a backup and restore it (``run``) or say what it would restore, in every database it names."""
-    with service.connect(params) as db, service.open_cells_of(db, template_url=template_url) as cells:
+    with service.connect(params) as db, service.open_cells_of(db, sources=cell_sources) as cells:
         result = service.restore(db, Path(backup_path), cells=cells, run=run, force=force, batch_size=batch_size)
     for line in report.restore_lines(result, verbose=True):
         log.info("%s", line)

@@ -28,6 +28,7 @@ from nova_flavor_sync.backup import (
 from nova_flavor_sync.cells import (
     DATABASE_CONNECTION_ENV,
     CellMapping,
+    CellSources,
     instances_to_leave_alone,
     locate_cells,
     open_cells,
@@ -156,14 +157,18 @@ def make_cell_plan(
 
 @contextmanager
 def open_cells_of(
-    api: NovaApiDb, *, template_url: str | None = None, cell_urls: Mapping[str, str] | None = None
+    api: NovaApiDb, *, template_url: str | None = None, cell_urls: Mapping[str, str | DbParams] | None = None,
+    sources: CellSources | None = None,
 ) -> Iterator[list[tuple[CellMapping, NovaCellDb]]]:
     """Every cell of ``api``'s cell_mappings, opened and checked, in mapping order; closed at the end.
 
     ``template_url`` is Nova's ``[database] connection`` (cell URL templates are filled from it;
     ``$NOVA_DATABASE_CONNECTION`` when None); ``cell_urls`` the operator's URL per cell name or
-    uuid. Raises, naming the cell, before anything is written (``cells.open_cells``).
+    uuid; ``sources`` both at once (what the DAG tasks pass). Raises, naming the cell, before
+    anything is written (``cells.open_cells``).
     """
+    if sources is not None:
+        template_url, cell_urls = sources.template_url, sources.cell_urls
     template_url = template_url or os.environ.get(DATABASE_CONNECTION_ENV, "").strip() or None
     cells = locate_cells(read_cell_mappings(api), template_url=template_url, cell_urls=cell_urls)
     with open_cells(cells) as opened:

@@ -136,3 +136,23 @@ def test_no_password_reaches_xcom_or_the_task_logs(demo_db, secret_account, tmp_
     for path in logs + list((tmp_path / "data").rglob("*")):
         if path.is_file():
             assert_no_secret(path.read_text(errors="replace"), str(path))
+
+
+def test_a_cell_can_be_given_its_own_connection(nova_env, monkeypatch):
+    """cell1's mapping names a server nobody can reach; its own Connection, by cell name, is used instead."""
+    from dbtools import connect
+
+    with connect(nova_env) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE cell_mappings SET database_connection = "
+                    "REPLACE(database_connection, '127.0.0.1:', '127.0.0.1:1') WHERE name = 'cell1'")
+    auth = nova_env.user + (f":{nova_env.password}" if nova_env.password else "")
+    monkeypatch.setenv("AIRFLOW_CONN_NOVA_CELL1_DB",
+                       f"mysql://{auth}@{nova_env.host}:{nova_env.port}/{nova_env.database}_cell1")
+
+    dag_run, states = run_dag("nova_flavor_sync", {"dry_run": True, "cell_conn_ids": {"cell1": "nova_cell1_db"}})
+
+    assert dag_run.state == "success", states
+    (combined,) = [ti for ti in dag_run.get_task_instances() if ti.task_id == "combine_plans"]
+    copies = combined.xcom_pull(task_ids="combine_plans")["summary"]["copies"]
+    assert copies == {"nova_api": 726, "cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca)": 409,
+                      "cell2 (ada1b992-1bb5-5458-b47a-3407ad251e9e)": 317}

@@ -106,7 +106,8 @@ def demo(server_kwargs, tmp_path_factory) -> Iterator[Demo]:
     """The demo started once, as ``make demo`` starts it; stopped and its database dropped after."""
     base = tmp_path_factory.mktemp("demo")
     database = new_database_name()
-    auth = server_kwargs["user"] + (f":{quote(server_kwargs['password'], safe='')}" if server_kwargs["password"] else "")
+    password = server_kwargs["password"]
+    auth = server_kwargs["user"] + (f":{quote(password, safe='')}" if password else "")
     db_url = f"mysql+pymysql://{auth}@{server_kwargs['host']}:{server_kwargs['port']}/{database}"
     demo = Demo(base / "airflow", base / "data", free_port(), db_url, database)
     try:
@@ -258,7 +259,8 @@ def test_make_demo_restarts_an_airflow_that_is_not_healthy(demo, server_kwargs):
     third = demo.start()
 
     summary_checks(third, to_update(server_kwargs, demo.database))
-    assert f"cannot be reused (its scheduler (pid {before['scheduler']}) is not running); restarting it" in third.stdout, shown(third)
+    reason = f"cannot be reused (its scheduler (pid {before['scheduler']}) is not running); restarting it"
+    assert reason in third.stdout, shown(third)
     assert "Airflow: restarted in" in third.stdout, shown(third)
     after = demo.pids()
     assert not set(after.values()) & set(before.values()), (before, after)

@@ -41,9 +41,10 @@ COMPOSE_FILE = REPO / "docker-compose.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 ENV_EXAMPLE = REPO / "deploy" / "nova_api_db.env.example"
 DEMO_INIT_DIR = REPO / "deploy" / "mariadb-init"
-DEMO_INIT_SCRIPT = DEMO_INIT_DIR / "10-nova-api-demo.sh"
+DEMO_INIT_SCRIPT = DEMO_INIT_DIR / "10-nova-demo-cloud.sh"
 DEMO_DIR = REPO / "include" / "nova_flavor_sync" / "demo"
-DEMO_FILES = ("nova_api_schema.sql", "nova_api_demo_data.sql.gz")
+DEMO_FILES = ("nova_api_schema.sql", "nova_api_demo_data.sql.gz", "nova_cell_schema.sql",
+              "nova_cell0_demo_data.sql.gz", "nova_cell1_demo_data.sql.gz", "nova_cell2_demo_data.sql.gz")
 
 MIN_COMPOSE = (2, 24)
 AIRFLOW_SERVICES = {
@@ -261,7 +262,10 @@ def test_the_default_env_file_is_deploy_nova_api_db_env(compose_cmd, no_dotenv, 
 
 def test_the_example_env_file_points_at_the_demo_mariadb(compose_cmd, no_dotenv, demo_model, tmp_path):
     model = resolved(compose_cmd, no_dotenv, env={"NOVA_API_DB_ENV_FILE": str(ENV_EXAMPLE)})
-    uri = model["services"]["airflow-scheduler"]["environment"]["AIRFLOW_CONN_NOVA_API_DB"]
+    environment = model["services"]["airflow-scheduler"]["environment"]
+    uri = environment["AIRFLOW_CONN_NOVA_API_DB"]
+    # Nova's [database] connection, which the demo's template cell mapping (cell2's) is filled from.
+    assert environment["AIRFLOW_CONN_NOVA_DATABASE"] == uri.rsplit("/", 1)[0] + "/nova"
     # Read the way the DAGs read it: an Airflow Connection from the URI, then the engine's
     # DbParams. In a child process with its own AIRFLOW_HOME: no test outside tests/airflow
     # imports Airflow (see tests/airflow/conftest.py).
@@ -427,7 +431,7 @@ def test_the_init_script_is_valid_bash():
     assert out.returncode == 0, out.stderr
 
 
-def test_the_init_script_loads_the_same_nova_api_as_the_python_loader(server_kwargs, demo_db, tmp_path):
+def test_the_init_script_loads_the_same_demo_cloud_as_the_python_loader(server_kwargs, _cloud_template, tmp_path):
     """Run the script as the mariadb image's entrypoint would (sourced, set -eo pipefail),
     with its docker_process_sql made of the mariadb client, into a fresh test database."""
     client = shutil.which("mariadb") or shutil.which("mysql")
@@ -447,32 +451,47 @@ def test_the_init_script_loads_the_same_nova_api_as_the_python_loader(server_kwa
         "DB_HOST": server_kwargs["host"], "DB_PORT": str(server_kwargs["port"]), "DB_USER": server_kwargs["user"],
         "MYSQL_PWD": server_kwargs["password"] or "",
         "NOVA_DEMO_DATABASE": database, "NOVA_DEMO_DIR": str(DEMO_DIR), "MARIADB_USER": user,
+        "MARIADB_PASSWORD": "nova-demo",
     }
     with connect(root) as conn, conn.cursor() as cur:
         cur.execute("CREATE USER %s@'%%' IDENTIFIED BY 'nova-demo'", (user,))  # as MARIADB_USER makes it
     try:
         out = subprocess.run(["bash", "-c", harness], capture_output=True, text=True, timeout=300, env=env)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "demo nova_api ready: 1500 request specs" in out.stdout
+        assert "demo cloud ready: 1500 request specs, 884 instance copies in cell1" in out.stdout
 
+        # nova_api and each cell, every row of every table, byte for byte as python -m
+        # nova_flavor_sync.demo loads them (the session's whole demo cloud, made by that loader);
+        # cell_mappings too, but for where they point.
+        for suffix in ("", "_cell0", "_cell1", "_cell2"):
+            loaded, python_loaded = (db_params(server_kwargs, name + suffix) for name in (database, _cloud_template))
+            tables = tables_with_rows(server_kwargs, _cloud_template + suffix)
+            assert sorted(tables_with_rows(server_kwargs, database + suffix)) == sorted(tables), suffix
+            for table in tables:
+                if table != "cell_mappings":
+                    assert table_hash(loaded, table, "*") == table_hash(python_loaded, table, "*"), (suffix, table)
         loaded = db_params(server_kwargs, database)
-        tables = tables_with_rows(server_kwargs, demo_db.database)
-        assert sorted(tables_with_rows(server_kwargs, database)) == sorted(tables)
-        # Every row of every table, byte for byte as python -m nova_flavor_sync.demo loads them;
-        # cell_mappings too, but for the database names the demo_db fixture points them at.
-        for table in tables:
-            if table != "cell_mappings":
-                assert table_hash(loaded, table, "*") == table_hash(demo_db, table, "*"), table
         columns = "id, uuid, name, transport_url, disabled"
-        assert table_hash(loaded, "cell_mappings", columns) == table_hash(demo_db, "cell_mappings", columns)
+        assert table_hash(loaded, "cell_mappings", columns) == table_hash(
+            db_params(server_kwargs, _cloud_template), "cell_mappings", columns)
+        with connect(loaded) as conn, conn.cursor() as cur:
+            cur.execute("SELECT name, database_connection FROM cell_mappings ORDER BY id")
+            assert cur.fetchall() == (
+                ("cell0", f"mysql+pymysql://{user}:nova-demo@mariadb:3306/{database}_cell0?charset=utf8"),
+                ("cell1", f"mysql+pymysql://{user}:nova-demo@mariadb:3306/{database}_cell1?charset=utf8"),
+                ("cell2", f"{{scheme}}://{{username}}:{{password}}@{{hostname}}:{{port}}/{database}_cell2?charset=utf8"),
+            )
         with connect(root) as conn, conn.cursor() as cur:
-            cur.execute("SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA "
-                        "WHERE SCHEMA_NAME = %s", (database,))
-            assert cur.fetchone() == ("utf8mb3", "utf8mb3_general_ci")
+            for suffix in ("", "_cell0", "_cell1", "_cell2"):
+                cur.execute("SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM "
+                            "information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (database + suffix,))
+                assert cur.fetchone() == ("utf8mb3", "utf8mb3_general_ci"), suffix
             cur.execute("SHOW GRANTS FOR %s@'%%'", (user,))
             grants = " ".join(row[0] for row in cur.fetchall())
-            assert f"GRANT ALL PRIVILEGES ON `{database}`.* TO `{user}`@`%`" in grants
+            for suffix in ("", "_cell0", "_cell1", "_cell2"):
+                assert f"GRANT ALL PRIVILEGES ON `{database + suffix}`.* TO `{user}`@`%`" in grants, suffix
     finally:
         with connect(root) as conn, conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{database}`")
+            for suffix in ("", "_cell0", "_cell1", "_cell2"):
+                cur.execute(f"DROP DATABASE IF EXISTS `{database}{suffix}`")
             cur.execute("DROP USER IF EXISTS %s@'%%'", (user,))

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import nova_flavor_sync
-from dbtools import nova_database_connection
+from dbtools import enlarge, nova_database_connection
 from galera_cluster import FlowControl, GaleraCluster
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import load_backup
@@ -180,28 +178,6 @@ def by_copy(keys) -> dict[str, int]:
 
 def status_counter(node, name: str) -> int:
     return int(node.status(name)[name])
-
-
-def enlarge(params, total: int, seed: int) -> None:
-    """Copies of the demo specs (new instance uuids, mapped to cell1) up to ``total`` rows."""
-    from dbtools import connect, map_instances
-
-    rng = random.Random(seed)
-    with connect(params, autocommit=False) as conn, conn.cursor() as cur:
-        cur.execute("SELECT created_at, updated_at, spec FROM request_specs ORDER BY id")
-        base = cur.fetchall()
-        rows = []
-        for i in range(total - len(base)):
-            created_at, updated_at, spec = base[i % len(base)]
-            new_uuid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-            document = json.loads(spec)
-            document["nova_object.data"]["instance_uuid"] = new_uuid
-            rows.append((created_at, updated_at, new_uuid, json.dumps(document)))
-        cur.executemany(
-            "INSERT INTO request_specs (created_at, updated_at, instance_uuid, spec) VALUES (%s, %s, %s, %s)", rows
-        )
-        conn.commit()
-    map_instances(params, [row[2] for row in rows])
 
 
 # -- the cluster ----------------------------------------------------------------------------
@@ -463,7 +439,8 @@ def test_flow_control_already_on_is_waited_for_logged_and_the_run_stops_with_exi
                      r"full \(0 rows written\)", result.err), result.shown
     assert read_copies(cluster, galera_cloud.database, 1) == before  # nothing written
     assert result.seconds < 4 + 8, result.shown
-    FIGURES["flow control on before the run, stays"] = f"exit 5 after {result.seconds:.1f} s (--max-load-wait 4), 0 rows written"
+    FIGURES["flow control on before the run, stays"] = (
+        f"exit 5 after {result.seconds:.1f} s (--max-load-wait 4), 0 rows written")
 
 
 @pytest.mark.timeout(120)
@@ -530,7 +507,8 @@ def test_flow_control_starting_mid_run_pauses_it_and_a_run_stuck_behind_it_stops
     assert assert_not_torn(before, read_copies(cluster, galera_cloud.database, 1), targets) == set(targets)
     FIGURES["flow control starting mid-run, stays"] = (
         f"exit 5 {stopped_after:.1f} s after it began (--max-load-wait 10), by "
-        f"{'the pacer' if paused else 'the bounded COMMIT'}; {written} of {len(targets)} rows written, 0 torn; rerun exit 0")
+        f"{'the pacer' if paused else 'the bounded COMMIT'}; {written} of {len(targets)} rows written, 0 torn; "
+        "rerun exit 0")
 
 
 @pytest.mark.timeout(150)
@@ -615,7 +593,8 @@ def test_the_node_written_through_is_killed_mid_apply_the_run_stops_and_a_rerun_
     stopped_after = started + result.seconds - killed
     assert result.code == 5, result.shown
     assert re.search(r"\[ERROR\] batch of rows \d+-\d+ failed 5 times \((cannot reach the server|lost connection to "
-                     r"the server|server has gone away)\); stopped\. Batches before it are written in full", result.err), \
+                     r"the server|server has gone away)\); stopped\. Batches before it are written in full",
+                     result.err), \
         result.shown
     assert stopped_after < 15, result.shown
     cluster.wait_size(2)
@@ -630,7 +609,8 @@ def test_the_node_written_through_is_killed_mid_apply_the_run_stops_and_a_rerun_
 
     # Through node 2 (nova_api and every cell: cell_mappings name node 1, as a real cloud names a
     # VIP): the backup is of this cluster, and a rerun converges in both copies.
-    check = run_cli(tmp_path, "--db-url", galera_cloud.url(1), *cells_through(galera_cloud, 1), "--restore", backup_file)
+    check = run_cli(tmp_path, "--db-url", galera_cloud.url(1), *cells_through(galera_cloud, 1),
+                    "--restore", backup_file)
     assert check.code == 3, check.shown  # rows to restore, not refused
     rerun = run_cli(tmp_path, "--db-url", galera_cloud.url(1), *cells_through(galera_cloud, 1), "--all-keys", "--run")
     assert rerun.code == 0, rerun.shown
@@ -791,7 +771,8 @@ def test_batches_stay_inside_the_write_set_limits(galera_cloud, tmp_path):
     node1.sql("SET GLOBAL wsrep_max_ws_size = 2147483647")
     assert small.code == 5, small.shown
     assert re.search(r"\[ERROR\] the batch of rows \d+-\d+ \(200 rows\) is larger than this Galera cluster accepts in "
-                     r"one transaction \(\(1105\) Maximum writeset size exceeded\); nothing of it was written\. Run again "
+                     r"one transaction \(\(1105\) Maximum writeset size exceeded\); nothing of it was written\. "
+                     r"Run again "
                      r"with a smaller --batch-size", small.err), small.shown
     assert read_copies(cluster, galera_cloud.database, 1) == before
     FIGURES["write-set limits"] = (

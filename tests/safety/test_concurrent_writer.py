@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from dbtools import connect, map_instances
+from dbtools import connect, enlarge
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import load_backup
 from nova_flavor_sync.spec_json import read_embedded_flavor, rewrite_extra_specs, sha256_text
@@ -58,26 +56,6 @@ def _print_totals():
             f"writes raced (during the run)={TOTALS['raced']} conflicts={TOTALS['conflicts']} "
             f"sync then overwritten by Nova={TOTALS['overwritten']} lost=0"
         )
-
-
-def enlarge(params, total: int, seed: int) -> None:
-    """Copy the demo specs (new instance uuid, inside the spec too) until there are ``total`` rows."""
-    rng = random.Random(seed)
-    with connect(params, autocommit=False) as conn, conn.cursor() as cur:
-        cur.execute("SELECT created_at, updated_at, spec FROM request_specs ORDER BY id")
-        base = cur.fetchall()
-        rows = []
-        for i in range(total - len(base)):
-            created_at, updated_at, spec = base[i % len(base)]
-            new_uuid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-            document = json.loads(spec)
-            document["nova_object.data"]["instance_uuid"] = new_uuid
-            rows.append((created_at, updated_at, new_uuid, json.dumps(document)))
-        cur.executemany(
-            "INSERT INTO request_specs (created_at, updated_at, instance_uuid, spec) VALUES (%s, %s, %s, %s)", rows
-        )
-        conn.commit()
-    map_instances(params, [row[2] for row in rows])  # instances in cell1: their RequestSpecs are judged
 
 
 def read_table(params) -> dict[int, tuple[str, str]]:
