@@ -159,7 +159,7 @@ MISSING_FROM_CELL = MISSING_INSTANCE_ROW  # the reason db.iter_flavor_rows gives
 def instances_missing_from_cell(api: NovaApiDb, cell_uuid: str, cell: NovaCellDb) -> Iterator[str]:
     """Instances instance_mappings places in this cell that have no instances row there.
 
-    A merge of two uuid-ordered keyset reads, one per database (they may be on different
+    A merge of two uuid-ordered reads, one per database (they may be on different
     servers, so no join): memory stays flat however many instances the cell holds. Both
     columns sort case-insensitively, as lower() does for the ASCII of a uuid.
     """

@@ -624,21 +624,22 @@ class NovaApiDb(NovaDb):
                         )
         return found
 
-    def mapped_instances(self, cell_uuid: str, *, page_size: int = 10_000) -> Iterator[str]:
-        """The uuids of the instances instance_mappings places in this cell, in uuid order, a page at a time."""
-        last = ""
-        while True:
-            with self.conn.cursor() as cur:
-                cur.execute(
-                    "SELECT m.instance_uuid FROM instance_mappings m JOIN cell_mappings c ON c.id = m.cell_id "
-                    "WHERE c.uuid = %s AND m.instance_uuid > %s ORDER BY m.instance_uuid LIMIT %s",
-                    (cell_uuid, last, page_size),
-                )
-                page = [uuid for (uuid,) in cur.fetchall()]
-            yield from page
-            if len(page) < page_size:
-                return
-            last = page[-1]
+    def mapped_instances(self, cell_uuid: str, *, chunk: int = 10_000) -> Iterator[str]:
+        """The uuids of the instances instance_mappings places in this cell, in uuid order.
+
+        One statement, streamed (an unbuffered cursor, ``chunk`` rows at a time): no index
+        holds (cell_id, instance_uuid), so the server sorts the cell's mappings once; keyset
+        pages would sort them again for every page. The connection serves nothing else until
+        the last row is read.
+        """
+        with self.conn.cursor(pymysql.cursors.SSCursor) as cur:
+            cur.execute(
+                "SELECT m.instance_uuid FROM instance_mappings m JOIN cell_mappings c ON c.id = m.cell_id "
+                "WHERE c.uuid = %s ORDER BY m.instance_uuid",
+                (cell_uuid,),
+            )
+            while rows := cur.fetchmany(chunk):
+                yield from (uuid for (uuid,) in rows)
 
     def count_specs(self) -> int:
         """How many request_specs rows there are (for progress; one index scan)."""

@@ -54,7 +54,8 @@ def test_cells_planned_in_workers_make_exactly_the_plan_one_process_makes(demo_c
 def test_one_cell_copy_planned_alone_in_workers_is_the_copy_both_copies_plan(demo_cloud, workers, monkeypatch):
     monkeypatch.setattr(service, "PLAN_WORKERS_FROM", 100)  # the demo's cells are small: force the workers
     together, _ = plan_both(demo_cloud, 1)
-    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}" for name, p in demo_cloud.cells.items()}
+    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}"
+                 for name, p in demo_cloud.cells.items()}
     with service.connect(demo_cloud.api) as api:
         flavors, scope = service.resolve_scope(api, all_keys=True)
         cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
