@@ -173,6 +173,17 @@ def instances_missing_from_cell(api: NovaApiDb, cell_uuid: str, cell: NovaCellDb
             yield uuid
 
 
+def _password_none_hint(cell: Cell) -> str:
+    """Why a template filled from ``user@host`` fails: Nova fills its password with the text None."""
+    if cell.params.password != "None" or "filled from [database] connection" not in cell.source:
+        return ""
+    return (
+        ". Its template was filled, as Nova fills it, from a [database] connection without a password "
+        "(user@host), which gives the password the text 'None': give the password there "
+        "(user:password@host, or user:@host for an empty one), or this cell's own URL"
+    )
+
+
 @contextmanager
 def open_cells(cells: Sequence[Cell]) -> Iterator[dict[str, NovaCellDb]]:
     """Every cell's database, opened and checked (``{cell uuid: NovaCellDb}``), closed at the end.
@@ -190,7 +201,7 @@ def open_cells(cells: Sequence[Cell]) -> Iterator[dict[str, NovaCellDb]]:
                 db.check_schema()
             except NovaFlavorSyncError as exc:  # DatabaseUnavailableError, SchemaError: exit 4
                 db.close()
-                raise type(exc)(f"cell {cell.mapping.label}: {exc}") from None
+                raise type(exc)(f"cell {cell.mapping.label}: {exc}{_password_none_hint(cell)}") from None
             except BaseException:
                 db.close()
                 raise

@@ -103,3 +103,18 @@ def test_no_cell_mappings_at_all_is_refused(demo_cloud):
         cur.execute("DELETE FROM cell_mappings")
     with pytest.raises(ConfigError, match="nova_api has no cell_mappings"):
         locate_cells(mappings_of(demo_cloud))
+
+
+def test_a_template_filled_without_a_password_says_why_it_is_refused(demo_cloud):
+    """Nova fills ``user@host`` with the password text None: an operator should not have to know that."""
+    api = demo_cloud.api
+    cells = locate_cells(mappings_of(demo_cloud), template_url=f"mysql+pymysql://{api.user}@{api.host}:{api.port}/nova")
+    assert cells[2].params.password == "None"
+    with pytest.raises(DatabaseUnavailableError) as refused:
+        with open_cells(cells):
+            pytest.fail("opened a cell with the password 'None'")
+    message = str(refused.value)
+    assert message.startswith("cell cell2 (ada1b992-1bb5-5458-b47a-3407ad251e9e): cannot connect to "), message
+    assert message.endswith("which gives the password the text 'None': give the password there "
+                            "(user:password@host, or user:@host for an empty one), or this cell's own URL"), message
+    assert "root:None@" not in message  # masked, as every URL in a message
