@@ -106,12 +106,12 @@ def back_up(plan, params=None):
 # The id ranges the apply tasks are mapped over: the cells' (written first), then nova_api's.
 @task
 def cell_ranges(plan, params=None):
-    return pipeline.copy_ranges(plan, params["batch_size"], auto_tune=bool(params["batch_seconds"]))["cells"]
+    return pipeline.copy_ranges(plan, params["batch_size"], cells=True, auto_tune=bool(params["batch_seconds"]))
 
 
 @task
 def request_spec_ranges(plan, params=None):
-    return pipeline.copy_ranges(plan, params["batch_size"], auto_tune=bool(params["batch_seconds"]))["nova_api"]
+    return pipeline.copy_ranges(plan, params["batch_size"], cells=False, auto_tune=bool(params["batch_seconds"]))
 
 
 # A failed apply_batch is tried again, on purpose: every try plans its rows again from the

@@ -148,9 +148,8 @@ def summary_lines(plan: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
     for copy in plan["copies"]:
         s = {key: "?" for key in ("rows_read", "to_update", "in_sync", "held_back_only", "orphans",
                                    "left_alone", "errors")} | copy["summary"]
-        what = "request specs" if copy["key"] == "nova_api" else f"instance copies in {copy['where']}"
         lines.append(
-            f"Read {s['rows_read']} {what}: {s['to_update']} to update, {s['in_sync']} in sync, "
+            f"Read {s['rows_read']} {copy['what']}: {s['to_update']} to update, {s['in_sync']} in sync, "
             f"{s['held_back_only']} with only risky changes (held back), {s['orphans']} orphans, "
             f"{s['left_alone']} left alone, {s['errors']} errors"
         )

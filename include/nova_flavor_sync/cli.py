@@ -35,7 +35,6 @@ from nova_flavor_sync.cells import DATABASE_CONNECTION_ENV, CellMapping, parse_c
 from nova_flavor_sync.db import NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_url, redact_url, resolve_db_params
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
-from nova_flavor_sync.plan import CopyPlan
 from nova_flavor_sync.progress import terminal_progress
 from nova_flavor_sync.throttle import (
     DEFAULT_MAX_REPLICA_LAG_S,
@@ -275,7 +274,7 @@ def _sync(
     skipped = sum(plan.skipped for plan in plans)
     if args.verify:
         _log_lines([line for copy in cloud.copies for line in report.summary_lines(
-            copy.plan, what=_what(copy), digest=False)[:1]])
+            copy.plan, what=copy.rows_named, digest=False)[:1]])
         _log_lines([line for line in report.both_copies_lines(cloud) if line.startswith(("Copies disagree", "Both"))])
         _log_lines([report.summary_line(cloud.to_update, skipped, errors)])
         return _pending_code(cloud.to_update, errors)
@@ -338,10 +337,6 @@ def _sync(
     if conflicts or errors or write_errors or after.to_update:
         return ExitCode.INCOMPLETE
     return ExitCode.OK
-
-
-def _what(copy: CopyPlan) -> str:
-    return "request specs" if copy.cell_uuid is None else f"instance copies in {copy.where}"
 
 
 def _restore(

@@ -678,24 +678,29 @@ class NovaCellDb(NovaDb):
                 return
             last = page[-1]
 
-    def busy_instances(self) -> dict[str, str]:
+    def busy_instances(self, uuids: Sequence[str] | None = None) -> dict[str, str]:
         """The cell's instances whose copies must be left alone now, with the reason (few, normally).
 
         Deleted, or in the middle of a resize or migration (``instance_state_reason``).
+        ``uuids``: only among these instances (by their uuid indexes), not the whole cell.
         """
         found: dict[str, str] = {}
+        if uuids is not None and not uuids:
+            return found
+        among, params = ("", ()) if uuids is None else (" AND {} IN %s", (tuple(uuids),))
         with self.conn.cursor() as cur:
             cur.execute(
                 "SELECT uuid, deleted, vm_state, task_state FROM instances "
-                "WHERE deleted != 0 OR vm_state = 'resized' OR task_state IS NOT NULL"
+                "WHERE (deleted != 0 OR vm_state = 'resized' OR task_state IS NOT NULL)" + among.format("uuid"),
+                params,
             )
             for uuid, deleted, vm_state, task_state in cur.fetchall():
                 found[uuid] = instance_state_reason(bool(deleted), vm_state, task_state, None)
             # old or new set: Nova writes '..., "old": null, "new": null}' when neither is
             cur.execute(
                 "SELECT e.instance_uuid, e.flavor FROM instance_extra e "
-                "WHERE e.deleted = 0 AND e.flavor NOT LIKE %s",
-                ('%"old": null, "new": null}',),
+                "WHERE e.deleted = 0 AND e.flavor NOT LIKE %s" + among.format("e.instance_uuid"),
+                ('%"old": null, "new": null}', *params),
             )
             for uuid, flavor in cur.fetchall():
                 reason = instance_state_reason(False, None, None, flavor)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,6 @@ def check_database(params: DbParams, *, cell_sources: CellSources | None = None)
     (``service.copy_keys``); cell0 is counted here, never planned.
     """
     with service.connect(params) as db, service.open_cells_of(db, sources=cell_sources) as cells:
-        db.server_identity()
         labels = {mapping.uuid: mapping.label for mapping, _ in cells}
         for mapping, cell in cells:
             if mapping.is_cell0:
@@ -127,12 +127,11 @@ def plan_copy_to_file(
         reading = Progress(f"Read {key}", every=PROGRESS_EVERY)
         copy = service.plan_copy(db, cells, key, scope, flavors=found, left_alone=left_alone,
                                  progress=reading.update)
-    what = "request specs" if copy.cell_uuid is None else f"instance copies in {copy.where}"
-    for line in report.plan_lines(copy.plan, verbose=True) + report.summary_lines(copy.plan, what=what):
+    for line in report.plan_lines(copy.plan, verbose=True) + report.summary_lines(copy.plan, what=copy.rows_named):
         log.info("%s", line)
     path = save_plan(copy.plan, work_dir)
     log.info("Plan %s of %s saved to %s", copy.plan.digest, copy.where, path)
-    return {"key": copy.key, "where": copy.where, "what": copy.what, "plan_path": str(path),
+    return {"key": copy.key, "where": copy.where, "what": copy.rows_named, "plan_path": str(path),
             "digest": copy.plan.digest, "summary": copy.plan.summary()}
 
 
@@ -173,24 +172,22 @@ def back_up_plans(
     }
 
 
-def copy_ranges(combined: dict[str, Any], batch_size: int, *, auto_tune: bool = False) -> dict[str, list[dict]]:
-    """The mapped apply tasks of a run: ``cells`` (written first) and ``nova_api``, each an id range of one copy.
+def copy_ranges(
+    combined: dict[str, Any], batch_size: int, *, cells: bool, auto_tune: bool = False
+) -> list[dict[str, Any]]:
+    """One mapped apply task's worth of work each: an id range of one copy, of the cells
+    (``cells``, written first) or of nova_api. Only that group's plan files are read.
 
-    Each group stays under MAX_APPLY_TASKS tasks, shared among its copies.
+    The group stays under MAX_APPLY_TASKS tasks, shared among its copies.
     """
-    groups: dict[str, list[dict[str, Any]]] = {"cells": [], "nova_api": []}
-    cells = [c for c in combined["copies"] if c["key"] != API_DATABASE]
-    for copy in combined["copies"]:
-        if not copy["summary"]["to_update"]:
-            continue
-        is_api = copy["key"] == API_DATABASE
-        budget = MAX_APPLY_TASKS if is_api else max(1, MAX_APPLY_TASKS // max(1, len(cells)))
-        for id_range in apply_ranges(copy["plan_path"], batch_size, auto_tune=auto_tune, max_tasks=budget):
-            groups["nova_api" if is_api else "cells"].append(
-                {"key": copy["key"], "where": copy["where"], "plan_path": copy["plan_path"],
-                 "digest": copy["digest"], **id_range}
-            )
-    return groups
+    copies = [c for c in combined["copies"] if (c["key"] != API_DATABASE) == cells]
+    budget = max(1, MAX_APPLY_TASKS // max(1, len(copies)))
+    return [
+        {"key": copy["key"], "where": copy["where"], "plan_path": copy["plan_path"], "digest": copy["digest"],
+         **id_range}
+        for copy in copies if copy["summary"]["to_update"]
+        for id_range in apply_ranges(copy["plan_path"], batch_size, auto_tune=auto_tune, max_tasks=budget)
+    ]
 
 
 def apply_ranges(
@@ -309,10 +306,9 @@ def drift_summary(
 
 
 def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
+    total: Counter[str] = Counter()
     for part in counts:
-        for name, count in part.items():
-            total[name] = total.get(name, 0) + count
+        total.update(part)
     return dict(sorted(total.items()))
 
 

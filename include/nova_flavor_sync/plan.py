@@ -192,26 +192,11 @@ class ChangeList:
         if self._file is None:
             yield from list(self._rows)
             return
-        self._flush()
-        self._file.flush()
-        fd, offset, buffer = self._file.fileno(), 0, b""
-        head, diffs = self._HEAD, self._diffs
-        while True:
-            chunk = os.pread(fd, self._CHUNK, offset)
-            if not chunk:
-                break
-            offset += len(chunk)
-            buffer += chunk
-            at = 0
-            while at + head.size <= len(buffer):
-                row_id, old, new, index, uuid_len = head.unpack_from(buffer, at)
-                end = at + head.size + uuid_len
-                if end > len(buffer):
-                    break
-                uuid = buffer[at + head.size : end].decode("utf-8")
+        size, diffs = self._HEAD.size, self._diffs
+        for buffer, records in self._spooled_records():
+            for at, row_id, old, new, index, uuid_len in records:
+                uuid = buffer[at + size : at + size + uuid_len].decode("utf-8")
                 yield RowChange(row_id, uuid, old.hex(), new.hex(), diffs[index])
-                at = end
-            buffer = buffer[at:]
 
     def extend_from(self, other: ChangeList, digest: PlanDigest | None = None) -> None:
         """Append every change of ``other``, in order (adding each to ``digest``): what merging plans does.
@@ -242,10 +227,9 @@ class ChangeList:
             self._rows = []
         self._count += other._count
         head, pending = self._HEAD, self._pending
-        for buffer, starts in other._record_chunks():
+        for buffer, records in other._spooled_records():
             lines = []
-            for at in starts:
-                row_id, old, new, index, uuid_len = head.unpack_from(buffer, at)
+            for at, row_id, old, new, index, uuid_len in records:
                 end = at + head.size + uuid_len
                 pending.append(head.pack(row_id, old, new, remap[index], uuid_len) + buffer[at + head.size : end])
                 lines.append(f"{row_id} {old.hex()} {new.hex()}\n")
@@ -255,8 +239,9 @@ class ChangeList:
                 self._flush()
                 pending = self._pending
 
-    def _record_chunks(self) -> Iterator[tuple[bytes, list[int]]]:
-        """The spooled records a chunk at a time: (bytes, where each whole record in them starts)."""
+    def _spooled_records(self) -> Iterator[tuple[bytes, list[tuple[int, int, bytes, bytes, int, int]]]]:
+        """The spooled records a chunk at a time: (the bytes, each whole record in them as
+        (where it starts, id, old sha256, new sha256, diff index, uuid length)); its uuid follows its head."""
         self._flush()
         self._file.flush()
         fd, offset, buffer = self._file.fileno(), 0, b""
@@ -267,14 +252,15 @@ class ChangeList:
                 break
             offset += len(chunk)
             buffer += chunk
-            at, starts = 0, []
+            at, records = 0, []
             while at + head.size <= len(buffer):
-                end = at + head.size + head.unpack_from(buffer, at)[4]
+                fields = head.unpack_from(buffer, at)
+                end = at + head.size + fields[4]
                 if end > len(buffer):
                     break
-                starts.append(at)
+                records.append((at, *fields))
                 at = end
-            yield buffer, starts
+            yield buffer, records
             buffer = buffer[at:]
 
     def __getitem__(self, index: int | slice) -> Any:
@@ -423,6 +409,11 @@ class CopyPlan:
     @property
     def what(self) -> str:
         return "RequestSpecs" if self.cell_uuid is None else "Instance copies"
+
+    @property
+    def rows_named(self) -> str:
+        """How reports name its rows: ``request specs``, ``instance copies in cell1 (<uuid>)``."""
+        return "request specs" if self.cell_uuid is None else f"instance copies in {self.where}"
 
     @property
     def key(self) -> str:

@@ -92,10 +92,9 @@ def cloud_plan_lines(cloud: CloudPlan, *, verbose: bool) -> list[str]:
     """
     lines: list[str] = []
     for copy in cloud.copies:
-        what = "request specs" if copy.cell_uuid is None else f"instance copies in {copy.where}"
         lines += [f"== {copy.what} in {copy.where} =="] if copy.cell_uuid is not None else []
         lines += plan_lines(copy.plan, verbose=verbose)
-        lines += summary_lines(copy.plan, what=what, digest=False)
+        lines += summary_lines(copy.plan, what=copy.rows_named, digest=False)
     return lines + both_copies_lines(cloud)
 
 

@@ -505,8 +505,9 @@ def explain_conflicts(
     if not ids:
         return []
     planner = RowPlanner(db.load_flavors() if flavors is None else flavors, scope, db.COPY.layout)  # type: ignore[attr-defined]
-    busy = db.busy_instances() if isinstance(db, NovaCellDb) else {}
     current = db.read_specs(ids)
+    # only these rows' instances: explaining a few conflicts must not scan the whole cell
+    busy = db.busy_instances([uuid for uuid, _, _ in current.values()]) if isinstance(db, NovaCellDb) else {}
     notes = []
     for row_id in ids:
         if row_id not in current:
@@ -591,9 +592,8 @@ def restore(
 
 def _read_back_different(db: NovaDb, expected: Mapping[int, str]) -> list[int]:
     """The rows whose bytes are not those expected (by sha256), read a page at a time."""
-    ids, different = sorted(expected), []
-    for start in range(0, len(ids), DEFAULT_PAGE_SIZE):
-        page = ids[start : start + DEFAULT_PAGE_SIZE]
+    different = []
+    for page in batched(sorted(expected), DEFAULT_PAGE_SIZE):
         current = db.read_specs(page, with_updated_at=False)
         different += [i for i in page if i not in current or sha256_text(current[i][1]) != expected[i]]
     return different
