@@ -194,37 +194,39 @@ def nova_database_connection(server: dict[str, Any] | DbParams) -> str:
     return f"mysql+pymysql://{auth}@{server['host']}:{server['port']}/nova"
 
 
+@contextmanager
+def opened_cloud(params: DbParams, *, all_keys: bool = True):
+    """A test's demo cloud opened as the command line opens it (its cell_mappings, cell2's
+    template filled): ``(nova_api, [(mapping, cell db)], flavors, scope)``."""
+    from nova_flavor_sync import service
+
+    with service.connect(params) as db, \
+            service.open_cells_of(db, template_url=nova_database_connection(params)) as cells:
+        flavors, scope = service.resolve_scope(db, all_keys=all_keys)
+        yield db, cells, flavors, scope
+
+
 def plan_request_specs(params: DbParams, *, all_keys: bool = True):
     """The RequestSpecs' plan as the CLI makes it: with every cell open, busy instances left alone."""
     from nova_flavor_sync import service
-    from nova_flavor_sync.cells import locate_cells, open_cells, read_cell_mappings
 
-    with service.connect(params) as db:
-        flavors, scope = service.resolve_scope(db, all_keys=all_keys)
-        cells = locate_cells(read_cell_mappings(db), template_url=nova_database_connection(params))
-        with open_cells(cells) as opened:
-            both = service.plan_both_copies(db, [(c.mapping, opened[c.mapping.uuid]) for c in cells], scope,
-                                            flavors=flavors)
-    return both.copies[0].plan
+    with opened_cloud(params, all_keys=all_keys) as (db, cells, flavors, scope):
+        return service.plan_both_copies(db, cells, scope, flavors=flavors).copies[0].plan
 
 
 def stale_copies(params: DbParams, *, all_keys: bool = True) -> int:
     """How many flavor copies (both copies, every cell) a run would rewrite now."""
     from nova_flavor_sync import service
 
-    with service.connect(params) as db, \
-            service.open_cells_of(db, template_url=nova_database_connection(params)) as cells:
-        _, scope = service.resolve_scope(db, all_keys=all_keys)
-        return service.plan_both_copies(db, cells, scope).to_update
+    with opened_cloud(params, all_keys=all_keys) as (db, cells, flavors, scope):
+        return service.plan_both_copies(db, cells, scope, flavors=flavors).to_update
 
 
 def sync_both_copies(params: DbParams, *, all_keys: bool = True, backup_dir=None):
     """Sync both copies with the engine, as the CLI does: (the plan, the backup or None)."""
     from nova_flavor_sync import service
 
-    with service.connect(params) as db, \
-            service.open_cells_of(db, template_url=nova_database_connection(params)) as cells:
-        flavors, scope = service.resolve_scope(db, all_keys=all_keys)
+    with opened_cloud(params, all_keys=all_keys) as (db, cells, flavors, scope):
         cloud = service.plan_both_copies(db, cells, scope, flavors=flavors)
         databases = service.databases_of(db, cells)
         backup = None if backup_dir is None else service.back_up_copies(

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dbtools import connect
+from dbtools import connect, opened_cloud
 from nova_flavor_sync import service
 from nova_flavor_sync.db import NovaCellDb
 
@@ -95,15 +95,8 @@ def test_both_copies_of_busy_deleted_unbuilt_and_cell0_instances_are_left_alone(
 
 
 def plan_cloud(cloud):
-    from nova_flavor_sync.cells import locate_cells, open_cells, read_cell_mappings
-
-    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}" for name, p in cloud.cells.items()}
-    with service.connect(cloud.api) as api:
-        flavors, scope = service.resolve_scope(api, all_keys=True)
-        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
-        with open_cells(cells) as opened:
-            return service.plan_both_copies(api, [(c.mapping, opened[c.mapping.uuid]) for c in cells], scope,
-                                            flavors=flavors)
+    with opened_cloud(cloud.api) as (api, cells, flavors, scope):
+        return service.plan_both_copies(api, cells, scope, flavors=flavors)
 
 
 def test_one_plan_for_both_copies_reports_each_cell_and_one_digest(demo_cloud):
@@ -193,21 +186,13 @@ def test_an_instance_its_cell_has_no_row_for_keeps_both_copies(demo_cloud):
 def test_a_run_of_both_copies_explains_a_conflict_in_an_instance_copy_with_nova_api_s_flavors(demo_cloud):
     """apply_copies (the command line's write) meets a conflict in a cell: a cell database has no
     flavors, so the conflict is re-planned with nova_api's (it raised AttributeError before)."""
-    from nova_flavor_sync.cells import locate_cells, open_cells, read_cell_mappings
-
-    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}"
-                 for name, p in demo_cloud.cells.items()}
-    with service.connect(demo_cloud.api) as api:
-        flavors, scope = service.resolve_scope(api, all_keys=True)
-        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
-        with open_cells(cells) as opened:
-            pairs = [(c.mapping, opened[c.mapping.uuid]) for c in cells]
-            cloud = service.plan_both_copies(api, pairs, scope, flavors=flavors)
-            cell1 = next(c for c in cloud.copies if c.where.startswith("cell1"))
-            moving = next(iter(cell1.plan.changes))
-            with connect(demo_cloud.cells["cell1"]) as conn, conn.cursor() as cur:  # Nova starts a live migration
-                cur.execute("UPDATE instances SET task_state = 'migrating' WHERE uuid = %s", (moving.instance_uuid,))
-            applied = service.apply_copies(service.databases_of(api, pairs), cloud.copies)
+    with opened_cloud(demo_cloud.api) as (api, pairs, flavors, scope):
+        cloud = service.plan_both_copies(api, pairs, scope, flavors=flavors)
+        cell1 = next(c for c in cloud.copies if c.where.startswith("cell1"))
+        moving = next(iter(cell1.plan.changes))
+        with connect(demo_cloud.cells["cell1"]) as conn, conn.cursor() as cur:  # Nova starts a live migration
+            cur.execute("UPDATE instances SET task_state = 'migrating' WHERE uuid = %s", (moving.instance_uuid,))
+        applied = service.apply_copies(service.databases_of(api, pairs), cloud.copies)
 
     done = next(d for d in applied if d.copy is cell1)
     assert done.result.conflicts == [moving.id]

@@ -11,23 +11,18 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from dbtools import connect
+from dbtools import connect, opened_cloud
 from nova_flavor_sync import service
-from nova_flavor_sync.cells import instances_to_leave_alone, locate_cells, open_cells, read_cell_mappings
+from nova_flavor_sync.cells import instances_to_leave_alone
 from nova_flavor_sync.db import CELL0_UUID, NovaCellDb
 from nova_flavor_sync.plan_worker import split_ids
 
 
 def plan_both(cloud, workers):
-    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}" for name, p in cloud.cells.items()}
-    with service.connect(cloud.api) as api:
-        flavors, scope = service.resolve_scope(api, all_keys=True)
-        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
-        with open_cells(cells) as opened:
-            mapped = [(c.mapping, opened[c.mapping.uuid]) for c in cells]
-            both = service.plan_both_copies(api, mapped, scope, flavors=flavors, workers=workers)
-            left_alone = instances_to_leave_alone(api, opened)
-            by_scan = service.make_plan(api, scope, flavors=flavors, left_alone=left_alone, workers=1)
+    with opened_cloud(cloud.api) as (api, mapped, flavors, scope):
+        both = service.plan_both_copies(api, mapped, scope, flavors=flavors, workers=workers)
+        left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in mapped})
+        by_scan = service.make_plan(api, scope, flavors=flavors, left_alone=left_alone, workers=1)
     return both, by_scan
 
 
@@ -54,16 +49,10 @@ def test_cells_planned_in_workers_make_exactly_the_plan_one_process_makes(demo_c
 def test_one_cell_copy_planned_alone_in_workers_is_the_copy_both_copies_plan(demo_cloud, workers, monkeypatch):
     monkeypatch.setattr(service, "PLAN_WORKERS_FROM", 100)  # the demo's cells are small: force the workers
     together, _ = plan_both(demo_cloud, 1)
-    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}"
-                 for name, p in demo_cloud.cells.items()}
-    with service.connect(demo_cloud.api) as api:
-        flavors, scope = service.resolve_scope(api, all_keys=True)
-        cells = locate_cells(read_cell_mappings(api), cell_urls=cell_urls)
-        with open_cells(cells) as opened:
-            mapped = [(c.mapping, opened[c.mapping.uuid]) for c in cells]
-            left_alone = instances_to_leave_alone(api, opened)
-            alone = [service.plan_copy(api, mapped, key, scope, flavors=flavors, left_alone=left_alone, workers=workers)
-                     for key in service.copy_keys(mapped)]
+    with opened_cloud(demo_cloud.api) as (api, mapped, flavors, scope):
+        left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in mapped})
+        alone = [service.plan_copy(api, mapped, key, scope, flavors=flavors, left_alone=left_alone, workers=workers)
+                 for key in service.copy_keys(mapped)]
     assert [c.key for c in alone] == [c.key for c in together.copies]
     for mine, theirs in zip(alone, together.copies, strict=True):
         assert summary(mine.plan) == summary(theirs.plan), mine.where

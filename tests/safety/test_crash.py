@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import connect, copies_hash, nova_database_connection
+from dbtools import connect, copies_hash, opened_cloud
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import load_backup
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC, rewrite_extra_specs, sha256_text
@@ -87,9 +87,7 @@ def read_copies(params) -> dict[tuple[str, int], str]:
 
 def plan_both(params):
     """The plan of both copies, as the CLI makes it, and each cell's label by its uuid."""
-    with service.connect(params) as db, \
-            service.open_cells_of(db, template_url=nova_database_connection(params)) as cells:
-        flavors, scope = service.resolve_scope(db, all_keys=True)
+    with opened_cloud(params) as (db, cells, flavors, scope):
         cloud = service.plan_both_copies(db, cells, scope, flavors=flavors)
         return cloud, {mapping.uuid: mapping.name for mapping, _ in cells}
 
