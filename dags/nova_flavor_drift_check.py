@@ -21,15 +21,15 @@ from nova_flavor_sync_airflow import (
     db_params,
 )
 
-from nova_flavor_sync import pipeline
+from nova_flavor_sync import service
 
 
 @task
 def check_drift(params=None):
-    summary = pipeline.drift_summary(db_params(params), all_keys=params["all_keys"],
+    summary = service.drift_summary(db_params(params), all_keys=params["all_keys"],
                                      cell_sources=cell_sources(params))
     get_current_context()["ti"].xcom_push(key="summary", value=summary)  # kept when the task fails
-    return pipeline.fail_on_drift(summary)
+    return service.fail_on_drift(summary)
 
 
 with DAG(

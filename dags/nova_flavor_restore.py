@@ -22,15 +22,17 @@ from nova_flavor_sync_airflow import (
     conn_id_param,
     database_conn_id_param,
     db_params,
+    pace_settings,
+    pacing_params,
+    replica_params,
 )
 
-from nova_flavor_sync import pipeline
-from nova_flavor_sync.service import MAX_BATCH_SIZE
+from nova_flavor_sync import service
 
 
 @task
 def check_backup(params=None):
-    return pipeline.restore_backup(db_params(params), params["backup_path"], run=False, force=params["force"],
+    return service.restore_backup(db_params(params), params["backup_path"], run=False, force=params["force"],
                                    cell_sources=cell_sources(params))
 
 
@@ -44,9 +46,9 @@ def should_restore(checked, params=None):
 
 @task
 def restore(params=None):
-    return pipeline.restore_backup(
+    return service.restore_backup(
         db_params(params), params["backup_path"], run=True, force=params["force"], batch_size=params["batch_size"],
-        cell_sources=cell_sources(params),
+        pace=pace_settings(params), replicas=replica_params(params), cell_sources=cell_sources(params),
     )
 
 
@@ -67,7 +69,7 @@ with DAG(
                              description="Backup file (Browse > Flavor sync backups lists them)"),
         "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),
         "force": Param(False, type="boolean", description="Also restore rows changed since the sync"),
-        "batch_size": Param(500, type="integer", minimum=1, maximum=MAX_BATCH_SIZE),
+        **pacing_params(),  # paced as a sync's writes are
     },
 ) as dag:
     checked = check_backup()

@@ -27,29 +27,25 @@ import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
 from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
 from nova_flavor_sync_airflow import (
-    NovaApiDbHook,
     RecordedApprovalOperator,
+    apply_parallelism,
+    backups_dir,
     cell_conn_ids_param,
     cell_sources,
+    combine_plans,
     conn_id_param,
+    copy_ranges,
     database_conn_id_param,
     db_params,
+    pace_settings,
+    pacing_params,
+    plans_dir,
+    replica_params,
+    sync_outcome,
 )
 
-from nova_flavor_sync import pipeline
+from nova_flavor_sync import service
 from nova_flavor_sync.errors import BackupError, ConfigError, SchemaError, UsageError
-from nova_flavor_sync.throttle import (  # one source for every pacing default and limit
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_REPLICA_LAG_S,
-    DEFAULT_MAX_THREADS_RUNNING,
-    DEFAULT_MAX_WAIT_S,
-    DEFAULT_TARGET_BATCH_S,
-    MAX_BATCH_SIZE,
-    MAX_PAUSE_S,
-    MAX_REPLICA_LAG_S,
-    MAX_TARGET_BATCH_S,
-    MAX_WAIT_S,
-)
 
 STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
 UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
@@ -57,15 +53,15 @@ UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-
 
 @task
 def check_db(params=None):
-    return pipeline.check_database(db_params(params), cell_sources=cell_sources(params))
+    return service.check_database(db_params(params), cell_sources=cell_sources(params))
 
 
 @task(map_index_template="{{ copy_where }}")
 def make_plan(copy, params=None):
     get_current_context()["copy_where"] = copy["where"]
-    return pipeline.plan_copy_to_file(
+    return service.plan_copy_to_file(
         db_params(params),
-        pipeline.plans_dir(),
+        plans_dir(),
         copy["key"],
         flavors=params["flavors"],
         instances=params["instances"],
@@ -75,9 +71,9 @@ def make_plan(copy, params=None):
     )
 
 
-@task
-def combine_plans(copies):
-    return pipeline.combine_plans(list(copies))
+@task(task_id="combine_plans")
+def combine(copies):
+    return combine_plans(list(copies))
 
 
 # Only back_up is skipped directly; the rest follow their trigger rules, so report_outcome
@@ -99,19 +95,19 @@ def back_up(plan, params=None):
     if not params["backup"]:
         print("backup=false: writing without a backup file")
         return {"backup_path": None, "records": 0, "diverged": {}}
-    return pipeline.back_up_plans(db_params(params), plan, pipeline.backups_dir(),
+    return service.back_up_plans(db_params(params), plan, backups_dir(),
                                   cell_sources=cell_sources(params))
 
 
 # The id ranges the apply tasks are mapped over: the cells' (written first), then nova_api's.
 @task
 def cell_ranges(plan, params=None):
-    return pipeline.copy_ranges(plan, params["batch_size"], cells=True, auto_tune=bool(params["batch_seconds"]))
+    return copy_ranges(plan, params["batch_size"], cells=True, auto_tune=bool(params["batch_seconds"]))
 
 
 @task
 def request_spec_ranges(plan, params=None):
-    return pipeline.copy_ranges(plan, params["batch_size"], cells=False, auto_tune=bool(params["batch_seconds"]))
+    return copy_ranges(plan, params["batch_size"], cells=False, auto_tune=bool(params["batch_seconds"]))
 
 
 # A failed apply_batch is tried again, on purpose: every try plans its rows again from the
@@ -137,7 +133,7 @@ def _apply(id_range, params):
     approved = ti.xcom_pull(task_ids="combine_plans")["digest"]
     backup = ti.xcom_pull(task_ids="back_up")
     print(f"Plan {approved} approved by {answer['by']} at {answer['at']}; applying {context['id_range']}")
-    return pipeline.apply_range(
+    return service.apply_range(
         db_params(params),
         id_range["plan_path"],
         id_range["digest"],  # this copy's part of the approved digest
@@ -148,8 +144,8 @@ def _apply(id_range, params):
         exclude_ids=(backup["diverged"] or {}).get(id_range["key"], []),
         batch_size=params["batch_size"],
         verbose=params["verbose"],
-        pace=pipeline.pace_settings(params),
-        replicas=[NovaApiDbHook(conn_id).get_db_params() for conn_id in params["replica_conn_ids"]],
+        pace=pace_settings(params),
+        replicas=replica_params(params),
         pause_first=ti.map_index > 0,  # the pause falls between two ranges too
     )
 
@@ -159,7 +155,7 @@ def _apply(id_range, params):
 # once: of several cells side by side, or of one copy.
 APPLY_TASK = {
     "map_index_template": "{{ id_range }}",
-    "max_active_tis_per_dagrun": pipeline.apply_parallelism(),
+    "max_active_tis_per_dagrun": apply_parallelism(),
     "retries": APPLY_RETRIES,
     "retry_delay": APPLY_RETRY_DELAY,
     "retry_exponential_backoff": 2.0,
@@ -185,7 +181,7 @@ def apply_request_specs(id_range, params=None):
 # task); skipped on a dry run or a Reject, where every upstream is skipped.
 @task(trigger_rule="none_failed_min_one_success")
 def verify(plan_path, params=None):  # the scope of the run's plan, both copies read again
-    return pipeline.verify(db_params(params), plan_path, cell_sources=cell_sources(params))
+    return service.verify(db_params(params), plan_path, cell_sources=cell_sources(params))
 
 
 # The run's only last task, so Airflow judges the run by it: it fails when the sync did not
@@ -194,7 +190,7 @@ def verify(plan_path, params=None):  # the scope of the run's plan, both copies 
 def report_outcome(params=None):
     ti = get_current_context()["ti"]
     applied = [ti.xcom_pull(task_ids=task_id) for task_id in ("apply_cells", "apply_request_specs")]
-    return pipeline.sync_outcome(
+    return sync_outcome(
         ti.xcom_pull(task_ids="combine_plans"),
         dry_run=params["dry_run"],
         backed_up=ti.xcom_pull(task_ids="back_up"),
@@ -224,26 +220,13 @@ with DAG(
         "instances": Param([], type="array", items={"type": "string", "pattern": UUID_PATTERN},
                            description="Instance UUIDs; empty = all"),
         "key_prefixes": Param([], **STRINGS, description="Only keys starting with these; empty = all"),
-        "batch_size": Param(DEFAULT_BATCH_SIZE, type="integer", minimum=1, maximum=MAX_BATCH_SIZE,
-                            description="Rows per write transaction (the first one, when batch_seconds is set)"),
-        "batch_seconds": Param(DEFAULT_TARGET_BATCH_S, type="number", minimum=0, maximum=MAX_TARGET_BATCH_S,
-                               description="Size the batches so each takes about this long; 0 = fixed batch_size"),
-        "pause_seconds": Param(0, type="number", minimum=0, maximum=MAX_PAUSE_S,
-                               description="Sleep between two batches"),
-        "max_threads_running": Param(DEFAULT_MAX_THREADS_RUNNING, type="integer", minimum=0, maximum=1_000_000,
-                                     description="Wait while the server's Threads_running is above this; 0 = off"),
-        "replica_conn_ids": Param([], **STRINGS, description="Connections (type mysql) of replicas to watch"),
-        "max_replica_lag": Param(DEFAULT_MAX_REPLICA_LAG_S, type="number", minimum=0, maximum=MAX_REPLICA_LAG_S,
-                                 description="Wait while a replica is more seconds behind than this"),
-        "flow_control_pause": Param(True, type="boolean", description="Wait while Galera flow control is active"),
-        "max_load_wait": Param(DEFAULT_MAX_WAIT_S, type="number", minimum=1, maximum=MAX_WAIT_S,
-                               description="Fail the batch if the server stays loaded longer than this (seconds)"),
+        **pacing_params(),
         "backup": Param(True, type="boolean", description="Back up the rows before writing"),
         "verbose": Param(False, type="boolean", description="Log progress after every write batch"),
     },
 ) as dag:
     copies = check_db()
-    planned = combine_plans(make_plan.expand(copy=copies))
+    planned = combine(make_plan.expand(copy=copies))
     saved = back_up(planned)
     approve = RecordedApprovalOperator(
         task_id="approve",

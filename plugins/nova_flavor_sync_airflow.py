@@ -1,13 +1,24 @@
-"""Airflow pieces the nova_flavor_sync DAGs share: the database hook and a recorded approval.
+"""What only Airflow needs, in one place: everything the DAGs share that the engine does not.
 
-Both are thin: the hook turns the ``nova_api_db`` Connection into the engine's DbParams
-(UI, ``AIRFLOW_CONN_NOVA_API_DB`` as JSON or URI, or a secrets backend: Airflow looks it
-up), and the approval records who answered, when and what, even on Reject, when Airflow's
-ApprovalOperator skips downstream tasks without writing any XCom.
+- the database hook: the ``nova_api_db`` Connection as the engine's DbParams (UI,
+  ``AIRFLOW_CONN_NOVA_API_DB`` as JSON or URI, or a secrets backend: Airflow looks it up),
+  and the params that name Connections and pace writes;
+- where the plans and backups live (``$NOVA_FLAVOR_SYNC_DIR``), shared by every worker;
+- how a plan becomes mapped apply tasks (id ranges, the mapped-task limit, parallelism);
+- the run's one digest over both copies, its approval body, and its outcome;
+- an approval that records who answered, when and what, even on Reject, when Airflow's
+  ApprovalOperator skips downstream tasks without writing any XCom.
+
+The engine (``nova_flavor_sync``) imports nothing from here.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -15,9 +26,31 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseHook, Param
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from nova_flavor_sync import report
 from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, DEFAULT_DATABASE_CONN_ID, params_from_connection
+from nova_flavor_sync.backup import API_DATABASE, HOME_DIR
 from nova_flavor_sync.cells import CellSources
 from nova_flavor_sync.dburl import DbParams
+from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
+from nova_flavor_sync.plan import cloud_digest
+from nova_flavor_sync.plan_file import load_plan_ids
+from nova_flavor_sync.policy import RiskClass
+from nova_flavor_sync.service import summed
+from nova_flavor_sync.throttle import (  # one source for every pacing default and limit
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_REPLICA_LAG_S,
+    DEFAULT_MAX_THREADS_RUNNING,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_TARGET_BATCH_S,
+    MAX_BATCH_SIZE,
+    MAX_PAUSE_S,
+    MAX_REPLICA_LAG_S,
+    MAX_TARGET_BATCH_S,
+    MAX_WAIT_S,
+    PaceSettings,
+)
+
+log = logging.getLogger(__name__)
 
 
 class NovaApiDbHook(BaseHook):
@@ -88,6 +121,247 @@ def cell_sources(params: dict[str, Any]) -> CellSources:
                    for cell, conn_id in (params.get("cell_conn_ids") or {}).items()},
     )
 
+
+def pacing_params() -> dict[str, Param]:
+    """The params that pace writes (the sync's and the restore's), their defaults and limits from ``throttle``."""
+    return {
+        "batch_size": Param(DEFAULT_BATCH_SIZE, type="integer", minimum=1, maximum=MAX_BATCH_SIZE,
+                            description="Rows per write transaction (the first one, when batch_seconds is set)"),
+        "batch_seconds": Param(DEFAULT_TARGET_BATCH_S, type="number", minimum=0, maximum=MAX_TARGET_BATCH_S,
+                               description="Size the batches so each takes about this long; 0 = fixed batch_size"),
+        "pause_seconds": Param(0, type="number", minimum=0, maximum=MAX_PAUSE_S,
+                               description="Sleep between two batches"),
+        "max_threads_running": Param(DEFAULT_MAX_THREADS_RUNNING, type="integer", minimum=0, maximum=1_000_000,
+                                     description="Wait while the server's Threads_running is above this; 0 = off"),
+        "replica_conn_ids": Param([], type="array", items={"type": "string", "minLength": 1},
+                                  description="Connections (type mysql) of replicas to watch"),
+        "max_replica_lag": Param(DEFAULT_MAX_REPLICA_LAG_S, type="number", minimum=0, maximum=MAX_REPLICA_LAG_S,
+                                 description="Wait while a replica is more seconds behind than this"),
+        "flow_control_pause": Param(True, type="boolean", description="Wait while Galera flow control is active"),
+        "max_load_wait": Param(DEFAULT_MAX_WAIT_S, type="number", minimum=1, maximum=MAX_WAIT_S,
+                               description="Fail the batch if the server stays loaded longer than this (seconds)"),
+    }
+
+
+def replica_params(params: dict[str, Any]) -> list[DbParams]:
+    """The replicas a run's writes watch (``replica_conn_ids``); call it inside a task."""
+    return [NovaApiDbHook(conn_id).get_db_params() for conn_id in params.get("replica_conn_ids") or ()]
+
+
+# Where the DAGs keep plans and backups; shared storage when several workers run tasks.
+DATA_DIR_ENV = "NOVA_FLAVOR_SYNC_DIR"
+
+
+DEFAULT_DATA_DIR = str(HOME_DIR)
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def plans_dir() -> Path:
+    return data_dir() / "plans"
+
+
+def backups_dir() -> Path:
+    return data_dir() / "backups"
+
+
+# Airflow creates at most core.max_map_length (1024 by default) mapped tasks: stay below.
+MAX_APPLY_TASKS = 1000
+
+
+# How many apply_batch tasks of one run may write at once (read when the DAG is parsed).
+# 1, the default, is one paced writer. More run disjoint id ranges side by side, on as many
+# workers (CeleryExecutor, KubernetesExecutor): no two touch the same row, each paces
+# itself, and each sees the others' load in Threads_running.
+APPLY_PARALLELISM_ENV = "NOVA_FLAVOR_SYNC_APPLY_PARALLELISM"
+
+
+MAX_APPLY_PARALLELISM = 32
+
+
+def apply_parallelism() -> int:
+    """``$NOVA_FLAVOR_SYNC_APPLY_PARALLELISM`` (1 to 32, default 1); a bad value fails the DAG's import."""
+    raw = os.environ.get(APPLY_PARALLELISM_ENV, "").strip() or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_APPLY_PARALLELISM:
+        raise ValueError(
+            f"{APPLY_PARALLELISM_ENV} must be a whole number from 1 to {MAX_APPLY_PARALLELISM}, not {raw!r}"
+        )
+    return int(raw)
+
+
+def combine_plans(copies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run's one plan over both copies: its digest (what the approval binds), counts, approval body.
+
+    ``copies``: what ``plan_copy_to_file`` returned for each copy, in plan order (nova_api first).
+    """
+    copies = sorted(copies, key=lambda c: c["key"] != API_DATABASE)  # mapped results come in map order
+    digest = cloud_digest((c["key"], c["digest"]) for c in copies)
+    to_update = sum(c["summary"]["to_update"] for c in copies)
+    summary = {"digest": digest, "to_update": to_update,
+               "copies": {c["where"]: c["summary"]["to_update"] for c in copies}}
+    log.info("Both copies: %d to update (%s); plan digest %s", to_update,
+             ", ".join(f"{c['where']}={c['summary']['to_update']}" for c in copies), digest)
+    return {"digest": digest, "summary": summary, "copies": list(copies),
+            "approval_body": approval_body(copies, digest)}
+
+
+def copy_ranges(
+    combined: dict[str, Any], batch_size: int, *, cells: bool, auto_tune: bool = False
+) -> list[dict[str, Any]]:
+    """One mapped apply task's worth of work each: an id range of one copy, of the cells
+    (``cells``, written first) or of nova_api. Only that group's plan files are read.
+
+    The group stays under MAX_APPLY_TASKS tasks, shared among its copies.
+    """
+    copies = [c for c in combined["copies"] if (c["key"] != API_DATABASE) == cells]
+    budget = max(1, MAX_APPLY_TASKS // max(1, len(copies)))
+    return [
+        {"key": copy["key"], "where": copy["where"], "plan_path": copy["plan_path"], "digest": copy["digest"],
+         **id_range}
+        for copy in copies if copy["summary"]["to_update"]
+        for id_range in apply_ranges(copy["plan_path"], batch_size, auto_tune=auto_tune, max_tasks=budget)
+    ]
+
+
+def apply_ranges(
+    plan_path: str, batch_size: int, *, auto_tune: bool = False, max_tasks: int = MAX_APPLY_TASKS
+) -> list[dict[str, Any]]:
+    """Split a plan file's rows into id ranges, one per mapped apply task (at most ``max_tasks``).
+
+    A task gets ``batch_size`` rows, or, when its batches are auto-tuned, as many as the
+    largest batch may hold: the tuning happens within a task and needs room to grow.
+    """
+    ids = load_plan_ids(Path(plan_path))
+    per_task = max(MAX_BATCH_SIZE if auto_tune else batch_size, math.ceil(len(ids) / max_tasks))
+    return [
+        {"first_id": chunk[0], "last_id": chunk[-1], "rows": len(chunk)}
+        for chunk in (ids[i : i + per_task] for i in range(0, len(ids), per_task))
+    ]
+
+
+def pace_settings(params: Mapping[str, Any]) -> PaceSettings:
+    """PaceSettings from the nova_flavor_sync DAG's params (UsageError, failing the task, if unusable).
+
+    ``batch_seconds`` 0 keeps ``batch_size`` fixed; ``max_threads_running`` 0 does not check it.
+    """
+    target = params.get("batch_seconds", DEFAULT_TARGET_BATCH_S)
+    threads = params.get("max_threads_running", DEFAULT_MAX_THREADS_RUNNING)
+    return PaceSettings(
+        batch_size=params["batch_size"],
+        target_batch_s=target or None,
+        pause_s=params.get("pause_seconds", 0.0),
+        max_threads_running=threads or None,
+        max_replica_lag_s=params.get("max_replica_lag", DEFAULT_MAX_REPLICA_LAG_S),
+        pause_on_flow_control=params.get("flow_control_pause", True),
+        max_wait_s=params.get("max_load_wait", DEFAULT_MAX_WAIT_S),
+    )
+
+
+class SyncFailedError(NovaFlavorSyncError):
+    """A sync run whose planning, backup, approval, writes or verify failed: fails the run."""
+
+    exit_code = ExitCode.INCOMPLETE
+
+
+# The outcomes of a nova_flavor_sync run that leave it green; any other fails the run.
+SUCCESSFUL_OUTCOMES = frozenset({"dry_run", "in_sync", "rejected", "applied"})
+
+
+def sync_outcome(
+    plan: dict[str, Any] | None,
+    *,
+    dry_run: bool,
+    backed_up: dict[str, Any] | None,
+    answer: dict[str, Any] | None,
+    applied: Sequence[dict[str, Any]] | dict[str, Any] | None,
+    verified: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What a nova_flavor_sync run did, in one unmistakable line (logged, returned).
+
+    The arguments are what the run's tasks returned (None: the task failed or never ran).
+    Raises SyncFailedError, after logging the line, unless the run planned only, found
+    nothing to do, was rejected, or applied the plan and verify found no drift: Airflow
+    judges a run by its last task, and this is it, so a failed write never ends green.
+    ``applied`` is what the mapped apply tasks returned: Airflow's xcom_pull gives a list,
+    or the value itself when the plan needed a single task.
+    """
+    counts: dict[str, int] = {}
+    if isinstance(applied, dict):
+        applied = [applied]
+    for result in applied or ():
+        for key, value in result.items():
+            counts[key] = counts.get(key, 0) + value
+    summary = plan["summary"] if plan else {"to_update": 0, "digest": None}
+    if plan is None:
+        outcome, line = "plan_failed", "FAILED: checking the database or planning failed; nothing was written"
+    elif dry_run:
+        outcome = "dry_run"
+        line = f"DRY RUN: {summary['to_update']} flavor copies would be rewritten; nothing was written"
+    elif not summary["to_update"]:
+        outcome, line = "in_sync", "NOTHING TO DO: both copies of every instance in scope are in sync"
+    elif backed_up is None:
+        outcome, line = "backup_failed", "FAILED: the backup could not be written; nothing was written"
+    elif answer is None:
+        outcome, line = "not_approved", "FAILED: the approval ended without an answer; nothing was written"
+    elif answer["choice"] != "Approve":
+        outcome, line = "rejected", f"REJECTED by {answer['by']} at {answer['at']}: nothing was written"
+    elif verified is None:
+        outcome, line = "failed", (
+            f"FAILED: approved by {answer['by']} at {answer['at']}, but applying or verifying failed: "
+            f"{counts.get('updated', 0)} flavor copies written; see the failed task's log, then run again "
+            "(a run that stopped between an instance's two copies leaves them disagreeing: a rerun heals them)"
+        )
+    else:
+        outcome, line = "applied", (
+            f"APPLIED plan {summary['digest']} approved by {answer['by']} at {answer['at']}: "
+            f"{counts.get('updated', 0)} rewritten, {counts.get('already', 0)} already done, "
+            f"{counts.get('conflicts', 0)} conflicts, {counts.get('errors', 0)} errors; verify found no drift"
+        )
+    log.info("%s", line)
+    if outcome not in SUCCESSFUL_OUTCOMES:
+        raise SyncFailedError(line)
+    return {"outcome": outcome, "message": line, "digest": summary["digest"], **counts}
+
+
+def approval_body(copies: Sequence[dict[str, Any]], digest: str) -> str:
+    """Markdown for the approval page: what will change in each copy, what is left, the digest.
+
+    ``copies``: each copy's plan_copy_to_file result (its ``where`` and ``summary``).
+    """
+    summaries = [c["summary"] for c in copies]
+    total = sum(s["to_update"] for s in summaries)
+    api = sum(s["to_update"] for c, s in zip(copies, summaries, strict=True) if c["key"] == API_DATABASE)
+    rows = [
+        ("read", "rows_read"), ("to update", "to_update"), ("in sync", "in_sync"),
+        ("held back (risky keys only)", "held_back_only"), ("orphans (flavor deleted or re-created)", "orphans"),
+        ("unreadable rows", "errors"), ("left alone (instance busy, deleted or queued for delete)", "left_alone"),
+    ]
+    lines = [
+        f"**{total} flavor copies will be rewritten**: {api} RequestSpecs and {total - api} instance copies "
+        "(only their flavor's extra_specs). The instance copies in each cell are written first, then the "
+        "RequestSpecs.",
+        "",
+        f"Plan digest: `{digest}`",
+        "",
+        "| | " + " | ".join(c["where"] for c in copies) + " |",
+        "| --- |" + " --- |" * len(copies),
+    ]
+    lines += [f"| {label} | " + " | ".join(str(s[key]) for s in summaries) + " |" for label, key in rows]
+    for title, key in (
+        ("To update by flavor (both copies)", "by_flavor"),
+        ("Key changes by key (both copies)", "by_key"),
+        ("Key changes by risk class (both copies)", "by_risk"),
+        ("Held back (placement/topology keys; not written)", "held_back_by_key"),
+    ):
+        counts = summed(s[key] for s in summaries)
+        if counts:
+            lines += ["", f"**{title}**", ""] + [f"- `{name}`: {count}" for name, count in counts.items()]
+    if any(c["key"] != API_DATABASE and c["summary"]["by_risk"].get(RiskClass.GUEST.value) for c in copies):
+        lines += ["", report.GUEST_KEYS_TAKE_EFFECT + "."]
+    lines += ["", "Approve writes these rows in compare-and-swap batches; Reject writes nothing."]
+    return "\n".join(lines)
 
 class RecordedApprovalOperator(ApprovalOperator):
     """ApprovalOperator that logs the answer and pushes it as XCom ``answer`` before acting on it."""

@@ -32,8 +32,9 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from nova_flavor_sync_airflow import backups_dir
 
-from nova_flavor_sync import pipeline
+from nova_flavor_sync import service
 
 URL_PREFIX = "/nova-flavor-sync"
 URL_ROUTE = "nova-flavor-sync-backups"  # the UI page: /plugin/nova-flavor-sync-backups
@@ -72,9 +73,9 @@ app = FastAPI(
 
 
 def listing() -> dict[str, Any]:
-    """The backup directory and its backups (pipeline.backups), read now."""
-    directory = pipeline.backups_dir()
-    return {"directory": str(directory), "exists": directory.is_dir(), "backups": pipeline.backups(directory)}
+    """The backup directory and its backups (service.backup_listing), read now."""
+    directory = backups_dir()
+    return {"directory": str(directory), "exists": directory.is_dir(), "backups": service.backup_listing(directory)}
 
 
 @app.get("/backups.json")

@@ -1,27 +1,32 @@
 """The verbs the CLI and the DAGs call: connect, plan, back up, apply, verify, restore.
 
 Each verb is one call with plain arguments and a plain result; none prints. Callers render
-results with ``report`` and turn exceptions into exit codes or failed tasks.
+results with ``report`` and turn exceptions into exit codes or failed tasks. The verbs at
+the end (``check_database`` to ``restore_backup``) are whole steps of a run that open their
+own connections: one Airflow task calls one of them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nova_flavor_sync import apply as apply_mod
+from nova_flavor_sync import report
 from nova_flavor_sync.apply import ApplyResult
 from nova_flavor_sync.backup import (
     API_DATABASE,
     BackupInfo,
     BackupRecord,
     check_same_database,
+    list_backups,
     load_backup,
     write_backup,
 )
@@ -38,10 +43,11 @@ from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
-from nova_flavor_sync.errors import BackupError, ConfigError
+from nova_flavor_sync.errors import BackupError, ConfigError, NovaFlavorSyncError
 from nova_flavor_sync.plan import CloudPlan, CopyPlan, Flavor, Plan, RowChange, RowNote, SpecRow, batched
-from nova_flavor_sync.plan_file import PlannedRow, SavedPlan
+from nova_flavor_sync.plan_file import PlannedRow, SavedPlan, load_plan, save_plan
 from nova_flavor_sync.plan_worker import plan_in_workers
+from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
@@ -632,3 +638,247 @@ def _read_ahead(db: NovaApiDb, batches: Iterable[list[T]]) -> Iterator[tuple[lis
             pending = ahead
         if pending is not None:
             yield pending[0], pending[1].result()
+
+
+# One step of a run each, opening its own connections from DbParams: what each Airflow task
+# calls (dags/). Each returns a small JSON-ready dict; the plan travels between steps as a
+# file (plan_file), the dict carries its path, digest and counts.
+
+# The task logs say how far reading has got every this many rows.
+PROGRESS_EVERY = 10_000
+
+
+class DriftFoundError(NovaFlavorSyncError):
+    """Verify found flavor copies still out of sync in scope: fails the task."""
+
+
+def check_database(params: DbParams, *, cell_sources: CellSources | None = None) -> list[dict[str, str]]:
+    """Connect, check the schema, open and check every cell; return the copies a run plans.
+
+    ``cell_sources``: where the cell databases are beyond cell_mappings (a template's
+    filling, a cell's own database); every function here that opens the cells takes it.
+    The copies, in the order a run plans them: ``{"key": "nova_api" or the cell uuid, "where": ...}``
+    (``copy_keys``); cell0 is counted here, never planned.
+    """
+    with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells:
+        labels = {mapping.uuid: mapping.label for mapping, _ in cells}
+        for mapping, cell in cells:
+            if mapping.is_cell0:
+                log.info("Cell %s: %d instances that never scheduled; counted, never written", mapping.label,
+                         cell.instance_counts()["total"])
+        keys = copy_keys(cells)
+    log.info("Connected to %s: nova_api schema checked; %d cells opened and checked", params.safe_url(), len(cells))
+    return [{"key": key, "where": labels.get(key, key)} for key in keys]
+
+
+def plan_copy_to_file(
+    params: DbParams,
+    work_dir: Path,
+    key: str,
+    *,
+    flavors: Sequence[str] = (),
+    instances: Sequence[str] = (),
+    key_prefixes: Sequence[str] = (),
+    all_keys: bool = False,
+    cell_sources: CellSources | None = None,
+) -> dict[str, Any]:
+    """Plan one copy (one mapped task per copy: nova_api's RequestSpecs, each cell's instance copies).
+
+    Every cell is opened: both copies of an instance to leave alone (busy, deleted, being
+    built, in cell0) are left alone whichever copy this task plans. The plan is saved to a
+    file (``plan_file``); its digest goes into the run's digest (``combine_plans``).
+    """
+    with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells:
+        found, scope = resolve_scope(
+            db, flavor_selectors=flavors, instance_uuids=instances, key_prefixes=key_prefixes, all_keys=all_keys
+        )
+        left_alone = instances_to_leave_alone(db, {mapping.uuid: cell for mapping, cell in cells})
+        reading = Progress(f"Read {key}", every=PROGRESS_EVERY)
+        copy = plan_copy(db, cells, key, scope, flavors=found, left_alone=left_alone,
+                                 progress=reading.update)
+    for line in report.plan_lines(copy.plan, verbose=True) + report.summary_lines(copy.plan, what=copy.rows_named):
+        log.info("%s", line)
+    path = save_plan(copy.plan, work_dir)
+    log.info("Plan %s of %s saved to %s", copy.plan.digest, copy.where, path)
+    return {"key": copy.key, "where": copy.where, "what": copy.rows_named, "plan_path": str(path),
+            "digest": copy.plan.digest, "summary": copy.plan.summary()}
+
+
+def back_up_plans(
+    params: DbParams, combined: dict[str, Any], backup_dir: Path, *, backup_all: bool = False,
+    cell_sources: CellSources | None = None,
+) -> dict[str, Any]:
+    """Back up the rows every copy's saved plan changes, in one backup file; return it and the rows that moved on."""
+    with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells:
+        saved = [(c, load_plan(Path(c["plan_path"]), expected_digest=c["digest"])) for c in combined["copies"]]
+        copies = [CopyPlan(c["where"], None if c["key"] == API_DATABASE else c["key"], plan)  # type: ignore[arg-type]
+                  for c, plan in saved]
+        result = back_up_copies(
+            databases_of(db, cells), copies, backup_dir, digest=combined["digest"], scope=saved[0][1].scope,
+            cell_names={mapping.uuid: mapping.name for mapping, _ in cells}, backup_all=backup_all,
+        )
+    return {
+        "backup_path": str(result.info.path),
+        "records": result.info.record_count,
+        "records_by_database": result.info.records_by_database,
+        "diverged": result.diverged_by_database,
+    }
+
+
+def apply_range(
+    params: DbParams,
+    plan_path: str,
+    approved_digest: str,
+    *,
+    first_id: int,
+    last_id: int,
+    key: str = API_DATABASE,
+    cell_sources: CellSources | None = None,
+    exclude_ids: Sequence[int] = (),
+    batch_size: int,
+    verbose: bool = False,
+    pace: PaceSettings | None = None,
+    replicas: Sequence[DbParams] = (),
+    pause_first: bool = False,
+) -> dict[str, Any]:
+    """Apply the approved plan's rows in [first_id, last_id] of one copy; conflicts are reported, not written.
+
+    ``key``: the copy's database, nova_api or a cell's uuid (opened through nova_api's
+    cell_mappings and ``cell_sources``). With ``pace``, batches are sized and
+    paced by it, watching ``replicas`` too; ``pause_first`` pauses before the first batch as
+    well (every mapped task but the first).
+    """
+    saved = load_plan(Path(plan_path), expected_digest=approved_digest, first_id=first_id, last_id=last_id)
+    pace = pace or PaceSettings.fixed(batch_size)
+    with connect(params) as api, open_cells_of(api, sources=cell_sources) as cells, \
+            pacers(pace, replicas, pause_first=pause_first) as pacer_for:
+        databases = databases_of(api, cells)
+        if key not in databases:
+            raise ConfigError(f"the plan is of cell {key}, which nova_api's cell_mappings no longer list")
+        db, flavors = databases[key], api.load_flavors()
+        pacer = pacer_for(db)
+        log.info("Pacing: %s", pace.describe(len(replicas)))
+        what = "Wrote request specs" if key == API_DATABASE else f"Wrote instance copies of {key}"
+        result = apply_saved_plan(
+            db, saved, first_id=first_id, last_id=last_id, flavors=flavors, exclude_ids=exclude_ids,
+            batch_size=batch_size,
+            progress=_progress_lines(what) if verbose else None,  # a log line after every write batch
+            pacer=pacer,
+        )
+        log.info("Paced: %s", pacer.summary())
+        conflicts = explain_conflicts(db, saved.scope, result.conflicts, flavors=flavors)
+    for line in report.apply_lines(result, conflicts):
+        log.info("%s", line)
+    return _counts(result)
+
+
+def verify(params: DbParams, plan_path: str, *, cell_sources: CellSources | None = None) -> dict[str, Any]:
+    """Read both copies in the plan's scope again; raise DriftFoundError if drift remains."""
+    return fail_on_drift(drift_summary(params, scope_from=plan_path, cell_sources=cell_sources))
+
+
+def drift_summary(
+    params: DbParams, *, scope_from: str | None = None, all_keys: bool = False, cell_sources: CellSources | None = None
+) -> dict[str, Any]:
+    """The drift check: plan both copies, log every stale instance and the summary; never writes.
+
+    ``to_update``, ``by_flavor`` and ``by_key`` count both copies; ``copies`` has each copy's
+    own summary (by where it is: nova_api, each cell); ``disagreeing``: instances stale in one
+    copy only.
+    """
+    with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells:
+        if scope_from is not None:
+            scope, found = load_plan(Path(scope_from)).scope, None  # flavors read again: a verify
+        else:
+            found, scope = resolve_scope(db, all_keys=all_keys)
+        cloud = plan_both_copies(db, cells, scope, flavors=found)
+    for line in report.cloud_plan_lines(cloud, verbose=True):
+        log.info("%s", line)
+    summaries = {copy.where: copy.plan.summary() for copy in cloud.copies}
+    return {
+        "digest": cloud.digest,
+        "to_update": cloud.to_update,
+        "disagreeing": len(cloud.disagreeing_instances()),
+        "by_flavor": summed(s["by_flavor"] for s in summaries.values()),
+        "by_key": summed(s["by_key"] for s in summaries.values()),
+        "copies": {where: {k: v for k, v in s.items() if k != "scope"} for where, s in summaries.items()},
+    }
+
+
+def summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for part in counts:
+        total.update(part)
+    return dict(sorted(total.items()))
+
+
+def fail_on_drift(summary: dict[str, Any]) -> dict[str, Any]:
+    """Raise DriftFoundError (the task fails) when the summary counts stale flavor copies."""
+    if summary["to_update"]:
+        per_copy = ", ".join(f"{where}={s['to_update']}" for where, s in summary["copies"].items())
+        raise DriftFoundError(
+            f"{summary['to_update']} flavor copies are out of sync with their flavors ({per_copy}; "
+            f"{summary['disagreeing']} instances whose two copies disagree; by flavor: {summary['by_flavor']}; "
+            f"by key: {summary['by_key']})"
+        )
+    return summary
+
+
+def restore_backup(
+    params: DbParams, backup_path: str, *, run: bool, force: bool = False, batch_size: int = 500,
+    pace: PaceSettings | None = None, replicas: Sequence[DbParams] = (), cell_sources: CellSources | None = None,
+) -> dict[str, Any]:
+    """Check a backup and restore it (``run``) or say what it would restore, in every database it names.
+
+    With ``pace``, the writes are sized and paced as a sync's are (``pacers``), watching ``replicas`` too.
+    """
+    with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells, \
+            pacers(pace or PaceSettings.fixed(batch_size), replicas) as pacer_for:
+        result = restore(db, Path(backup_path), cells=cells, run=run, force=force, batch_size=batch_size,
+                         pacer_for=pacer_for)
+    for line in report.restore_lines(result, verbose=True):
+        log.info("%s", line)
+    if run and (result.errors or result.not_verified):
+        raise NovaFlavorSyncError(
+            f"restore incomplete: {len(result.errors)} errors, {len(result.not_verified)} rows read back different"
+        )
+    return {
+        "backup_path": backup_path,
+        "restored" if run else "would_restore": len(result.restored),
+        "by_database": {result.backup.where(key): n for key, n in result.restored_by_database.items()},
+        "skipped": len(result.skipped),
+        "errors": len(result.errors),
+        "plan_digest": result.backup.plan_digest,
+    }
+
+
+def backup_listing(backup_dir: Path) -> list[dict[str, Any]]:
+    """The backups in a directory, for the UI listing."""
+    rows = []
+    for entry in list_backups(backup_dir):
+        if isinstance(entry, tuple):
+            rows.append({"file": entry[0].name, "problem": entry[1]})
+        else:
+            rows.append({
+                "file": entry.path.name, "path": str(entry.path), "records": entry.record_count,
+                "created_at": entry.created_at, "plan_digest": entry.plan_digest,
+                "schema": entry.database.get("schema"),
+                "records_by_copy": {entry.where(key): n for key, n in entry.records_by_database.items()},
+            })
+    return rows
+
+
+def _progress_lines(what: str) -> Callable[[ApplyResult, int], None]:
+    lines = Progress(what, every=1)
+    return lambda result, total: lines.update(result.done, total)
+
+
+def _counts(result: ApplyResult) -> dict[str, Any]:
+    return {
+        "updated": len(result.updated),
+        "already": len(result.already),
+        "conflicts": len(result.conflicts),
+        "gone": len(result.gone),
+        "errors": len(result.errors),
+        "retries": result.retries,
+    }

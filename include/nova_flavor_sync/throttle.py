@@ -109,6 +109,12 @@ class PaceSettings:
         if found:
             raise UsageError("; ".join(found))
 
+    @classmethod
+    def fixed(cls, batch_size: int) -> PaceSettings:
+        """Batches of ``batch_size`` rows, one after the other, no load checks: a caller that did not ask for pacing."""
+        return cls(batch_size=batch_size, target_batch_s=None, max_threads_running=None, max_replica_lag_s=None,
+                   pause_on_flow_control=False)
+
     @property
     def checks_load(self) -> bool:
         return self.max_threads_running is not None or self.max_replica_lag_s is not None or self.pause_on_flow_control

@@ -16,7 +16,7 @@ from urllib.parse import urljoin
 
 import pytest
 
-from nova_flavor_sync import pipeline
+from nova_flavor_sync import service
 from nova_flavor_sync.backup import BackupRecord, write_backup
 from nova_flavor_sync.spec_json import sha256_text
 
@@ -148,7 +148,7 @@ def test_json_has_the_same_data(client, backups):
     assert response.status_code == 200, response.text
     data = response.json()
     assert data["directory"] == str(backups) and data["exists"] is True
-    assert data["backups"] == pipeline.backups(backups)
+    assert data["backups"] == service.backup_listing(backups)
     assert [(b["file"], b.get("records"), b.get("plan_digest"), b.get("problem")) for b in data["backups"]] == [
         (DAMAGED, None, None, f"{DAMAGED}: damaged or not a backup"),
         ("flavor_copies_20260106_143210.json", 2, digest(1), None),

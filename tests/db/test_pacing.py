@@ -15,10 +15,11 @@ import time
 from contextlib import ExitStack
 
 import pytest
+from nova_flavor_sync_airflow import apply_ranges, pace_settings
 
 from dbtools import busy_sessions, connect, threads_running
 from fake_time import FakeTime
-from nova_flavor_sync import pipeline, service
+from nova_flavor_sync import service
 from nova_flavor_sync.apply import apply_plan
 from nova_flavor_sync.db import ReplicaDb
 from nova_flavor_sync.dburl import DbParams
@@ -235,13 +236,13 @@ def test_an_airflow_apply_task_paces_itself_from_the_dag_params(demo_db, tmp_pat
     path = save_plan(plan, tmp_path / "plans")
     params = {"batch_size": 100, "batch_seconds": 0.5, "pause_seconds": 0.05, "max_threads_running": 1000,
               "max_replica_lag": 1, "flow_control_pause": True, "max_load_wait": 5}
-    ranges = pipeline.apply_ranges(str(path), params["batch_size"], auto_tune=True)
+    ranges = apply_ranges(str(path), params["batch_size"], auto_tune=True)
     assert len(ranges) == 1  # auto-tuned: a task holds up to 5000 rows, room for the batches to grow
-    assert len(pipeline.apply_ranges(str(path), 100)) == math.ceil(len(plan.changes) / 100)
+    assert len(apply_ranges(str(path), 100)) == math.ceil(len(plan.changes) / 100)
     with caplog.at_level(logging.INFO, logger="nova_flavor_sync"):
-        counts = pipeline.apply_range(
+        counts = service.apply_range(
             demo_db, str(path), plan.digest, first_id=ranges[0]["first_id"], last_id=ranges[0]["last_id"],
-            batch_size=100, pace=pipeline.pace_settings(params), pause_first=True,
+            batch_size=100, pace=pace_settings(params), pause_first=True,
         )
     assert counts["updated"] == len(plan.changes)
     assert "Pacing: batches sized to take 0.5 s (50-5000 rows, starting at 100), pause 0.05 s" in caplog.text
@@ -256,4 +257,4 @@ def test_an_airflow_apply_task_paces_itself_from_the_dag_params(demo_db, tmp_pat
 ])
 def test_bad_pacing_params_fail_the_task_with_a_clear_message(params, message):
     with pytest.raises(UsageError, match=message):
-        pipeline.pace_settings({"batch_size": 500, **params})
+        pace_settings({"batch_size": 500, **params})

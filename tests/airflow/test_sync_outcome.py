@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from nova_flavor_sync.pipeline import SyncFailedError, sync_outcome
+from nova_flavor_sync_airflow import SyncFailedError, sync_outcome
 
 PLAN = {"summary": {"to_update": 5, "digest": "d" * 64}}
 APPROVED = {"choice": "Approve", "by": "alice", "at": "2026-12-02T10:00:00Z"}
