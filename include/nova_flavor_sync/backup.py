@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from nova_flavor_sync.db import identity_keys
 from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.spec_json import sha256_text
 
@@ -248,17 +249,14 @@ def check_same_database(info: BackupInfo, current: Mapping[str, Any], database: 
         raise BackupError(
             f"backup {info.path.name}{where} is of schema {taken.get('schema')!r}, this is {current.get('schema')!r}"
         )
-    for keys in (("galera_cluster_uuid",), ("server_uuid",), ("server_hostname", "server_port", "server_id")):
-        theirs, ours = [taken.get(k) for k in keys], [current.get(k) for k in keys]
-        if all(v is not None for v in theirs + ours):
-            if theirs != ours:
-                raise BackupError(
-                    f"backup {info.path.name}{where} was taken on another server "
-                    f"({', '.join(f'{k}={v}' for k, v in zip(keys, theirs, strict=True))}); this is "
-                    f"{', '.join(f'{k}={v}' for k, v in zip(keys, ours, strict=True))}"
-                )
-            return
-    raise BackupError(f"backup {info.path.name}{where} does not say which server it was taken on")
+    keys = identity_keys(taken, current)
+    if keys is None:
+        raise BackupError(f"backup {info.path.name}{where} does not say which server it was taken on")
+    if any(taken[k] != current[k] for k in keys):
+        raise BackupError(
+            f"backup {info.path.name}{where} was taken on another server "
+            f"({', '.join(f'{k}={taken[k]}' for k in keys)}); this is {', '.join(f'{k}={current[k]}' for k in keys)}"
+        )
 
 
 def list_backups(directory: Path) -> list[BackupInfo | tuple[Path, str]]:

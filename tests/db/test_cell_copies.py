@@ -7,6 +7,8 @@ cell1, 317 in cell2; 106 in the middle of an operation; 56 deleted).
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -198,3 +200,36 @@ def test_a_run_of_both_copies_explains_a_conflict_in_an_instance_copy_with_nova_
     assert done.result.conflicts == [moving.id]
     assert [(n.id, n.reason) for n in done.conflicts] == [(moving.id, (
         "changed since planned, not overwritten; now left alone: an operation is under way (task_state migrating)"))]
+
+
+def test_instances_missing_from_their_cell_are_found_with_or_without_reading_the_cell_from_nova_api(
+        demo_cloud, caplog):
+    """On one server nova_api's connection finds them in one anti-join; a nova_api user who may
+    not read the cells' schemas gets the same instances from the uuid merge."""
+    from dbtools import create_secret_account, drop_account, map_instances
+
+    from nova_flavor_sync.cells import MISSING_FROM_CELL, instances_to_leave_alone, locate_cells, open_cells, \
+        read_cell_mappings
+    from nova_flavor_sync.dburl import parse_db_url
+
+    unbuilt = [str(uuid.UUID(int=n)) for n in range(1, 4)]
+    map_instances(demo_cloud.api, unbuilt)  # mapped to cell1, with an instances row there ...
+    with connect(demo_cloud.cells["cell1"]) as conn, conn.cursor() as cur:  # ... which goes again
+        cur.execute("DELETE FROM instances WHERE uuid IN %s", (unbuilt[:2],))
+    cell_urls = {name: f"mysql+pymysql://{p.user}:@{p.host}:{p.port}/{p.database}"
+                 for name, p in demo_cloud.cells.items()}
+    user, api_only = create_secret_account(demo_cloud.api)  # may read nova_api, not the cells
+    try:
+        found = []
+        caplog.set_level(logging.DEBUG, logger="nova_flavor_sync.cells")
+        for params in (demo_cloud.api, parse_db_url(api_only)):
+            with service.connect(params) as api, \
+                    open_cells(locate_cells(read_cell_mappings(api), cell_urls=cell_urls)) as cells:
+                found.append(instances_to_leave_alone(api, cells))
+    finally:
+        drop_account(demo_cloud.api, user)
+    joined, merged = found
+    assert caplog.text.count("no anti-join from nova_api") == 2  # the second user's, for cell1 and cell2 only
+    assert joined == merged
+    assert {u for u, reason in joined.items() if reason == MISSING_FROM_CELL} >= set(unbuilt[:2])
+    assert unbuilt[2] not in joined
