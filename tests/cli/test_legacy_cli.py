@@ -8,7 +8,8 @@ backups and the log in their default places under a temporary ``$HOME``. Each st
 old tool's lines, the exit code, and what is in both flavor copies afterwards
 (``copies_hash``, ``stale_copies``).
 
-The console script of the package is run too, as a separate process.
+The single-file build (``make legacy-script``) and the console script of the package are run
+too, as separate processes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -387,7 +389,82 @@ def test_the_old_tools_backups_and_backup_directory(run, demo_db, nova_conf, fix
     assert stale_copies(demo_db, all_keys=False) == 0
 
 
-# -- installed with the package -----------------------------------------------------------------
+# -- shipped as one file, and installed with the package ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def legacy_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``make legacy-script``'s file, built into a temporary directory with the same script."""
+    output = tmp_path_factory.mktemp("dist") / PROG
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_legacy_script.py"), "--output", str(output)],
+                   check=True, capture_output=True)
+    return output
+
+
+def test_the_single_file_build(legacy_script, tmp_path):
+    assert legacy_script.read_bytes().startswith(b"#!/usr/bin/env python3\nPK")
+    assert os.access(legacy_script, os.X_OK)
+    names = zipfile.ZipFile(legacy_script).namelist()
+    assert "__main__.py" in names and "nova_flavor_sync/legacy_cli.py" in names and "_fallback/orjson.py" in names
+    assert not any("/demo/" in name for name in names)  # the demo cloud's data stays out
+    again = tmp_path / PROG
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_legacy_script.py"), "--output", str(again)],
+                   check=True, capture_output=True)
+    assert again.read_bytes() == legacy_script.read_bytes()  # the same bytes for the same sources
+
+
+def _python_without_orjson(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """This Python as a Nova controller's: PyMySQL importable, orjson not (-S: no site-packages)."""
+    import pymysql
+
+    site = tmp_path / "controller-site"
+    site.mkdir()
+    (site / "pymysql").symlink_to(Path(pymysql.__file__).parent)
+    return [sys.executable, "-S"], {"PYTHONPATH": str(site)}
+
+
+def test_the_single_file_runs_with_python3_on_a_controller_without_orjson(legacy_script, demo_db, home, tmp_path):
+    python, env_extra = _python_without_orjson(tmp_path)
+    conf = write_nova_conf(tmp_path / "nova.conf", demo_db)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), legacy_cli.NOVA_CONF_ENV: str(conf), **env_extra}
+    check = subprocess.run([*python, "-c", "import orjson"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0  # really no orjson
+
+    shown = subprocess.run([*python, str(legacy_script), "--help"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"usage: {PROG} [-h] [--run] [--verify] [--verbose] [--no-backup]")
+
+    before = copies_hash(demo_db)
+    dry = subprocess.run([*python, str(legacy_script)], env=env, capture_output=True, text=True, timeout=120)
+    result = Result(dry.returncode, dry.stdout, dry.stderr)
+    assert result.code == 3, result.shown
+    assert in_order([*banner("DRY RUN"), *found_lines(), "=== Sync Complete ==="], result.said), result.shown
+    assert summary(result)[0] == stale_copies(demo_db, all_keys=False)
+    # The command to run next is this file, as it was run.
+    assert result.said[-2] == f">>> To apply changes, run: {legacy_script} --run"
+    assert copies_hash(demo_db) == before
+
+    applied = subprocess.run([*python, str(legacy_script), "--run"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert stale_copies(demo_db, all_keys=False) == 0
+    [backup] = (home / ".nova-flavor-fixes" / "backups").glob("flavor_copies_*.json")
+    # The stand-in's backup is a backup like any other: the installed command restores it.
+    restore = subprocess.run([sys.executable, "-m", "nova_flavor_sync.legacy_cli", "--restore", str(backup)],
+                             env={**os.environ, "HOME": str(home), legacy_cli.NOVA_CONF_ENV: str(conf)},
+                             capture_output=True, text=True, timeout=120)
+    assert restore.returncode == 3, restore.stdout + restore.stderr
+    assert f"Summary: Would restore={summary(Result(0, applied.stdout, ''))[0]}, Skipped=0, Errors=0" \
+        in restore.stdout
+
+
+def test_the_single_file_says_what_it_needs(legacy_script, tmp_path):
+    """Without PyMySQL: one clear line, exit 4, before anything is opened."""
+    bare = subprocess.run([sys.executable, "-S", str(legacy_script), "--run"], env={"PATH": os.environ["PATH"]},
+                          capture_output=True, text=True)
+    assert bare.returncode == 4, bare.stdout + bare.stderr
+    assert bare.stderr.startswith("ERROR: nova-fix-flavors.py needs PyMySQL")
+    assert not bare.stdout
 
 
 def test_installed_with_the_package_as_nova_fix_flavors_py(tmp_path):
