@@ -305,6 +305,28 @@ def test_etc_nova_nova_conf_by_default(run, demo_db, tmp_path, monkeypatch):
     assert copies_hash(demo_db) == before
 
 
+def test_no_password_anywhere(run, secret_account, demo_db, home, tmp_path, monkeypatch):
+    """A nova.conf or $NOVA_API_DB_URL with a password: not in stdout, stderr, the log or a backup."""
+    user, url = secret_account
+    monkeypatch.setenv(legacy_cli.NOVA_CONF_ENV, str(write_nova_conf(tmp_path / "nova.conf", demo_db)))
+    conf = tmp_path / "nova.conf"
+    conf.write_text(conf.read_text().replace(db_url(demo_db), url), encoding="utf-8")
+    results = [run("--verbose"), run("--run", "--verbose"), run("--verify"), run("--list-backups")]
+    [backup] = (home / ".nova-flavor-fixes" / "backups").glob("flavor_copies_*.json")
+    results.append(run("--restore", backup))
+    monkeypatch.delenv(legacy_cli.NOVA_CONF_ENV)
+    monkeypatch.setenv("NOVA_API_DB_URL", url)
+    results += [run("--restore", backup, "--run"), run("--run", f"--db-url={url}")]
+    assert [result.code for result in results] == [3, 0, 0, 0, 3, 0, 2], [result.shown for result in results]
+    for result in results:
+        assert_no_secret(result.out, "stdout")
+        assert_no_secret(result.err, "stderr")
+    for path in home.rglob("*"):
+        if path.is_file():
+            assert_no_secret(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    assert any(user in line for line in results[0].said)  # the search above looked at real output
+
+
 # -- bad input: exit 2, a clear message, nothing opened or written ------------------------------
 
 # (id, old flags, regex on stderr); {tmp} is the test's tmp_path.
