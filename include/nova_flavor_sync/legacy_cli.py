@@ -112,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _existing_file(value: str) -> str:
+    """A backup file that exists (a quoted ``~/...`` too); a missing one is bad usage (exit 2)."""
     path = Path(value).expanduser()
     if not path.exists():
         raise argparse.ArgumentTypeError(f"no such backup file: {value}")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"not a backup file: {value}")
-    return value
+    return str(path)
 
 
 def translate(old: argparse.Namespace, environ: Mapping[str, str], error: Callable[[str], NoReturn]) -> list[str]:
