@@ -37,7 +37,7 @@ BROWSER_DEPS ?= chromium chromium-driver
 # provider, and rsync for the joiners' state transfer (SST).
 GALERA_DEPS ?= mariadb-server galera-4 rsync
 
-.PHONY: install system-packages system-deps db-up test screenshot demo stop lock clean
+.PHONY: install system-packages system-deps db-up test screenshot demo stop lock legacy-script clean
 
 # system-packages first: a quick dpkg check when everything is there.
 install: system-packages $(STAMP)
@@ -106,6 +106,16 @@ demo: install db-up
 stop:
 	@if [[ -x $(PY) ]]; then $(PY) scripts/demo_airflow.py stop --home $(DEMO_AIRFLOW_HOME); \
 	else echo "Nothing to stop: no $(VENV), so make demo never ran here"; fi
+
+# The old command as the one file the old deployment recipe copies to /root/nova-fix-flavors.py: a
+# zipapp of the engine (no demo data) that python3 runs, 3.11+ with PyMySQL (README: Coming from
+# nova-fix-flavors.py). Stdlib only, no venv needed; the same bytes for the same sources.
+#   make legacy-script LEGACY_PYTHON=/opt/openstack/nova-controller/bin/python   (its #! line)
+LEGACY_SCRIPT ?= dist/nova-fix-flavors.py
+LEGACY_PYTHON ?= /usr/bin/env python3
+
+legacy-script:
+	$(PYTHON) scripts/build_legacy_script.py --output '$(LEGACY_SCRIPT)' --python '$(LEGACY_PYTHON)'
 
 # Benchmarks (issues 5 and 11): not part of `make test`. See bench/README.md and docs/benchmarks.md.
 # Both flavor copies: nfs_bench_<mix>_<rows> (nova_api) and its cells nfs_bench_<mix>_<rows>_cell0..2,

@@ -56,6 +56,11 @@ OLD_FILE_PREFIXES = ("request_specs_",)  # before cells: listed and restored all
 _RECORDS_OPEN = b', "records": [\n'
 _CHECKSUM_KEY = b', "checksum": "'
 _TRAILER_MAX = 64 * 1024  # the last line: counts per database (a few hundred cells fit) and checksum
+# The old nova-fix-flavors.py wrote request_specs_<time>.json into the same directory: json.dump(indent=2)
+# of {"timestamp", "count", "specs": [every RequestSpec]}. Named for what it is, never restored.
+_OLD_TOOL_START = b'{\n  "timestamp": '
+OLD_TOOL_BACKUP = ("written by the old nova-fix-flavors.py (no checksum, no record of its database): this tool cannot "
+                   "check it and does not restore it; restore its specs by hand if you must")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +222,8 @@ def load_backup(path: Path) -> Backup:
     except ValueError:
         raise BackupError(f"backup {path} is damaged or truncated: not valid JSON") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
+        if isinstance(document, dict) and {"timestamp", "count", "specs"} <= set(document):
+            raise BackupError(f"backup {path} was {OLD_TOOL_BACKUP}")
         raise BackupError(f"{path} is not a nova-flavor-sync backup")
     if document.get("format_version") not in READABLE_VERSIONS:
         raise BackupError(
@@ -287,10 +294,19 @@ def read_backup_info(path: Path) -> BackupInfo:
         header = json.loads(first.removesuffix(b"\n").removesuffix(_RECORDS_OPEN.rstrip(b"\n")) + b"}")
         trailer = json.loads(b"{" + last.removeprefix(b"], "))
     except (OSError, ValueError, IndexError):
-        raise BackupError(f"{path.name}: damaged or not a backup") from None
+        raise BackupError(f"{path.name}: {_not_ours(path, 'damaged or not a backup')}") from None
     if header.get("format") != FORMAT:
-        raise BackupError(f"{path.name}: not a nova-flavor-sync backup")
+        raise BackupError(f"{path.name}: {_not_ours(path, 'not a nova-flavor-sync backup')}")
     return _info(path, {**header, **trailer}, trailer.get("record_count", 0))
+
+
+def _not_ours(path: Path, problem: str) -> str:
+    """``problem``, or what the file is when the old nova-fix-flavors.py wrote it."""
+    try:
+        with open(path, "rb") as handle:
+            return OLD_TOOL_BACKUP if handle.read(len(_OLD_TOOL_START)) == _OLD_TOOL_START else problem
+    except OSError:
+        return problem
 
 
 def _write_document(

@@ -30,11 +30,12 @@ from typing import NoReturn
 
 from nova_flavor_sync import report, service
 from nova_flavor_sync.apply import DEFAULT_BATCH_SIZE
-from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, HOME_DIR, list_backups, private_dir
+from nova_flavor_sync.backup import DEFAULT_BACKUP_DIR, HOME_DIR, BackupInfo, list_backups, private_dir
 from nova_flavor_sync.cells import DATABASE_CONNECTION_ENV, CellMapping, parse_cell_urls
 from nova_flavor_sync.db import NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_url, redact_url, resolve_db_params
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
+from nova_flavor_sync.plan import CloudPlan, Flavor
 from nova_flavor_sync.progress import terminal_progress
 from nova_flavor_sync.throttle import (
     DEFAULT_MAX_REPLICA_LAG_S,
@@ -155,10 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 PACING_FLAGS = ("batch_seconds", "pause", "max_threads_running", "max_replica_lag", "max_load_wait")
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse and refuse flag combinations before anything is opened (exit 2)."""
+def parse_args(argv: Sequence[str], *, error: Callable[[str], NoReturn] | None = None) -> argparse.Namespace:
+    """Parse and refuse flag combinations before anything is opened (exit 2).
+
+    ``error``: what reports a refused combination (default: this parser's ``error``); the old
+    command's parser (``legacy_cli``) passes its own, so the message names that command.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    fail = error or parser.error
     modes = [name for name in ("verify", "restore", "list_backups") if getattr(args, name)]
     scoped = args.flavor or args.instance or args.key_prefix or args.all_keys
     problems = [
@@ -180,11 +186,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ]
     for failed, message in problems:
         if failed:
-            parser.error(message)
+            fail(message)
     try:
         args.pace = pace_settings(args)
     except UsageError as exc:
-        parser.error(str(exc))
+        fail(str(exc))
     args.batch_size = args.pace.batch_size
     return args
 
@@ -207,16 +213,62 @@ def pace_settings(args: argparse.Namespace) -> PaceSettings:
     )
 
 
+class Voice:
+    """What the command says around the engine's steps, where commands differ: this is
+    nova-flavor-sync's. ``legacy_cli`` speaks as the old nova-fix-flavors.py around the very
+    same run (its banner, ``Loaded N active flavors``, ``>>> To apply changes, run: ...``).
+
+    Every hook only logs: what is read, checked, backed up and written never depends on it.
+    """
+
+    def started(self, args: argparse.Namespace) -> None:
+        """The log is set up; nothing is opened yet."""
+
+    def opening(self, params: DbParams, source: str) -> None:
+        """About to connect to nova_api (found in ``source``)."""
+        log.debug("Database %s (from %s)", params.safe_url(), source)
+
+    def planned(self, flavors: dict[int, Flavor], cloud: CloudPlan) -> None:
+        """Both copies are planned (with ``flavors``, as read); nothing of the plan is shown yet."""
+
+    def summary(self, line: str) -> None:
+        """The ``Summary: ...`` line of a sync, a verify or a restore."""
+        log.info("%s", line)
+
+    def dry_run_done(self, argv: Sequence[str], cloud: CloudPlan, *, verify: bool) -> None:
+        """A dry run (or ``verify``) is done; its summary is out."""
+        if verify:
+            return
+        if cloud.to_update:
+            log.info("DRY RUN: nothing was written. To apply exactly this plan:")
+            log.info("  %s", _command_line(list(argv), "--run", "--plan-digest", cloud.digest))
+        else:
+            log.info("DRY RUN: nothing to change.")
+
+    def written(self, backup: BackupInfo | None) -> None:
+        """--run wrote and verified (its summary is out): ``backup`` is the file written first, None
+        with --no-backup."""
+
+    def restore_dry_run_done(self, argv: Sequence[str]) -> None:
+        log.info("DRY RUN: nothing was written. To restore: %s", _command_line(list(argv), "--run"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str], voice: Voice | None = None) -> int:
+    """Run what ``parse_args`` made of ``argv``: the log, the engine, one exit code for every outcome."""
+    argv = list(argv)
+    voice = voice or Voice()
     try:
         _set_up_logging(args.log_file.expanduser(), verbose=args.verbose)
     except ConfigError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return exc.exit_code
     try:
-        return _run(args, argv)
+        return _run(args, argv, voice)
     except NovaFlavorSyncError as exc:
         log.debug("Stopped", exc_info=True)
         log.error("%s", exc)
@@ -231,13 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.shutdown()
 
 
-def _run(args: argparse.Namespace, argv: list[str]) -> int:
+def _run(args: argparse.Namespace, argv: list[str], voice: Voice) -> int:
+    voice.started(args)
     if args.list_backups:
         for line in report.backup_list_lines(list_backups(args.backup_dir), args.backup_dir.expanduser()):
             log.info("%s", line)
         return ExitCode.OK
     params, source = resolve_db_params(args.db_url, args.nova_conf, os.environ)
-    log.debug("Database %s (from %s)", params.safe_url(), source)
+    voice.opening(params, source)
     cell_urls = parse_cell_urls(args.cell_db_url)
     template_url = args.database_connection
     if template_url is None and source.endswith(NOVA_CONF_SOURCE) and not os.environ.get(DATABASE_CONNECTION_ENV):
@@ -245,8 +298,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     with service.connect(params) as db, service.pacers(args.pace, args.replica_db_url) as pacer_for, \
             service.open_cells_of(db, template_url=template_url, cell_urls=cell_urls) as cells:
         if args.restore:
-            return _restore(db, cells, args, argv, pacer_for)
-        return _sync(db, cells, args, argv, pacer_for)
+            return _restore(db, cells, args, argv, pacer_for, voice)
+        return _sync(db, cells, args, argv, pacer_for, voice)
 
 
 def _sync(
@@ -255,6 +308,7 @@ def _sync(
     args: argparse.Namespace,
     argv: list[str],
     pacer_for: Callable[[NovaDb], Pacer],
+    voice: Voice,
 ) -> int:
     flavors, scope = service.resolve_scope(
         db,
@@ -269,6 +323,7 @@ def _sync(
     cloud = service.plan_both_copies(db, cells, scope, flavors=flavors, progress=reading.update if reading else None)
     if reading:
         reading.finish()
+    voice.planned(flavors, cloud)
     plans = [copy.plan for copy in cloud.copies]
     errors = sum(len(plan.errors) for plan in plans)
     skipped = sum(plan.skipped for plan in plans)
@@ -276,17 +331,14 @@ def _sync(
         _log_lines([line for copy in cloud.copies for line in report.summary_lines(
             copy.plan, what=copy.rows_named, digest=False)[:1]])
         _log_lines([line for line in report.both_copies_lines(cloud) if line.startswith(("Copies disagree", "Both"))])
-        _log_lines([report.summary_line(cloud.to_update, skipped, errors)])
+        voice.summary(report.summary_line(cloud.to_update, skipped, errors))
+        voice.dry_run_done(argv, cloud, verify=True)
         return _pending_code(cloud.to_update, errors)
 
     _log_lines(report.cloud_plan_lines(cloud, verbose=args.verbose))
     if not args.run:
-        _log_lines([report.summary_line(cloud.to_update, skipped, errors)])
-        if cloud.to_update:
-            log.info("DRY RUN: nothing was written. To apply exactly this plan:")
-            log.info("  %s", _command_line(argv, "--run", "--plan-digest", cloud.digest))
-        else:
-            log.info("DRY RUN: nothing to change.")
+        voice.summary(report.summary_line(cloud.to_update, skipped, errors))
+        voice.dry_run_done(argv, cloud, verify=False)
         return _pending_code(cloud.to_update, errors)
 
     if args.plan_digest and args.plan_digest != cloud.digest:
@@ -295,11 +347,12 @@ def _sync(
             "that dry run. Nothing was written; run the dry run again and check it"
         )
     if not cloud.to_update:
-        _log_lines([report.summary_line(0, skipped, errors)])
+        voice.summary(report.summary_line(0, skipped, errors))
         return ExitCode.INCOMPLETE if errors else ExitCode.OK
 
     databases = service.databases_of(db, cells)
     excluded: dict[str, list[int]] = {}
+    backup = None
     if args.no_backup:
         log.warning("--no-backup: writing without a backup file")
     else:
@@ -333,7 +386,8 @@ def _sync(
         )
     written = sum(len(done.result.updated) + len(done.result.already) for done in applied)
     read = sum(plan.rows_read for plan in plans)
-    _log_lines([report.summary_line(written, read - written - errors - write_errors, errors + write_errors)])
+    voice.summary(report.summary_line(written, read - written - errors - write_errors, errors + write_errors))
+    voice.written(backup.info if backup else None)
     if conflicts or errors or write_errors or after.to_update:
         return ExitCode.INCOMPLETE
     return ExitCode.OK
@@ -345,6 +399,7 @@ def _restore(
     args: argparse.Namespace,
     argv: list[str],
     pacer_for: Callable[[NovaDb], Pacer],
+    voice: Voice,
 ) -> int:
     if args.run:
         log.info("Pacing: %s", args.pace.describe(len(args.replica_db_url)))
@@ -352,9 +407,11 @@ def _restore(
         db, args.restore, cells=cells, run=args.run, force=args.force, batch_size=args.batch_size,
         pacer_for=pacer_for,
     )
-    _log_lines(report.restore_lines(result, verbose=args.verbose))
+    *lines, summary = report.restore_lines(result, verbose=args.verbose)
+    _log_lines(lines)
+    voice.summary(summary)
     if not args.run:
-        log.info("DRY RUN: nothing was written. To restore: %s", _command_line(argv, "--run"))
+        voice.restore_dry_run_done(argv)
         return ExitCode.DRIFT if result.restored else ExitCode.OK
     if result.errors or result.not_verified:
         return ExitCode.INCOMPLETE

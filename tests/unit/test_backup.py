@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nova_flavor_sync.backup import (
+    OLD_TOOL_BACKUP,
     BackupInfo,
     BackupRecord,
     check_same_database,
@@ -376,6 +377,24 @@ def test_read_backup_info_refuses_what_is_not_a_backup(tmp_path, content):
 
     with pytest.raises(BackupError, match="damaged or not a backup"):
         read_backup_info(path)
+
+
+def _old_tool_backup(path, count: int) -> None:
+    """A backup as the old nova-fix-flavors.py wrote it: json.dump(indent=2) of every RequestSpec."""
+    specs = [{"id": i, "instance_uuid": f"uuid-{i}", "spec": '{"nova_object.name": "RequestSpec"}'}
+             for i in range(1, count + 1)]
+    path.write_text(json.dumps({"timestamp": "20260105_143210", "count": count, "specs": specs}, indent=2))
+
+
+@pytest.mark.parametrize("count", [0, 1, 3], ids=["no-specs", "one-spec", "three-specs"])
+def test_a_backup_of_the_old_tool_is_named_for_what_it_is_and_never_loaded(tmp_path, count):
+    path = tmp_path / "request_specs_20260105_143210.json"
+    _old_tool_backup(path, count)
+
+    [(listed, problem)] = list_backups(tmp_path)
+    assert listed == path and problem == f"{path.name}: {OLD_TOOL_BACKUP}"
+    with pytest.raises(BackupError, match=r"was written by the old nova-fix-flavors\.py \(no checksum"):
+        load_backup(path)
 
 
 @pytest.mark.parametrize("exists", [True, False], ids=["empty-directory", "missing-directory"])
