@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from datetime import UTC, datetime
+from uuid import UUID
 
 import pytest
 
@@ -207,12 +207,16 @@ def test_instances_missing_from_their_cell_are_found_with_or_without_reading_the
     """On one server nova_api's connection finds them in one anti-join; a nova_api user who may
     not read the cells' schemas gets the same instances from the uuid merge."""
     from dbtools import create_secret_account, drop_account, map_instances
-
-    from nova_flavor_sync.cells import MISSING_FROM_CELL, instances_to_leave_alone, locate_cells, open_cells, \
-        read_cell_mappings
+    from nova_flavor_sync.cells import (
+        MISSING_FROM_CELL,
+        instances_to_leave_alone,
+        locate_cells,
+        open_cells,
+        read_cell_mappings,
+    )
     from nova_flavor_sync.dburl import parse_db_url
 
-    unbuilt = [str(uuid.UUID(int=n)) for n in range(1, 4)]
+    unbuilt = [str(UUID(int=n)) for n in range(1, 4)]
     map_instances(demo_cloud.api, unbuilt)  # mapped to cell1, with an instances row there ...
     with connect(demo_cloud.cells["cell1"]) as conn, conn.cursor() as cur:  # ... which goes again
         cur.execute("DELETE FROM instances WHERE uuid IN %s", (unbuilt[:2],))
