@@ -280,7 +280,8 @@ def engine_read(params: DbParams) -> dict[str, float]:
 @contextmanager
 def timed_phases(phases: dict[str, float]) -> Iterator[None]:
     """Time plan_both_copies' parts by wrapping the service functions it calls."""
-    names = [n for n in ("instances_to_leave_alone", "make_plan", "plan_cells", "make_cell_plan") if hasattr(service, n)]
+    names = [n for n in ("instances_to_leave_alone", "plan_copies", "make_plan", "plan_cells", "make_cell_plan")
+             if hasattr(service, n)]
     originals = {name: getattr(service, name) for name in names}
 
     def wrap(name, label_of):
@@ -295,6 +296,8 @@ def timed_phases(phases: dict[str, float]) -> Iterator[None]:
 
     labels = {
         "instances_to_leave_alone": lambda a, k: "instances to leave alone",
+        # every big copy's id ranges in one set of workers: no time per table any more
+        "plan_copies": lambda a, k: "copies in workers",
         "make_plan": lambda a, k: "request_specs",
         "plan_cells": lambda a, k: "cells (" + ", ".join(db.params.database for db in a[0]) + ")",
         "make_cell_plan": lambda a, k: f"{a[0].params.database} instance_extra",

@@ -10,14 +10,18 @@ own id range on its own connection, and the parent merges the plans (``diff.merg
 the same plan, the same digest, as one process would make.
 
 A worker is ``python -m nova_flavor_sync.plan_worker``, started with ``subprocess`` (Celery's
-daemonic workers forbid ``multiprocessing`` children). It gets its PlanJob pickled on stdin
-(our own code on both ends; the password never appears in a command line or environment)
-and answers on stdout with frames ``<c kind><I length>payload``:
+daemonic workers forbid ``multiprocessing`` children). It gets PlanJobs pickled on stdin, one
+after the other (our own code on both ends; the password never appears in a command line or
+environment), plans each, and answers on stdout with frames ``<c kind><I length>payload``:
 
-    p  progress: rows planned so far (pickled int), every PROGRESS_EVERY rows
-    r  result: its Plan, pickled; its changes stay in a file in the job's spool_dir, which the
-       parent adopts by name, so the parent's memory does not grow with them
+    p  progress: rows of the current job planned so far (pickled int), every PROGRESS_EVERY rows
+    r  result: the current job's Plan, pickled; its changes stay in a file in the job's
+       spool_dir, which the parent adopts by name, so the parent's memory does not grow with them
     e  error: the exit code, a newline and a message free of secrets (UTF-8)
+
+It exits when its stdin closes. The parent keeps a few workers and gives each its next job
+when it answers one (``run_jobs``): a worker starts once for every copy of a cloud (a Python
+start is a fifth of a second), and no core waits while another finishes a copy's last range.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from nova_flavor_sync.scope import Scope
 
 FRAME = struct.Struct("<cI")
 PROGRESS, RESULT, ERROR = b"p", b"r", b"e"
+STOPPED = b"s"  # not a frame: the reader thread saw the worker's output end
 PROGRESS_EVERY = 10_000
 STOP_TIMEOUT_S = 10
 
@@ -106,10 +111,11 @@ def plan_in_workers(
 def run_jobs(
     jobs: Sequence[PlanJob], *, max_running: int, progress: Callable[[int], None] | None = None
 ) -> list[Plan]:
-    """Plan each job in its own worker process, at most ``max_running`` at a time; the plans in job order.
+    """Plan the jobs in at most ``max_running`` worker processes, each given its next job when
+    it answers one; the plans in job order.
 
     Each plan's changes stay spooled in the jobs' ``spool_dir``: merge them (``merge_plans``)
-    before that directory goes.
+    before that directory goes. ``progress(rows)``: rows planned so far over every job.
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     children: list[subprocess.Popen] = []
@@ -117,8 +123,22 @@ def run_jobs(
     readers: list[threading.Thread] = []
     results: list[Plan | None] = [None] * len(jobs)
     done = [0] * len(jobs)
+    pending = iter(range(len(jobs)))
+    current: list[int] = []  # each worker's job
 
-    def start(index: int) -> None:
+    def give_next(worker: int) -> None:
+        """The worker's next job on its stdin, or, when none is left, the end of its stdin."""
+        stdin = children[worker].stdin
+        assert stdin is not None
+        index = next(pending, None)
+        if index is None:
+            stdin.close()
+            return
+        current[worker] = index
+        pickle.dump(jobs[index], stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        stdin.flush()
+
+    def start() -> None:
         # The child imports this package the way this process did (an Airflow worker
         # may have it on sys.path only).
         child = subprocess.Popen(
@@ -126,64 +146,74 @@ def run_jobs(
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         children.append(child)
-        assert child.stdin is not None and child.stdout is not None
-        pickle.dump(jobs[index], child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        child.stdin.close()
-        reader = threading.Thread(target=_read_frames, args=(index, child.stdout, messages), daemon=True)
+        current.append(-1)
+        assert child.stdout is not None
+        reader = threading.Thread(target=_read_frames, args=(len(children) - 1, child.stdout, messages), daemon=True)
         reader.start()
         readers.append(reader)
+        give_next(len(children) - 1)
 
     try:
-        started = 0
-        while started < min(max(max_running, 1), len(jobs)):
-            start(started)
-            started += 1
+        for _ in range(min(max(max_running, 1), len(jobs))):
+            start()
         while any(result is None for result in results):
-            index, kind, payload = messages.get()
+            worker, kind, payload = messages.get()
+            index = current[worker]
             if kind == PROGRESS:
                 done[index] = payload
                 if progress is not None:
                     progress(sum(done))
             elif kind == RESULT:
                 results[index] = payload
-                if started < len(jobs):
-                    start(started)
-                    started += 1
+                done[index] = payload.rows_read
+                give_next(worker)
+            elif kind == STOPPED:
+                if index >= 0 and results[index] is None:
+                    stopped = "a plan worker stopped before it finished (see its output above)"
+                    raise PlanWorkerError(stopped, ExitCode.UNEXPECTED)
             else:
                 code, _, message = payload.partition("\n")
                 raise PlanWorkerError(message, ExitCode(int(code)))
         return [r for r in results if r is not None]
     finally:
         for child in children:
-            if child.poll() is None:
-                child.kill()  # only after a failure: a finished worker has exited
+            if child.stdin is not None and not child.stdin.closed:
+                try:
+                    child.stdin.close()
+                except OSError:
+                    pass
+            if child.poll() is None and any(r is None for r in results):
+                child.kill()  # only after a failure: a worker given no more work exits
         for child in children:
             child.wait(timeout=STOP_TIMEOUT_S)
         for reader in readers:
             reader.join(timeout=STOP_TIMEOUT_S)
 
 
-def _read_frames(index: int, stream: BinaryIO, messages: queue.Queue) -> None:
-    """A thread per worker: turn its frames into messages; anything else is an error message."""
+def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue) -> None:
+    """A thread per worker: turn its frames into messages; anything else is an error message.
+
+    A worker's output ends after the result of its last job: the end of the stream is an
+    error only while the parent still waits for one of its results (``run_jobs``).
+    """
     try:
         with stream:
             while True:
                 header = stream.read(FRAME.size)
-                if len(header) < FRAME.size:
-                    stopped = "a plan worker stopped before it finished (see its output above)"
-                    messages.put((index, ERROR, f"{int(ExitCode.UNEXPECTED)}\n{stopped}"))
+                if not header:
+                    messages.put((worker, STOPPED, None))
                     return
+                if len(header) < FRAME.size:
+                    raise EOFError("a truncated frame")
                 kind, length = FRAME.unpack(header)
                 payload = stream.read(length)
                 if kind == ERROR:
-                    messages.put((index, ERROR, payload.decode("utf-8", "replace")))
+                    messages.put((worker, ERROR, payload.decode("utf-8", "replace")))
                     return
-                messages.put((index, kind, pickle.loads(payload)))
-                if kind == RESULT:
-                    return
+                messages.put((worker, kind, pickle.loads(payload)))
     except Exception as exc:  # noqa: BLE001 (reported to the parent's loop, which raises it)
         failed = f"reading a plan worker's answer failed: {type(exc).__name__}"
-        messages.put((index, ERROR, f"{int(ExitCode.UNEXPECTED)}\n{failed}"))
+        messages.put((worker, ERROR, f"{int(ExitCode.UNEXPECTED)}\n{failed}"))
 
 
 def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
@@ -215,7 +245,12 @@ def _work(job: PlanJob, out: BinaryIO) -> None:
 def main() -> int:
     out = sys.stdout.buffer
     try:
-        _work(pickle.load(sys.stdin.buffer), out)
+        while True:
+            try:
+                job = pickle.load(sys.stdin.buffer)
+            except EOFError:  # the parent has no more work
+                return 0
+            _work(job, out)
     except Exception as exc:  # reported to the parent, which raises it
         from nova_flavor_sync.db import describe_error
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,12 +42,12 @@ from nova_flavor_sync.cells import (
 )
 from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb, ReplicaDb
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.diff import IN_SYNC, RowPlanner
+from nova_flavor_sync.diff import IN_SYNC, RowPlanner, merge_plans
 from nova_flavor_sync.diff import make_plan as diff_make_plan
 from nova_flavor_sync.errors import BackupError, ConfigError, NovaFlavorSyncError
 from nova_flavor_sync.plan import CloudPlan, CopyPlan, Flavor, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan, load_plan, save_plan
-from nova_flavor_sync.plan_worker import plan_in_workers
+from nova_flavor_sync.plan_worker import PlanJob, plan_in_workers, run_jobs, split_ids
 from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
@@ -201,11 +202,8 @@ def plan_both_copies(
     """
     flavors = api.load_flavors() if flavors is None else flavors
     left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
-    copies = [
-        plan_copy(api, cells, key, scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
-                  progress=progress, workers=workers)
-        for key in copy_keys(cells)
-    ]
+    copies = plan_copies(api, cells, copy_keys(cells), scope, flavors=flavors, left_alone=left_alone,
+                         page_size=page_size, progress=progress, workers=workers)
     never_written = {mapping.label: db.instance_counts()["total"] for mapping, db in cells if mapping.is_cell0}
     return CloudPlan(scope, copies, never_written)
 
@@ -233,15 +231,85 @@ def plan_copy(
     instance are planned with the same reasons whichever is planned first, or elsewhere.
     A big copy is planned in worker processes (``workers``: see make_plan, make_cell_plan).
     """
+    return plan_copies(api, cells, [key], scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
+                       progress=progress, workers=workers)[0]
+
+
+# A big copy is cut into this many id ranges per worker: a worker that finishes its range
+# early takes the next one, of this copy or the next, instead of waiting for the others.
+RANGES_PER_WORKER = 2
+
+
+def plan_copies(
+    api: NovaApiDb,
+    cells: Sequence[tuple[CellMapping, NovaCellDb]],
+    keys: Sequence[str],
+    scope: Scope,
+    *,
+    flavors: dict[int, Flavor],
+    left_alone: Mapping[str, str],
+    page_size: int = DEFAULT_PAGE_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+) -> list[CopyPlan]:
+    """The plans of these copies (``copy_keys``), in order.
+
+    The id ranges of every big copy (PLAN_WORKERS_FROM rows or more by id; ``workers``
+    overrides: 1 plans everything in this process) go to one set of PLAN_WORKERS worker
+    processes (``plan_worker.run_jobs``), which start once for the whole cloud and stay busy
+    from one copy to the next; each copy's ranges are merged into its plan
+    (``diff.merge_plans``: the plan and digest one process would make). A small copy, or an
+    instance-uuid scope, is planned in this process. ``progress(rows, expected)`` follows the
+    reading of the RequestSpecs when they are planned here, of every big copy otherwise.
+    """
+    targets = [_copy_database(api, cells, key) for key in keys]
+    with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
+        jobs: list[PlanJob] = []
+        owners: list[int] = []  # jobs[i] is a range of targets[owners[i]]
+        expected = 0
+        for index, (_, _, db) in enumerate(targets):
+            bounds = None
+            if scope.instance_uuids is None and workers != 1:
+                bounds = db.flavor_id_bounds() if isinstance(db, NovaCellDb) else db.spec_id_bounds()  # type: ignore[union-attr]
+            count = workers or (PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1)
+            if count > 1 and bounds is not None:
+                for ids in split_ids(bounds, count * RANGES_PER_WORKER):
+                    jobs.append(PlanJob(db.params, flavors, scope, ids, page_size, spool_dir, left_alone,
+                                        cell=isinstance(db, NovaCellDb)))
+                    owners.append(index)
+                expected += bounds[1] - bounds[0] + 1
+        planned: dict[int, Plan] = {}
+        if jobs:
+            report = None if progress is None else (lambda done: progress(done, max(expected, done)))
+            parts = run_jobs(jobs, max_running=workers or PLAN_WORKERS, progress=report)
+            for index in dict.fromkeys(owners):
+                planned[index] = merge_plans(scope, [part for part, owner in zip(parts, owners, strict=True)
+                                                     if owner == index])
+            if progress is not None:
+                read = sum(plan.rows_read for plan in planned.values())
+                progress(read, read)
+        copies = []
+        for index, (where, cell_uuid, db) in enumerate(targets):
+            plan = planned.get(index)
+            if plan is None and isinstance(db, NovaCellDb):
+                plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
+                                      workers=1)
+            elif plan is None:
+                plan = make_plan(db, scope, flavors=flavors, page_size=page_size, left_alone=left_alone,  # type: ignore[arg-type]
+                                 progress=progress, workers=1)
+            copies.append(CopyPlan(where, cell_uuid, plan))
+    return copies
+
+
+def _copy_database(
+    api: NovaApiDb, cells: Sequence[tuple[CellMapping, NovaCellDb]], key: str
+) -> tuple[str, str | None, NovaDb]:
+    """Where a copy lives: (its name in reports, its cell's uuid or None for nova_api, its database)."""
     if key == API_DATABASE:
-        plan = make_plan(api, scope, flavors=flavors, page_size=page_size, left_alone=left_alone, progress=progress,
-                         workers=workers)
-        return CopyPlan(API_DATABASE, None, plan)
+        return API_DATABASE, None, api
     for mapping, db in cells:
         if mapping.uuid == key and not mapping.is_cell0:
-            plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
-                                  workers=workers)
-            return CopyPlan(mapping.label, mapping.uuid, plan)
+            return mapping.label, mapping.uuid, db
     raise ConfigError(f"no cell {key} in nova_api's cell_mappings (cell0 is never written)")
 
 
