@@ -273,9 +273,12 @@ def plan_copies(
                 bounds = db.flavor_id_bounds() if isinstance(db, NovaCellDb) else db.spec_id_bounds()  # type: ignore[union-attr]
             count = workers or (PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1)
             if count > 1 and bounds is not None:
+                # One RowPlanner per kind of copy in a worker: every cell's instance copies
+                # are the same flavor texts, judged once.
+                kind = f"{spool_dir}:{type(db).__name__}"
                 for ids in split_ids(bounds, count * RANGES_PER_WORKER):
                     jobs.append(PlanJob(db.params, flavors, scope, ids, page_size, spool_dir, left_alone,
-                                        cell=isinstance(db, NovaCellDb)))
+                                        cell=isinstance(db, NovaCellDb), planner_key=kind))
                     owners.append(index)
                 expected += bounds[1] - bounds[0] + 1
         planned: dict[int, Plan] = {}
