@@ -188,7 +188,11 @@ def run_jobs(
             if child.poll() is None and any(r is None for r in results):
                 child.kill()  # only after a failure: a worker given no more work exits
         for child in children:
-            child.wait(timeout=STOP_TIMEOUT_S)
+            try:
+                child.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:  # its answers are in (or a failure is raised): stop it
+                child.kill()
+                child.wait()
         for reader in readers:
             reader.join(timeout=STOP_TIMEOUT_S)
 
