@@ -130,7 +130,7 @@ def test_a_drift_check_that_cannot_read_the_database_mails_that_it_failed(nova_e
 
 
 @pytest.mark.timeout(300)
-def test_a_rejected_sync_is_mailed_and_an_unset_variable_sends_nothing(nova_env, inbox, monkeypatch):
+def test_a_rejected_sync_is_mailed_and_an_unset_variable_sends_nothing(nova_env, inbox, monkeypatch, caplog):
     dag_run, states, _ = run_with_answer(SYNC, {"dry_run": False}, "Reject")
 
     assert dag_run.state == "success" and states["report_outcome"] == "success", states
@@ -147,7 +147,9 @@ def test_a_rejected_sync_is_mailed_and_an_unset_variable_sends_nothing(nova_env,
     monkeypatch.delenv("AIRFLOW_VAR_NOVA_FLAVOR_SYNC_ALERTS")
     dag_run, states, _ = run_with_answer(SYNC, {"dry_run": False}, "Reject")
     assert dag_run.state == "success", states
-    assert len(inbox.mails) == 1  # no Variable, no alert (the task log says so)
+    assert len(inbox.mails) == 1  # no Variable, no alert, and the task log says so
+    assert ("No alert sent: the Airflow Variable nova_flavor_sync_alerts is not set (would have said: "
+            f"[nova-flavor-sync] Sync REJECTED in {cloud})") in caplog.text
 
 
 @pytest.mark.timeout(300)
@@ -165,3 +167,36 @@ def test_a_failed_sync_is_mailed_with_what_failed(nova_env, inbox, tmp_path):
     body = body_text(mail)
     assert body.startswith("FAILED: the backup could not be written; nothing was written ")
     assert f"DAG run: {SYNC} / {dag_run.run_id}" in body and "/tasks/report_outcome" in body
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("{not json", "the Airflow Variable nova_flavor_sync_alerts is not JSON: "),
+    ('["ops@nova.example"]', 'must be a JSON object with "email" and/or "slack", not \'["ops@nova.example"]\''),
+    ('{"mail": {"to": "ops@nova.example"}}', 'must be a JSON object with "email" and/or "slack"'),
+    ('{"email": {"conn_id": "smtp_default"}}', '"email" in the Airflow Variable nova_flavor_sync_alerts must be an '
+     "object with ['to'] and optionally ['cc', 'conn_id', 'from_email']"),
+    ('{"email": {"to": "ops", "smtp": "x"}}', '"email" in the Airflow Variable'),
+    ('{"email": {"to": "ops"}}', '"email": "to" must be an e-mail address or a list of them, not \'ops\''),
+    ('{"email": {"to": []}}', '"email": "to" must be an e-mail address or a list of them, not []'),
+    ('{"slack": {"channel": "#nova"}}', '"slack" in the Airflow Variable nova_flavor_sync_alerts needs the Slack '
+     "provider (airflow.providers.slack.notifications.slack): install apache-airflow-providers-slack"),
+])
+def test_a_variable_that_cannot_be_used_says_why(airflow_db, value, message):
+    from nova_flavor_sync_reports import AlertConfigError, alert_senders
+
+    with pytest.raises(AlertConfigError) as raised:
+        alert_senders(value)
+    assert message in str(raised.value)
+
+
+def test_an_unset_or_empty_variable_means_no_alert_and_email_alone_is_enough(airflow_db):
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+    from nova_flavor_sync_reports import alert_senders
+
+    assert alert_senders(None) == [] and alert_senders("  ") == []
+    (send,) = alert_senders(json.dumps({"email": {"to": "ops@nova.example"}}))
+    notifier = send("subject {{ x }}", ["line <b>", "Log: http://airflow/x?a=1"])
+    assert isinstance(notifier, SmtpNotifier) and notifier.to == ["ops@nova.example"]
+    assert notifier.smtp_conn_id == "smtp_default" and notifier.subject == "subject {{ x }}"
+    assert notifier.html_content == '<p>line &lt;b&gt;</p>\n<p>Log: <a href="http://airflow/x?a=1">http://airflow/x?a=1</a></p>'
