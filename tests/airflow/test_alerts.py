@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 
 import pytest
-from local_airflow import free_port
+from local_airflow import Airflow, free_port, wait_for
 
 from approval_answer import REPO, run_with_answer
 from dbtools import sync_both_copies
@@ -199,4 +200,50 @@ def test_an_unset_or_empty_variable_means_no_alert_and_email_alone_is_enough(air
     notifier = send("subject {{ x }}", ["line <b>", "Log: http://airflow/x?a=1"])
     assert isinstance(notifier, SmtpNotifier) and notifier.to == ["ops@nova.example"]
     assert notifier.smtp_conn_id == "smtp_default" and notifier.subject == "subject {{ x }}"
-    assert notifier.html_content == '<p>line &lt;b&gt;</p>\n<p>Log: <a href="http://airflow/x?a=1">http://airflow/x?a=1</a></p>'
+    assert notifier.html_content == (
+        '<p>line &lt;b&gt;</p>\n<p>Log: <a href="http://airflow/x?a=1">http://airflow/x?a=1</a></p>')
+
+
+def mysql_uri(params, database: str) -> str:
+    auth = params.user + (f":{params.password}" if params.password else "")
+    return f"mysql://{auth}@{params.host}:{params.port}/{database}"
+
+
+@pytest.mark.timeout(900)
+def test_a_running_airflow_keeps_the_night_as_an_asset_event_and_mails_it(demo_db, inbox, tmp_path):
+    """The real thing: scheduler, LocalExecutor, task processes, the API server's REST API."""
+    env = {
+        "AIRFLOW_CONN_NOVA_API_DB": mysql_uri(demo_db, demo_db.database),
+        "AIRFLOW_CONN_NOVA_DATABASE": mysql_uri(demo_db, "nova"),  # cell2's template is filled from it
+        "NOVA_FLAVOR_SYNC_DIR": str(tmp_path / "data"),
+        **{name: os.environ[name] for name in (f"AIRFLOW_CONN_{SMTP_CONN_ID.upper()}",
+                                               "AIRFLOW_VAR_NOVA_FLAVOR_SYNC_ALERTS")},
+    }
+    airflow = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env)
+    try:
+        airflow.start(timeout=300)  # minutes on a loaded 2-core machine
+        airflow.wait_for_dags([DRIFT])
+        # Unpaused, it may also start the latest nightly run (catchup=False): ours is the manual one.
+        airflow.unpause(DRIFT)
+        run_id = airflow.trigger(DRIFT, {})
+        run = airflow.wait_for_run(DRIFT, run_id, timeout=240)
+        assert run["state"] == "failed"
+        assert airflow.task_states(DRIFT, run_id) == {"check_drift": "success", "fail_on_drift": "failed"}
+        record = airflow.xcom(DRIFT, run_id, "check_drift")
+        events = airflow.api.get_json("/api/v2/assets/events", params={"source_run_id": run_id})
+        (event,) = events["asset_events"]
+        assert (event["uri"], event["source_task_id"]) == ("nova_flavor_sync://drift", "check_drift")
+        assert event["extra"] == record and record["summary"]["to_update"] > 600
+
+        def our_mail():  # the callback runs as the task process ends: maybe after the run did
+            return [mail for _, mail in inbox.mails if f"DAG run: {DRIFT} / {run_id}" in body_text(mail)] or None
+
+        (mail,) = wait_for("the drift mail", our_mail, timeout=60)
+    except BaseException:
+        print("\n" + airflow.diagnostics())
+        raise
+    finally:
+        airflow.stop()
+    assert mail["Subject"] == (f"[nova-flavor-sync] Flavor drift: {record['summary']['to_update']} stale flavor "
+                               f"copies in nova_api_db (127.0.0.1:{demo_db.port}/{demo_db.database})")
+    assert f"Log: http://localhost:8080/dags/{DRIFT}/runs/{run_id}/tasks/fail_on_drift" in body_text(mail)
