@@ -43,6 +43,7 @@ from nova_flavor_sync_airflow import (
     replica_params,
     sync_outcome,
 )
+from nova_flavor_sync_reports import Alert, sync_ended
 
 from nova_flavor_sync import service
 from nova_flavor_sync.errors import BackupError, ConfigError, SchemaError, UsageError
@@ -186,7 +187,8 @@ def verify(plan_path, params=None):  # the scope of the run's plan, both copies 
 
 # The run's only last task, so Airflow judges the run by it: it fails when the sync did not
 # complete (see the DAG's doc), and succeeds after a dry run, a Reject or a verified sync.
-@task(trigger_rule="all_done")
+# A failed or rejected run sends an alert (the Variable nova_flavor_sync_alerts says where).
+@task(trigger_rule="all_done", on_failure_callback=Alert(sync_ended), on_success_callback=Alert(sync_ended))
 def report_outcome(params=None):
     ti = get_current_context()["ti"]
     applied = [ti.xcom_pull(task_ids=task_id) for task_id in ("apply_cells", "apply_request_specs")]

@@ -56,16 +56,21 @@ async def _user(
     return await get_user(request, _oauth_token=None, bearer_credentials=credentials)
 
 
-def _may_read_restore_dag(request: Request, user: Annotated[Any, Depends(_user)]) -> None:
-    """403 unless the user may read the restore DAG (sync: it may look the DAG's team up)."""
-    from airflow.api_fastapi.core_api.security import requires_access_dag
+def may_read_dag(dag_id: str) -> Any:
+    """A dependency: 401 unless logged in to Airflow, 403 unless the user may read ``dag_id``."""
 
-    requires_access_dag("GET", param_dag_id=RESTORE_DAG_ID)(request, user)
+    def may_read(request: Request, user: Annotated[Any, Depends(_user)]) -> None:
+        # sync: it may look the DAG's team up
+        from airflow.api_fastapi.core_api.security import requires_access_dag
+
+        requires_access_dag("GET", param_dag_id=dag_id)(request, user)
+
+    return Depends(may_read)
 
 
 app = FastAPI(
     title="nova-flavor-sync backups",
-    dependencies=[Depends(_may_read_restore_dag)],
+    dependencies=[may_read_dag(RESTORE_DAG_ID)],
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
