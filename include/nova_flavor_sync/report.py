@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nova_flavor_sync.backup import BackupInfo
-from nova_flavor_sync.plan import CloudPlan, KeyChange, Plan, RowChange, RowNote
+from nova_flavor_sync.plan import CloudPlan, CopyPlan, KeyChange, Plan, RowChange, RowNote
 from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.value_changes import LINES_SHOWN, group_copies, group_lines
 
@@ -102,12 +102,14 @@ def cloud_plan_lines(cloud: CloudPlan, *, verbose: bool, full_view: str = ALL_VA
         lines += [f"== {copy.what} in {copy.where} =="] if copy.cell_uuid is not None else []
         lines += plan_lines(copy.plan, verbose=verbose)
         lines += summary_lines(copy.plan, what=copy.rows_named, digest=False)
-    return lines + value_change_lines(cloud, verbose=verbose, full_view=full_view) + both_copies_lines(cloud)
+    return lines + value_change_lines(cloud.copies, verbose=verbose, full_view=full_view) + both_copies_lines(cloud)
 
 
-def value_change_lines(cloud: CloudPlan, *, verbose: bool, full_view: str = ALL_VALUE_CHANGES) -> list[str]:
+def value_change_lines(
+    copies: Sequence[CopyPlan], *, verbose: bool, full_view: str = ALL_VALUE_CHANGES
+) -> list[str]:
     """``Changes by value ...:`` and a line per (flavor, key, old, new): its flavor copies, per copy."""
-    groups = group_copies(cloud.copies).groups()
+    groups = group_copies(copies).groups()
     if not groups:
         return []
     shown = group_lines(groups, limit=None if verbose else LINES_SHOWN, more=full_view)

@@ -15,7 +15,8 @@ from nova_flavor_sync import cli
 
 pytestmark = pytest.mark.db
 
-AVX512 = 'c5.large: trait:HW_CPU_X86_AVX512F "forbidden" -> "required" [scheduling]: 122 (nova_api 61, cell1 38, cell2 23)'
+AVX512 = ('c5.large: trait:HW_CPU_X86_AVX512F "forbidden" -> "required" [scheduling]: 122 '
+          "(nova_api 61, cell1 38, cell2 23)")
 
 
 def run(capsys, tmp_path: Path, *args: object) -> tuple[int, list[str], str]:
