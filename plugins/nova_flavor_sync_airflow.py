@@ -399,6 +399,7 @@ def approval_body(copies: Sequence[dict[str, Any]], digest: str, run_id: str = "
     lines += ["", "Approve writes these rows in compare-and-swap batches; Reject writes nothing."]
     return "\n".join(lines)
 
+
 def value_changes_markdown(copies: Sequence[dict[str, Any]], run_id: str) -> list[str]:
     """The approval body's table of value changes: a row per (flavor, key, old -> new), the largest
     LINES_SHOWN, a column of flavor copies per copy, every value escaped; and the link to the plan view."""
