@@ -91,10 +91,11 @@ test: install db-up
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Takes the README's screenshots again: the approval page (docs/images/approval-page.png) and
-# the drift page (docs/images/drift-history.png).
+# the drift page (docs/images/drift-history.png) and the plan view (docs/images/plan-view.png).
 screenshot: install db-up
 	NFS_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/airflow/test_demo.py -k approval_page -s
 	NFS_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/airflow/test_drift_page.py -k browser -s
+	NFS_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/airflow/test_plan_view.py -k real_run -s
 
 # A fresh copy of the demo cloud, an Airflow on 127.0.0.1:$(DEMO_PORT) left running (reused by
 # the next `make demo` while it is healthy), and a dry run of nova_flavor_sync through it.

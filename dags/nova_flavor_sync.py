@@ -74,7 +74,7 @@ def make_plan(copy, params=None):
 
 @task(task_id="combine_plans")
 def combine(copies):
-    return combine_plans(list(copies))
+    return combine_plans(list(copies), run_id=get_current_context()["run_id"])
 
 
 # Only back_up is skipped directly; the rest follow their trigger rules, so report_outcome

@@ -49,6 +49,14 @@ from nova_flavor_sync.throttle import (  # one source for every pacing default a
     MAX_WAIT_S,
     PaceSettings,
 )
+from nova_flavor_sync.value_changes import (
+    LINES_SHOWN,
+    ValueChanges,
+    ValueGroup,
+    group_lines,
+    markdown_text,
+    short_where,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +199,11 @@ def apply_parallelism() -> int:
     return int(raw)
 
 
-def combine_plans(copies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def combine_plans(copies: Sequence[dict[str, Any]], run_id: str = "") -> dict[str, Any]:
     """The run's one plan over both copies: its digest (what the approval binds), counts, approval body.
 
-    ``copies``: what ``plan_copy_to_file`` returned for each copy, in plan order (nova_api first).
+    ``copies``: what ``plan_copy_to_file`` returned for each copy, in plan order (nova_api first);
+    ``run_id``: the run's, for the approval body's link to its plan view.
     """
     copies = sorted(copies, key=lambda c: c["key"] != API_DATABASE)  # mapped results come in map order
     digest = cloud_digest((c["key"], c["digest"]) for c in copies)
@@ -203,8 +212,27 @@ def combine_plans(copies: Sequence[dict[str, Any]]) -> dict[str, Any]:
                "copies": {c["where"]: c["summary"]["to_update"] for c in copies}}
     log.info("Both copies: %d to update (%s); plan digest %s", to_update,
              ", ".join(f"{c['where']}={c['summary']['to_update']}" for c in copies), digest)
+    value_changes = merged_value_changes(copies)
     return {"digest": digest, "summary": summary, "copies": list(copies),
-            "approval_body": approval_body(copies, digest)}
+            "value_changes": group_lines(value_changes.groups(), more=plan_view_path(run_id)),
+            "approval_body": approval_body(copies, digest, run_id)}
+
+
+# The plan view of a run (plugins/nova_flavor_sync_plan_view.py), relative to the UI's base URL.
+PLAN_VIEW = "nova-flavor-sync/plans/{run_id}"
+
+
+def plan_view_path(run_id: str) -> str:
+    return "/" + PLAN_VIEW.format(run_id=quote(run_id, safe=""))
+
+
+def merged_value_changes(copies: Sequence[dict[str, Any]]) -> ValueChanges:
+    """Every copy's value changes (the largest ones its plan task kept: service.VALUE_GROUPS_KEPT), merged."""
+    merged = ValueChanges()
+    for copy in copies:
+        for raw in copy.get("value_changes") or ():
+            merged.add_group(ValueGroup.from_dict(raw))
+    return merged
 
 
 def copy_ranges(
@@ -320,15 +348,22 @@ def sync_outcome(
             f"{counts.get('conflicts', 0)} conflicts, {counts.get('errors', 0)} errors; verify found no drift"
         )
     log.info("%s", line)
+    value_changes = (plan or {}).get("value_changes") or []
+    if value_changes:
+        log.info("The plan's changes by value (flavor: key old -> new [risk class]: flavor copies (per copy)):")
+        for change in value_changes:
+            log.info("  %s", change)
     if outcome not in SUCCESSFUL_OUTCOMES:
         raise SyncFailedError(line)
-    return {"outcome": outcome, "message": line, "digest": summary["digest"], **counts}
+    return {"outcome": outcome, "message": line, "digest": summary["digest"], **counts,
+            "value_changes": value_changes}
 
 
-def approval_body(copies: Sequence[dict[str, Any]], digest: str) -> str:
-    """Markdown for the approval page: what will change in each copy, what is left, the digest.
+def approval_body(copies: Sequence[dict[str, Any]], digest: str, run_id: str = "") -> str:
+    """Markdown for the approval page: what will change in each copy, by value, what is left, the digest.
 
-    ``copies``: each copy's plan_copy_to_file result (its ``where`` and ``summary``).
+    ``copies``: each copy's plan_copy_to_file result (its ``where``, ``summary`` and ``value_changes``);
+    ``run_id``: the run, whose plan view the body links to.
     """
     summaries = [c["summary"] for c in copies]
     total = sum(s["to_update"] for s in summaries)
@@ -349,6 +384,7 @@ def approval_body(copies: Sequence[dict[str, Any]], digest: str) -> str:
         "| --- |" + " --- |" * len(copies),
     ]
     lines += [f"| {label} | " + " | ".join(str(s[key]) for s in summaries) + " |" for label, key in rows]
+    lines += value_changes_markdown(copies, run_id)
     for title, key in (
         ("To update by flavor (both copies)", "by_flavor"),
         ("Key changes by key (both copies)", "by_key"),
@@ -362,6 +398,32 @@ def approval_body(copies: Sequence[dict[str, Any]], digest: str) -> str:
         lines += ["", report.GUEST_KEYS_TAKE_EFFECT + "."]
     lines += ["", "Approve writes these rows in compare-and-swap batches; Reject writes nothing."]
     return "\n".join(lines)
+
+
+def value_changes_markdown(copies: Sequence[dict[str, Any]], run_id: str) -> list[str]:
+    """The approval body's table of value changes: a row per (flavor, key, old -> new), the largest
+    LINES_SHOWN, a column of flavor copies per copy, every value escaped; and the link to the plan view."""
+    groups = merged_value_changes(copies).groups()
+    link = f"[the plan view]({PLAN_VIEW.format(run_id=quote(run_id, safe=''))})" if run_id else "the plan view"
+    if not groups:
+        return []
+    shown = groups[:LINES_SHOWN]
+    # A copy with more lines than its task kept: the merged lines are not all there is.
+    cut = any(c.get("value_change_lines", 0) > len(c.get("value_changes") or ()) for c in copies)
+    wheres = [c["where"] for c in copies]
+    lines = ["", f"**What changes, by value** (every line, and the instances behind each: {link})", "",
+             "| flavor | key | old -> new | risk class | " + " | ".join(markdown_text(short_where(w)) for w in wheres)
+             + " |", "| --- | --- | --- | --- |" + " ---: |" * len(wheres)]
+    for group in shown:
+        change = group.change
+        risk = change.risk + (" (held back: not written)" if change.held_back else "")
+        cells = [change.flavor, change.key, change.shown(), risk]
+        lines.append("| " + " | ".join(markdown_text(cell) for cell in cells) + " | "
+                     + " | ".join(str(group.counts.get(where, 0)) for where in wheres) + " |")
+    if cut or len(groups) > len(shown):
+        lines += ["", f"... and {'at least ' if cut else ''}{len(groups) - len(shown)} more lines: see {link}."]
+    return lines
+
 
 class RecordedApprovalOperator(ApprovalOperator):
     """ApprovalOperator that logs the answer and pushes it as XCom ``answer`` before acting on it."""

@@ -7,7 +7,9 @@ an external view that shows it inside the UI (in an iframe, at ``/plugin/nova-fl
   ``$NOVA_FLAVOR_SYNC_DIR/backups`` (file, records, records per copy: nova_api and each
   cell, taken at, plan digest, schema; a damaged or half-written file with its problem),
   read from disk on every request;
-- ``GET /nova-flavor-sync/backups.json``: the same, as JSON.
+- ``GET /nova-flavor-sync/backups.json``: the same, as JSON;
+- ``GET /nova-flavor-sync/plans/<run id>``: the plan of a ``nova_flavor_sync`` run, by value
+  (``nova_flavor_sync_plan_view``), for users who may read that DAG.
 
 Only metadata is served: a backup's header and trailer, never its records (they hold every
 instance's request spec). Airflow does not authenticate the FastAPI apps of plugins (a
@@ -26,10 +28,12 @@ from __future__ import annotations
 import html
 import re
 import shlex
+from collections.abc import Callable
 from typing import Annotated, Any
 
+import nova_flavor_sync_plan_view as plan_view
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nova_flavor_sync_airflow import backups_dir
@@ -56,25 +60,21 @@ async def _user(
     return await get_user(request, _oauth_token=None, bearer_credentials=credentials)
 
 
-def may_read_dag(dag_id: str) -> Any:
-    """A dependency: 401 unless logged in to Airflow, 403 unless the user may read ``dag_id``."""
+def may_read_dag(dag_id: str) -> Callable[..., None]:
+    """A dependency: 401 unless logged in, 403 unless the user may read ``dag_id`` (sync: it may look
+    the DAG's team up)."""
 
-    def may_read(request: Request, user: Annotated[Any, Depends(_user)]) -> None:
-        # sync: it may look the DAG's team up
+    def check(request: Request, user: Annotated[Any, Depends(_user)]) -> None:
         from airflow.api_fastapi.core_api.security import requires_access_dag
 
         requires_access_dag("GET", param_dag_id=dag_id)(request, user)
 
-    return Depends(may_read)
+    return check
 
 
-app = FastAPI(
-    title="nova-flavor-sync backups",
-    dependencies=[may_read_dag(RESTORE_DAG_ID)],
-    docs_url=None,
-    redoc_url=None,
-    openapi_url=None,
-)
+app = FastAPI(title="nova-flavor-sync backups", docs_url=None, redoc_url=None, openapi_url=None)
+# Each page checks the DAG it is about: backups, the restore DAG; a run's plan, the sync DAG.
+backups = APIRouter(dependencies=[Depends(may_read_dag(RESTORE_DAG_ID))])
 
 
 def listing() -> dict[str, Any]:
@@ -83,14 +83,18 @@ def listing() -> dict[str, Any]:
     return {"directory": str(directory), "exists": directory.is_dir(), "backups": service.backup_listing(directory)}
 
 
-@app.get("/backups.json")
+@backups.get("/backups.json")
 def backups_json() -> JSONResponse:
     return JSONResponse(listing(), headers=NO_STORE)
 
 
-@app.get("/backups", response_class=HTMLResponse)
+@backups.get("/backups", response_class=HTMLResponse)
 def backups_page() -> HTMLResponse:
     return HTMLResponse(render(listing()), headers=NO_STORE)
+
+
+app.include_router(backups)
+app.include_router(plan_view.router, dependencies=[Depends(may_read_dag(plan_view.SYNC_DAG_ID))])
 
 
 def _e(value: Any) -> str:
@@ -173,7 +177,7 @@ From a shell: <code>nova-flavor-sync --list-backups --backup-dir {_e(shlex.quote
 
 class NovaFlavorSyncBackupsPlugin(AirflowPlugin):
     name = "nova_flavor_sync_backups"
-    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "nova-flavor-sync backups"}]
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "nova-flavor-sync backups"}]  # and plans
     external_views = [
         {
             "name": "Flavor sync backups",

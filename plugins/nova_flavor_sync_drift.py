@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from nova_flavor_sync_backups import NO_STORE, may_read_dag
@@ -46,7 +46,7 @@ templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=
 
 app = FastAPI(
     title="nova-flavor-sync drift",
-    dependencies=[may_read_dag(DRIFT_DAG_ID)],
+    dependencies=[Depends(may_read_dag(DRIFT_DAG_ID))],
     docs_url=None,
     redoc_url=None,
     openapi_url=None,

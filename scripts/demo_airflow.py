@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from local_airflow import Airflow, AirflowError, PortInUse, port_owner
 
@@ -157,6 +158,9 @@ def summary_lines(plan: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
                            ("  held back (placement keys; all_keys syncs them)", "held_back_by_key")):
             if s.get(key):
                 lines.append(f"{title}: {counts(s[key])}")
+    if plan.get("value_changes"):
+        lines.append("Changes by value (flavor: key old -> new [risk class]: flavor copies (per copy)):")
+        lines += [f"  {line}" for line in plan["value_changes"]]
     lines.append(f"Both copies: {plan['summary']['to_update']} to update ({counts(plan['summary']['copies'])})")
     lines.append(f"Plan digest: {plan['digest']}")
     lines.append(outcome["message"])
@@ -230,6 +234,7 @@ def instructions(airflow: Airflow, run_id: str, password_file: Path, cli: str) -
     )
     return [
         f"Airflow UI:  {url}/  (this dry run: {url}/dags/{SYNC}/runs/{run_id})",
+        f"Plan view:   {url}/nova-flavor-sync/plans/{quote(run_id, safe='')}  (every change by value)",
         f"Login:       {USERNAME} / {airflow.password}   (kept in {shown(password_file)})",
         "",
         "To run the real sync:",

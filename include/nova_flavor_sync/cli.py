@@ -49,6 +49,7 @@ from nova_flavor_sync.throttle import (
     Pacer,
     PaceSettings,
 )
+from nova_flavor_sync.value_changes import write_changes
 
 PROG = "nova-flavor-sync"
 # How resolve_db_params names a nova.conf as the API database's source: "<path> [api_database] connection".
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--no-backup", action="store_true", help="write without a backup file first")
     options.add_argument("--backup-all", action="store_true", help="back up every row read, not only changed ones")
     options.add_argument("--log-file", type=Path, default=DEFAULT_LOG_FILE, help="default %(default)s")
+    options.add_argument("--export-changes", type=Path, metavar="FILE",
+                         help="write every change to FILE (JSON Lines, one line per changed key per flavor copy, "
+                         "and the rows left untouched, with why)")
     options.add_argument("--verbose", "-v", action="store_true", help="show every instance's changes and progress")
     options.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
 
@@ -172,6 +176,8 @@ def parse_args(argv: Sequence[str], *, error: Callable[[str], NoReturn] | None =
         (args.run and (args.verify or args.list_backups), "--run cannot be used with --verify or --list-backups"),
         (args.force and not args.restore, "--force is only for --restore"),
         (args.plan_digest and (not args.run or args.restore), "--plan-digest goes with --run (not --restore)"),
+        (args.export_changes is not None and bool(args.restore or args.list_backups),
+         "--export-changes is for a plan (a dry run, --run or --verify), not --restore or --list-backups"),
         (bool(scoped) and bool(args.restore or args.list_backups),
          "--flavor, --instance, --key-prefix and --all-keys do not apply to --restore or --list-backups"),
         (args.no_backup and args.backup_all, "--no-backup and --backup-all contradict each other"),
@@ -324,6 +330,11 @@ def _sync(
     if reading:
         reading.finish()
     voice.planned(flavors, cloud)
+    full_view = report.ALL_VALUE_CHANGES
+    if args.export_changes is not None:  # before anything is written: a file that cannot be written stops the run
+        exported = write_changes(cloud.copies, args.export_changes)
+        log.info("Every change written to %s (one line per changed key per flavor copy)", exported)
+        full_view = f"--verbose, or every row in {exported}"
     plans = [copy.plan for copy in cloud.copies]
     errors = sum(len(plan.errors) for plan in plans)
     skipped = sum(plan.skipped for plan in plans)
@@ -335,7 +346,7 @@ def _sync(
         voice.dry_run_done(argv, cloud, verify=True)
         return _pending_code(cloud.to_update, errors)
 
-    _log_lines(report.cloud_plan_lines(cloud, verbose=args.verbose))
+    _log_lines(report.cloud_plan_lines(cloud, verbose=args.verbose, full_view=full_view))
     if not args.run:
         voice.summary(report.summary_line(cloud.to_update, skipped, errors))
         voice.dry_run_done(argv, cloud, verify=False)

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nova_flavor_sync.backup import BackupInfo
-from nova_flavor_sync.plan import CloudPlan, KeyChange, Plan, RowChange, RowNote
+from nova_flavor_sync.plan import CloudPlan, CopyPlan, KeyChange, Plan, RowChange, RowNote
 from nova_flavor_sync.policy import RiskClass
+from nova_flavor_sync.value_changes import LINES_SHOWN, group_copies, group_lines
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -85,8 +86,14 @@ GUEST_KEYS_TAKE_EFFECT = (
 )
 
 
-def cloud_plan_lines(cloud: CloudPlan, *, verbose: bool) -> list[str]:
-    """A plan of both copies, as the dry run shows it: each copy's rows and counts, then the totals.
+# Where the dry run's capped list of value changes sends people for the rest.
+ALL_VALUE_CHANGES = "--verbose, or every row in --export-changes FILE"
+
+
+def cloud_plan_lines(cloud: CloudPlan, *, verbose: bool, full_view: str = ALL_VALUE_CHANGES) -> list[str]:
+    """A plan of both copies, as the dry run shows it: each copy's rows and counts, what changes by
+    value (all of it when ``verbose``, else the largest LINES_SHOWN lines and a pointer to ``full_view``),
+    then the totals.
 
     Ends with the lines of ``both_copies_lines`` (the last one is the digest an approval binds).
     """
@@ -95,7 +102,19 @@ def cloud_plan_lines(cloud: CloudPlan, *, verbose: bool) -> list[str]:
         lines += [f"== {copy.what} in {copy.where} =="] if copy.cell_uuid is not None else []
         lines += plan_lines(copy.plan, verbose=verbose)
         lines += summary_lines(copy.plan, what=copy.rows_named, digest=False)
-    return lines + both_copies_lines(cloud)
+    return lines + value_change_lines(cloud.copies, verbose=verbose, full_view=full_view) + both_copies_lines(cloud)
+
+
+def value_change_lines(
+    copies: Sequence[CopyPlan], *, verbose: bool, full_view: str = ALL_VALUE_CHANGES
+) -> list[str]:
+    """``Changes by value ...:`` and a line per (flavor, key, old, new): its flavor copies, per copy."""
+    groups = group_copies(copies).groups()
+    if not groups:
+        return []
+    shown = group_lines(groups, limit=None if verbose else LINES_SHOWN, more=full_view)
+    return ["Changes by value (flavor: key old -> new [risk class]: flavor copies (per copy)):"] + [
+        "  " + line for line in shown]
 
 
 def both_copies_lines(cloud: CloudPlan) -> list[str]:

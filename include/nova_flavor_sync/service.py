@@ -54,6 +54,7 @@ from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
 from nova_flavor_sync.throttle import Pacer, PaceSettings
+from nova_flavor_sync.value_changes import group_copies, group_lines, write_changes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -767,12 +768,22 @@ def plan_copy_to_file(
         reading = Progress(f"Read {key}", every=PROGRESS_EVERY)
         copy = plan_copy(db, cells, key, scope, flavors=found, left_alone=left_alone,
                                  progress=reading.update)
-    for line in report.plan_lines(copy.plan, verbose=True) + report.summary_lines(copy.plan, what=copy.rows_named):
+    for line in (report.plan_lines(copy.plan, verbose=True) + report.summary_lines(copy.plan, what=copy.rows_named)
+                 + report.value_change_lines([copy], verbose=True)):
         log.info("%s", line)
     path = save_plan(copy.plan, work_dir)
     log.info("Plan %s of %s saved to %s", copy.plan.digest, copy.where, path)
+    # Every change by value, next to the plan: what the approval's plan view reads.
+    changes_path = write_changes([copy], path.with_name(f"changes_{copy.plan.digest}_{copy.key}.jsonl"))
+    groups = group_copies([copy]).groups()
     return {"key": copy.key, "where": copy.where, "what": copy.rows_named, "plan_path": str(path),
-            "digest": copy.plan.digest, "summary": copy.plan.summary()}
+            "digest": copy.plan.digest, "summary": copy.plan.summary(), "changes_path": str(changes_path),
+            "value_changes": [group.as_dict() for group in groups[:VALUE_GROUPS_KEPT]],
+            "value_change_lines": len(groups)}
+
+
+# How many of a copy's value changes (the largest) its plan task returns (XCom) for the approval.
+VALUE_GROUPS_KEPT = 100
 
 
 def back_up_plans(
@@ -867,6 +878,7 @@ def drift_summary(
         log.info("%s", line)
     summaries = {copy.where: copy.plan.summary() for copy in cloud.copies}
     return {
+        "value_changes": group_lines(group_copies(cloud.copies).groups(), more="the task log"),
         "digest": cloud.digest,
         "to_update": cloud.to_update,
         "disagreeing": len(cloud.disagreeing_instances()),

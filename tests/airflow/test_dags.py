@@ -81,6 +81,9 @@ def test_the_drift_check_fails_on_drift_and_passes_when_clean(nova_env, tmp_path
     assert dag_run.state == "failed" and states == {"check_drift": "success", "fail_on_drift": "failed"}
     summary = dag_run.get_task_instances()[0].xcom_pull(task_ids="check_drift")["summary"]
     assert summary["to_update"] > 600 and summary["by_flavor"] and summary["by_key"]
+    assert 'c5.large: trait:HW_CPU_X86_AVX512F "forbidden" -> "required" [scheduling]: 122 ' \
+           "(nova_api 61, cell1 38, cell2 23)" in summary["value_changes"]  # values, not only counts
+    assert summary["value_changes"][-1] == "... and 12 more lines: see the task log"
 
     assert set(summary["copies"]) == {"nova_api", "cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca)",
                                       "cell2 (ada1b992-1bb5-5458-b47a-3407ad251e9e)"}  # per cell

@@ -149,6 +149,7 @@ def test_make_demo_starts_airflow_and_prints_the_dry_run_summary(demo, server_kw
     password = json.loads((demo.home / "passwords.json").read_text())[USERNAME]
     assert f"Airflow UI:  {base_url}/" in out and f"Login:       {USERNAME} / {password}" in out, shown(first)
     assert "make stop stops it" in out and "switch dry_run off" in out and "Required Actions" in out
+    assert '"forbidden" -> "required"' in out and f"Plan view:   {base_url}/nova-flavor-sync/plans/" in out, out
     # The generated secrets are private; the components run, listening on 127.0.0.1:port only.
     for name in ("passwords.json", "secrets.json", "pids.json"):
         assert (demo.home / name).stat().st_mode & 0o077 == 0, name
@@ -206,6 +207,10 @@ def test_the_approval_page_in_headless_chromium(demo, tmp_path):
         text = browser.text()
         assert subject in text, text[:3000]
         assert "Plan digest:" in text and "Awaiting Input" in text, text[:3000]
+        assert "What changes, by value" in text and '"forbidden" -> "required"' in text, text[:3000]  # values
+        links = browser.run("return Array.from(document.querySelectorAll('a')).map(a => a.href);")
+        plan_view = f"{airflow.base_url}/nova-flavor-sync/plans/{quote(run_id, safe='')}"
+        assert plan_view in links, links
         # The whole page down to the buttons, and not more: size the viewport to where the
         # buttons are once the page has stopped moving (the body renders after the subject).
         seen: list[float] = []
@@ -226,6 +231,8 @@ def test_the_approval_page_in_headless_chromium(demo, tmp_path):
         assert browser.run(fits, browser.run(buttons)), "the buttons are outside the screenshot"
         target = SCREENSHOT if os.environ.get("NFS_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
         png = browser.screenshot(target)
+        browser.open(plan_view)  # the link the approver follows, with the same login
+        browser.wait_until("the plan view", lambda: "What changes, by value" in browser.text())
 
     assert png[12:16] == b"IHDR", "not a PNG"
     width, height = struct.unpack(">II", png[16:24])
