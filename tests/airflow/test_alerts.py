@@ -192,7 +192,6 @@ def test_a_variable_that_cannot_be_used_says_why(airflow_db, value, message):
 
 def test_an_unset_or_empty_variable_means_no_alert_and_email_alone_is_enough(airflow_db):
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
-
     from nova_flavor_sync_reports import alert_senders
 
     assert alert_senders(None) == [] and alert_senders("  ") == []

@@ -8,10 +8,12 @@ import stat
 
 import pytest
 
+from nova_flavor_sync.demo import load_sample_specs
 from nova_flavor_sync.diff import make_plan
 from nova_flavor_sync.errors import ConfigError
 from nova_flavor_sync.plan import CopyPlan, Flavor, SpecRow
 from nova_flavor_sync.scope import Scope
+from nova_flavor_sync.spec_json import read_embedded_flavor, rewrite_extra_specs
 from nova_flavor_sync.value_changes import (
     ValueChange,
     group_copies,
@@ -22,8 +24,6 @@ from nova_flavor_sync.value_changes import (
     shown_value,
     write_changes,
 )
-from nova_flavor_sync.demo import load_sample_specs
-from nova_flavor_sync.spec_json import read_embedded_flavor, rewrite_extra_specs
 
 STORAGE = "aggregate_instance_extra_specs:storage_type"  # nvme in BASE's copy
 # Row 20 of the real sample: flavor gp2.small, with aggregate_instance_extra_specs:storage_type nvme.
