@@ -238,8 +238,10 @@ class Airflow:
         self.components = {**COMPONENTS, **{name: list(args) for name, args in (workers or {}).items()}}
         self.component_env = {name: dict(extra) for name, extra in (worker_env or {}).items()}
         self.base_url = f"http://{LOCALHOST}:{self.api_port}"
-        # The REST API as ``username``, once start() or status() has logged in.
+        # The REST API as ``username``, once start() or status() has logged in; the health
+        # check needs no login (and is polled until it answers: no retries of its own).
         self.rest: Rest | None = None
+        self.monitor = client.MonitorApi(client.ApiClient(client.Configuration(host=self.base_url, retries=0)))
         # The components this object started (their Popen, to reap them) ...
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         # ... and every one recorded in pids.json, by us or by an earlier process.
@@ -505,9 +507,8 @@ class Airflow:
                 raise AirflowError(f"airflow {name} (pid {record['pid']}) is not running\n{self.tail(name)}")
 
     def _healthy(self) -> client.HealthInfoResponse | None:
-        monitor = client.MonitorApi(client.ApiClient(client.Configuration(host=self.base_url, retries=0)))
         try:
-            health = monitor.get_health(_request_timeout=5)
+            health = self.monitor.get_health(_request_timeout=5)
         except (ApiException, urllib3.exceptions.HTTPError):
             return None
         components = (health.metadatabase, health.scheduler, health.triggerer, health.dag_processor)
