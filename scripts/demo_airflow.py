@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import airflow_client.client as client
+import urllib3
+from airflow_client.client.exceptions import ApiException
 from local_airflow import Airflow, AirflowError, PortInUse, port_owner
 
 from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, DEFAULT_DATABASE_CONN_ID
@@ -65,24 +68,24 @@ def demo_airflow(home: Path, port: int, data_dir: Path) -> Airflow:
 
 
 def connection_body(params: DbParams, conn_id: str = DEFAULT_CONN_ID,
-                    description: str = "The demo nova_api (make demo)") -> dict[str, Any]:
+                    description: str = "The demo nova_api (make demo)") -> client.ConnectionBody:
     """A Connection (type mysql) for ``params``, as POST /api/v2/connections takes it."""
     if params.ssl:
         raise DemoError("the demo's database URL has TLS settings; the demo does not pass them to Airflow")
     extra = {"charset": params.charset}
     if params.unix_socket:
         extra["unix_socket"] = params.unix_socket
-    return {
-        "connection_id": conn_id,
-        "conn_type": "mysql",
-        "description": description,
-        "host": params.host,
-        "port": params.port,
-        "login": params.user or None,
-        "password": params.password or None,
-        "schema": params.database,
-        "extra": json.dumps(extra),
-    }
+    return client.ConnectionBody(
+        connection_id=conn_id,
+        conn_type="mysql",
+        description=description,
+        host=params.host,
+        port=params.port,
+        login=params.user or None,
+        password=params.password or None,
+        var_schema=params.database,
+        extra=json.dumps(extra),
+    )
 
 
 def set_connection(airflow: Airflow, params: DbParams) -> None:
@@ -94,13 +97,7 @@ def set_connection(airflow: Airflow, params: DbParams) -> None:
     cells = dataclasses.replace(params, database="nova")
     for body in (connection_body(params),
                  connection_body(cells, DEFAULT_DATABASE_CONN_ID, "Nova's [database] connection (make demo)")):
-        path = f"/api/v2/connections/{body['connection_id']}"
-        response = airflow.api.request("DELETE", path)
-        if response.status_code not in (204, 404):
-            raise AirflowError(f"DELETE {path}: {response.status_code} {response.text}")
-        response = airflow.api.request("POST", "/api/v2/connections", json=body)
-        if response.status_code != 201:
-            raise AirflowError(f"POST /api/v2/connections: {response.status_code} {response.text}")
+        airflow.rest.replace_connection(body)
 
 
 def ensure_running(airflow: Airflow, *, timeout: float) -> str:
@@ -169,25 +166,26 @@ def summary_lines(plan: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
 
 def dry_run(airflow: Airflow, *, timeout: float) -> tuple[str, list[str]]:
     """Trigger nova_flavor_sync with dry_run on, wait for it; (run id, its summary lines)."""
-    airflow.wait_for_dags([SYNC, RESTORE, DRIFT])
+    rest = airflow.rest
+    rest.wait_for_dags(SYNC, RESTORE, DRIFT)
     for dag_id in (SYNC, RESTORE):  # the nightly drift check stays paused
-        airflow.unpause(dag_id)
+        rest.unpause(dag_id)
     # One run at a time (max_active_runs=1): a run left from an earlier demo (waiting for an
     # approval, say) would hold this one back, and it was planned on the database just replaced.
-    for run in airflow.active_runs(SYNC):
-        airflow.fail_run(SYNC, run["dag_run_id"])
-        print(f"Marked the unfinished run {run['dag_run_id']} failed: the demo database was reloaded")
-    run_id = airflow.trigger(SYNC, {"dry_run": True})
+    for run in rest.active_runs(SYNC):
+        rest.fail_run(SYNC, run.dag_run_id)
+        print(f"Marked the unfinished run {run.dag_run_id} failed: the demo database was reloaded")
+    run_id = rest.trigger(SYNC, {"dry_run": True})
     print(f"Triggered {SYNC} with dry_run=true: run {run_id}; waiting for it (at most {timeout:.0f} s) ...")
     started = time.monotonic()
     try:
-        run = airflow.wait_for_run(SYNC, run_id, timeout=timeout)
+        run = rest.wait_for_run(SYNC, run_id, timeout=timeout)
     except AirflowError as exc:
         raise DemoError(run_failure(airflow, run_id, str(exc).splitlines()[0])) from None
-    if run["state"] != "success":
-        raise DemoError(run_failure(airflow, run_id, f"the dry run ended {run['state']}"))
-    plan = airflow.xcom(SYNC, run_id, "combine_plans")
-    outcome = airflow.xcom(SYNC, run_id, "report_outcome")
+    if run.state != "success":
+        raise DemoError(run_failure(airflow, run_id, f"the dry run ended {run.state.value}"))
+    plan = rest.xcom(SYNC, run_id, "combine_plans")
+    outcome = rest.xcom(SYNC, run_id, "report_outcome")
     print(f"Dry run done in {time.monotonic() - started:.0f} s. Its summary "
           "(each make_plan task's log has every change of its copy):")
     return run_id, summary_lines(plan, outcome)
@@ -195,8 +193,8 @@ def dry_run(airflow: Airflow, *, timeout: float) -> tuple[str, list[str]]:
 
 def run_failure(airflow: Airflow, run_id: str, problem: str) -> str:
     try:
-        states = airflow.task_states(SYNC, run_id)
-    except AirflowError:
+        states = airflow.rest.task_states(SYNC, run_id)
+    except (AirflowError, ApiException, urllib3.exceptions.HTTPError):
         states = {}
     print(airflow.task_logs(lines=40, run_id=run_id), file=sys.stderr)
     logs = airflow.home / "logs" / f"dag_id={SYNC}" / f"run_id={run_id}"
@@ -312,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return start(args) if args.command == "start" else stop(args)
-    except (DemoError, AirflowError) as exc:
+    except (DemoError, AirflowError, ApiException, urllib3.exceptions.HTTPError) as exc:
         prefix = "make demo" if args.command == "start" else "make stop"
         print(f"{prefix}: {exc}", file=sys.stderr)
         return 1

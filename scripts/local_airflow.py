@@ -28,9 +28,9 @@ The environment is built from scratch from ``os.environ`` minus every ``AIRFLOW*
 (tests/airflow/conftest.py sets some for the in-process tests) and minus the project's own
 ``NOVA_*`` variables; see :func:`airflow_env`.
 
-The REST API is used as a real user would: ``POST /auth/token`` with the user's password,
-then a bearer token. API calls retry (bounded) on connection errors and 5xx: on SQLite a
-request can meet a transient "database is locked" while the scheduler writes.
+Once healthy, the launcher logs in as a real user would (``POST /auth/token`` with the
+user's password) and hands out the REST API as that user: :attr:`Airflow.rest`, the official
+client's calls (scripts/airflow_rest.py).
 """
 
 from __future__ import annotations
@@ -46,12 +46,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
+import airflow_client.client as client
 import psutil
+import urllib3
+from airflow_client.client.exceptions import ApiException
+from airflow_rest import AirflowError, Rest, login, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 LOCALHOST = "127.0.0.1"
@@ -62,19 +65,12 @@ COMPONENTS = {
     "triggerer": ["triggerer", "--skip-serve-logs"],
     "api-server": ["api-server", "--host", LOCALHOST],  # --port added at start
 }
-TERMINAL_RUN_STATES = {"success", "failed"}
 # How long stop() lets the components shut down after SIGTERM before SIGKILL (the triggerer
 # takes about 10 s to clean up its triggers).
 STOP_GRACE_S = 15
 STATE_FILE = "pids.json"
 SECRETS_FILE = "secrets.json"
 PASSWORDS_FILE = "passwords.json"
-
-T = TypeVar("T")
-
-
-class AirflowError(AssertionError):
-    """Something in the running Airflow did not happen as expected (message says what)."""
 
 
 class PortInUse(AirflowError):
@@ -192,78 +188,6 @@ def airflow_env(
     return env
 
 
-def wait_for(
-    what: str,
-    check: Callable[[], T | None],
-    *,
-    timeout: float,
-    interval: float = 1.0,
-    also: Callable[[], None] | None = None,
-) -> T:
-    """Call ``check`` until it returns something not None; AirflowError after ``timeout`` s.
-
-    ``also`` runs before each try (e.g. "are the components still alive?") and may raise.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        if also is not None:
-            also()
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            raise AirflowError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-class Api:
-    """The REST API with a bearer token; bounded retries on connection errors and 5xx."""
-
-    def __init__(self, base_url: str, *, tries: int = 6, timeout: float = 20) -> None:
-        self.client = httpx.Client(base_url=base_url, timeout=timeout)
-        self.tries = tries
-        self.transient: list[str] = []  # the retried failures, for the report
-        self.token: str | None = None
-
-    def close(self) -> None:
-        self.client.close()
-
-    def login(self, username: str, password: str) -> None:
-        response = self.request("POST", "/auth/token", json={"username": username, "password": password})
-        if response.status_code != 201:
-            raise AirflowError(f"POST /auth/token as {username}: {response.status_code} {response.text}")
-        self.token = response.json()["access_token"]
-        self.client.headers["Authorization"] = f"Bearer {self.token}"
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One call, retried (bounded, with back-off) while the answer is a 5xx or no answer."""
-        for attempt in range(1, self.tries + 1):
-            try:
-                response = self.client.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                problem = f"{method} {path}: {type(exc).__name__}: {exc}"
-            else:
-                if response.status_code < 500:
-                    return response
-                problem = f"{method} {path}: {response.status_code} {response.text[:300]}"
-                if attempt == self.tries:
-                    return response
-            if attempt == self.tries:
-                raise AirflowError(f"{problem} (after {self.tries} tries)")
-            self.transient.append(problem)
-            time.sleep(min(0.5 * 2 ** (attempt - 1), 4))
-        raise AssertionError("unreachable")
-
-    def get_json(self, path: str, *, ok: Iterable[int] = (200,), **kwargs: Any) -> Any | None:
-        """GET ``path``: its JSON when the status is in ``ok``, None on 404; AirflowError otherwise."""
-        response = self.request("GET", path, **kwargs)
-        if response.status_code in tuple(ok):
-            return response.json()
-        if response.status_code == 404:
-            return None
-        raise AirflowError(f"GET {path}: {response.status_code} {response.text[:500]}")
-
-
 def _read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text())
@@ -297,6 +221,8 @@ class Airflow:
         username: str = OPERATOR,
         env: Mapping[str, str] | None = None,
         run_prefix: str = "e2e",
+        workers: Mapping[str, Sequence[str]] | None = None,
+        worker_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.home = Path(home).absolute()
         self.log_dir = Path(log_dir).absolute() if log_dir is not None else self.home / "logs"
@@ -307,8 +233,15 @@ class Airflow:
         self.keys = _read_json(self.home / SECRETS_FILE) or new_keys()
         self.password = (_read_json(self.home / PASSWORDS_FILE) or {}).get(username) or secrets.token_urlsafe(16)
         self.env = airflow_env(self.home, api_port=self.api_port, extra=env or {}, keys=self.keys, username=username)
+        # More components started after the four (CeleryExecutor's ``celery worker``s), each
+        # with its own additions to ``env``.
+        self.components = {**COMPONENTS, **{name: list(args) for name, args in (workers or {}).items()}}
+        self.component_env = {name: dict(extra) for name, extra in (worker_env or {}).items()}
         self.base_url = f"http://{LOCALHOST}:{self.api_port}"
-        self.api = Api(self.base_url)
+        # The REST API as ``username``, once start() or status() has logged in; the health
+        # check needs no login (and is polled until it answers: no retries of its own).
+        self.rest: Rest | None = None
+        self.monitor = client.MonitorApi(client.ApiClient(client.Configuration(host=self.base_url, retries=0)))
         # The components this object started (their Popen, to reap them) ...
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         # ... and every one recorded in pids.json, by us or by an earlier process.
@@ -328,7 +261,7 @@ class Airflow:
         settings = {k: v for k, v in self.env.items() if k.startswith(("AIRFLOW", "NOVA_"))}
         settings["password"] = self.password
         blob = json.dumps(
-            {"env": settings, "components": COMPONENTS, "port": self.api_port, "airflow": airflow_executable()},
+            {"env": settings, "components": self.components, "port": self.api_port, "airflow": airflow_executable()},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -372,16 +305,16 @@ class Airflow:
         self._load_records()
         if state.get("config") != self.config_digest():
             return False, "it was started with other settings (port, paths or password)"
-        missing = set(COMPONENTS) - set(self.records)
+        missing = set(self.components) - set(self.records)
         if missing:
             return False, f"{', '.join(sorted(missing))} never started"
-        for name in COMPONENTS:
+        for name in self.components:
             if _live_process(self.records[name]) is None:
                 return False, f"its {name} (pid {self.records[name]['pid']}) is not running"
         if self._healthy() is None:
             return False, "it does not report healthy"
         try:
-            self.api.login(self.username, self.password)
+            self._log_in()
         except AirflowError as exc:
             return False, f"cannot log in: {exc}"
         return True, f"running since {state.get('started_at')}"
@@ -405,9 +338,6 @@ class Airflow:
         PortInUse if the port is taken before anything starts.
         """
         started = time.monotonic()
-        if self.api.client.is_closed:  # stopped before: a new client, the retried calls kept
-            transient, self.api = self.api.transient, Api(self.base_url)
-            self.api.transient = transient
         owner = port_owner(self.api_port)
         if owner is not None:
             raise PortInUse(self.api_port, owner)
@@ -421,13 +351,17 @@ class Airflow:
 
         self._migrate(timeout=timeout)
         self.timings["db_migrate_s"] = time.monotonic() - started
-        for name, args in COMPONENTS.items():
+        for name, args in self.components.items():
             if name == "api-server":
                 args = [*args, "--port", str(self.api_port)]
             self._spawn(name, args)
         wait_for("the components to report healthy", self._healthy, timeout=timeout, also=self.check_alive)
-        self.api.login(self.username, self.password)
+        self._log_in()
         self.timings["start_s"] = time.monotonic() - started
+
+    def _log_in(self) -> None:
+        token = login(self.base_url, self.username, self.password)
+        self.rest = Rest(self.base_url, token, run_prefix=self.run_prefix, check=self.check_alive)
 
     def _migrate(self, *, timeout: float) -> None:
         process = self._spawn("db-migrate", ["db", "migrate"])
@@ -450,7 +384,7 @@ class Airflow:
             process = subprocess.Popen(
                 [airflow_executable(), *args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.home, env=self.env, start_new_session=True,
+                cwd=self.home, env={**self.env, **self.component_env.get(name, {})}, start_new_session=True,
             )
         self._record(name, process)
         return process
@@ -485,7 +419,9 @@ class Airflow:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-        self.api.close()
+        if self.rest is not None:
+            self.rest.close()
+            self.rest = None
         # A killed process can take a moment to be gone (and be reaped by init).
         end = time.monotonic() + 10
         while (survivors := self.group_members()) and time.monotonic() < end:
@@ -500,6 +436,33 @@ class Airflow:
             self.records.clear()
         self.timings["stop_s"] = time.monotonic() - started
         return _describe(survivors)
+
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL component ``name`` and every process it started, as when its machine dies.
+
+        Its descendants, not its process group: Airflow puts each task process in a group
+        of its own. Everything is listed first, then killed, so none can start a new child
+        in between. The component is forgotten (no longer checked, nor stopped). Returns the
+        pids killed.
+        """
+        leader = self.processes.get(name)
+        if leader is None:
+            raise AirflowError(f"{name} was not started by this launcher")
+        try:
+            root = psutil.Process(leader.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            tree = []
+        for proc in tree:
+            _quietly(proc.suspend)  # frozen first: nothing forks, exits or writes from here on
+        for proc in tree:
+            _quietly(proc.kill)
+        leader.wait(10)
+        psutil.wait_procs(tree[1:], timeout=10)
+        del self.processes[name], self.records[name]
+        self.components.pop(name, None)
+        self._save_state()
+        return [proc.pid for proc in tree]
 
     def _alive(self, name: str, proc: psutil.Process | None) -> bool:
         if name in self.processes:
@@ -540,153 +503,16 @@ class Airflow:
             if process.poll() is not None and name != "db-migrate":
                 raise AirflowError(f"airflow {name} exited with {process.returncode}\n{self.tail(name)}")
         for name, record in self.records.items():
-            if name not in self.processes and name in COMPONENTS and _live_process(record) is None:
+            if name not in self.processes and name in self.components and _live_process(record) is None:
                 raise AirflowError(f"airflow {name} (pid {record['pid']}) is not running\n{self.tail(name)}")
 
-    def _healthy(self) -> dict | None:
+    def _healthy(self) -> client.HealthInfoResponse | None:
         try:
-            response = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5)
-        except httpx.TransportError:
+            health = self.monitor.get_health(_request_timeout=5)
+        except (ApiException, urllib3.exceptions.HTTPError):
             return None
-        if response.status_code != 200:
-            return None
-        health = response.json()
-        components = ("metadatabase", "scheduler", "triggerer", "dag_processor")
-        if all((health.get(c) or {}).get("status") == "healthy" for c in components):
-            return health
-        return None
-
-    # -- DAGs and runs ----------------------------------------------------------------------
-
-    def wait_for_dags(self, dag_ids: Iterable[str], *, timeout: float = 90) -> dict[str, dict]:
-        """Wait until every DAG is parsed and there is no import error; return the DAGs."""
-        dag_ids = list(dag_ids)
-
-        def parsed() -> dict[str, dict] | None:
-            errors = self.api.get_json("/api/v2/importErrors")
-            if errors and errors["total_entries"]:
-                raise AirflowError(f"DAG import errors: {json.dumps(errors['import_errors'], indent=1)}")
-            dags = {dag_id: self.api.get_json(f"/api/v2/dags/{dag_id}") for dag_id in dag_ids}
-            return dags if all(dags.values()) else None
-
-        return wait_for(f"DAGs {dag_ids} to be parsed", parsed, timeout=timeout, also=self.check_alive)
-
-    def unpause(self, dag_id: str) -> dict:
-        path = f"/api/v2/dags/{dag_id}"
-        response = self.api.request("PATCH", path, json={"is_paused": False})
-        if response.status_code != 200 or response.json()["is_paused"]:
-            raise AirflowError(f"PATCH {path}: {response.status_code} {response.text}")
-        return response.json()
-
-    def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
-        """Trigger a run with ``conf``; return its run id.
-
-        The run id is chosen here, so a retry after a 5xx whose first try did commit meets
-        409 for the same run instead of starting a second one.
-        """
-        run_id = f"{self.run_prefix}__{dag_id}__{secrets.token_hex(4)}"
-        path = f"/api/v2/dags/{dag_id}/dagRuns"
-        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
-        retried_before = len(self.api.transient)
-        response = self.api.request("POST", path, json=body)
-        retried = len(self.api.transient) > retried_before
-        if response.status_code == 409 and retried and self.run(dag_id, run_id):
-            return run_id
-        if response.status_code != 200:
-            raise AirflowError(f"POST {path}: {response.status_code} {response.text}")
-        return response.json()["dag_run_id"]
-
-    def run(self, dag_id: str, run_id: str) -> dict | None:
-        return self.api.get_json(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
-
-    def active_runs(self, dag_id: str) -> list[dict]:
-        """The runs of ``dag_id`` that have not ended (queued or running)."""
-        data = self.api.get_json(
-            f"/api/v2/dags/{dag_id}/dagRuns", params=[("state", "queued"), ("state", "running"), ("limit", 100)]
-        )
-        return list((data or {}).get("dag_runs", []))
-
-    def fail_run(self, dag_id: str, run_id: str) -> dict:
-        """Mark a run failed (what the UI's "Mark run as failed" does)."""
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"
-        response = self.api.request("PATCH", path, json={"state": "failed"})
-        if response.status_code != 200:
-            raise AirflowError(f"PATCH {path}: {response.status_code} {response.text}")
-        return response.json()
-
-    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict | None:
-        return self.api.get_json(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
-
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
-        """task_id (task_id[map_index] when mapped) -> state."""
-        data = self.api.get_json(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})
-        states = {}
-        for ti in (data or {}).get("task_instances", []):
-            key = ti["task_id"] if ti["map_index"] < 0 else f"{ti['task_id']}[{ti['map_index']}]"
-            states[key] = ti["state"]
-        return dict(sorted(states.items()))
-
-    def wait_for_input(
-        self, dag_id: str, run_id: str, task_id: str, *, settle: float, timeout: float = 120
-    ) -> dict:
-        """Wait until ``task_id`` is awaiting input, and has been for ``settle`` s in a row.
-
-        Answering the very moment the task parks was seen to fail it under LocalExecutor (the
-        worker that parked it lingers a few seconds), hence ``settle``.
-        """
-        since: list[float] = []
-
-        def waiting() -> dict | None:
-            ti = self.task_instance(dag_id, run_id, task_id)
-            if ti is not None and ti["state"] == "awaiting_input":
-                since[:] = since or [time.monotonic()]
-                return ti if time.monotonic() - since[0] >= settle else None
-            since.clear()
-            run = self.run(dag_id, run_id)
-            if run and run["state"] in TERMINAL_RUN_STATES:
-                raise AirflowError(
-                    f"{dag_id} {run_id} ended {run['state']} before {task_id} waited for input: "
-                    f"{self.task_states(dag_id, run_id)}"
-                )
-            return None
-
-        return wait_for(
-            f"{dag_id}.{task_id} to await input for {settle} s", waiting,
-            timeout=timeout + settle, interval=1, also=self.check_alive,
-        )
-
-    def hitl_detail(self, dag_id: str, run_id: str, task_id: str) -> dict | None:
-        return self.api.get_json(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails")
-
-    def answer(self, dag_id: str, run_id: str, task_id: str, choice: str) -> dict:
-        """PATCH the HITL response; a retry that finds it already answered with ``choice`` is fine."""
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"
-        retried_before = len(self.api.transient)
-        response = self.api.request("PATCH", path, json={"chosen_options": [choice], "params_input": {}})
-        if response.status_code == 409 and len(self.api.transient) > retried_before:
-            detail = self.api.get_json(path)
-            if detail and detail.get("response_received") and detail.get("chosen_options") == [choice]:
-                return detail
-        if response.status_code != 200:
-            raise AirflowError(f"PATCH {path}: {response.status_code} {response.text}")
-        return response.json()
-
-    def wait_for_run(self, dag_id: str, run_id: str, *, timeout: float = 120) -> dict:
-        """Wait until the run has ended (success or failed); return it."""
-
-        def ended() -> dict | None:
-            run = self.run(dag_id, run_id)
-            return run if run and run["state"] in TERMINAL_RUN_STATES else None
-
-        return wait_for(f"{dag_id} {run_id} to end", ended, timeout=timeout, also=self.check_alive)
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
-        entry = self.api.get_json(path)
-        if entry is None:
-            raise AirflowError(f"no XCom {key!r} for {dag_id}.{task_id} in {run_id}")
-        value = entry["value"]
-        return json.loads(value) if isinstance(value, str) else value
+        components = (health.metadatabase, health.scheduler, health.triggerer, health.dag_processor)
+        return health if all(c is not None and c.status == "healthy" for c in components) else None
 
     # -- diagnostics ------------------------------------------------------------------------
 
@@ -711,11 +537,9 @@ class Airflow:
         return "\n".join(out) or "--- no task log with an error ---"
 
     def diagnostics(self, run_id: str | None = None) -> str:
-        names = ("db-migrate", *COMPONENTS)
+        names = ("db-migrate", *self.components)
         parts = [self.tail(name) for name in names if (self.log_dir / f"{name}.log").exists()]
         parts.append(self.task_logs(run_id=run_id))
-        if self.api.transient:
-            parts.append("--- retried API calls ---\n" + "\n".join(self.api.transient))
         return "\n".join(parts)
 
 

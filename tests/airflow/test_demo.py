@@ -31,6 +31,7 @@ import psutil
 import pytest
 from demo_airflow import SYNC, USERNAME, demo_airflow
 from local_airflow import Airflow, free_port
+from operator_rest import hitl_detail, wait_for_input
 
 from dbtools import new_database_name, plan_request_specs, stale_copies
 from nova_flavor_sync.demo import DEMO_CELLS, cell_database_name, drop_database
@@ -159,8 +160,8 @@ def test_make_demo_starts_airflow_and_prints_the_dry_run_summary(demo, server_kw
     assert set(demo.pids()) == {"scheduler", "dag-processor", "triggerer", "api-server"}
     assert airflow.listening() == {("127.0.0.1", demo.port)}, airflow.listening()
     # The connection is a real one in the metadata DB (the UI lists it), on the demo's database.
-    connection = airflow.api.get_json("/api/v2/connections/nova_api_db")
-    assert connection["conn_type"] == "mysql" and connection["schema"] == demo.database, connection
+    connection = airflow.rest.connections.get_connection("nova_api_db")
+    assert connection.conn_type == "mysql" and connection.var_schema == demo.database, connection
     assert "Loaded executor: :LocalExecutor:" in airflow.output("scheduler")
 
 
@@ -184,9 +185,9 @@ def test_the_approval_page_in_headless_chromium(demo, tmp_path):
     airflow = demo.airflow()
     ok, why = airflow.status()  # logs in
     assert ok, why
-    run_id = airflow.trigger(SYNC, {"dry_run": False})
-    airflow.wait_for_input(SYNC, run_id, "approve", settle=0)
-    subject = airflow.hitl_detail(SYNC, run_id, "approve")["subject"]
+    run_id = airflow.rest.trigger(SYNC, {"dry_run": False})
+    wait_for_input(airflow.rest, SYNC, run_id)
+    subject = hitl_detail(airflow.rest, SYNC, run_id).subject
     assert subject.startswith("Rewrite ") and "flavor copies? (plan " in subject, subject
 
     page = f"{airflow.base_url}/dags/{SYNC}/runs/{quote(run_id, safe='')}/tasks/approve/required_actions"
@@ -245,7 +246,7 @@ def test_the_approval_page_in_headless_chromium(demo, tmp_path):
 def test_a_second_make_demo_reuses_the_running_airflow(demo, server_kwargs):
     airflow = demo.airflow()
     assert airflow.status()[0]
-    waiting = [run["dag_run_id"] for run in airflow.active_runs(SYNC)]
+    waiting = [run.dag_run_id for run in airflow.rest.active_runs(SYNC)]
     before = demo.pids()
 
     second = demo.start()
@@ -255,7 +256,7 @@ def test_a_second_make_demo_reuses_the_running_airflow(demo, server_kwargs):
     assert demo.pids() == before
     for run_id in waiting:  # e.g. the previous test's run, still waiting for its approval
         assert f"Marked the unfinished run {run_id} failed" in second.stdout, shown(second)
-        assert airflow.run(SYNC, run_id)["state"] == "failed"
+        assert airflow.rest.run(SYNC, run_id).state == "failed"
 
 
 @pytest.mark.timeout(300)

@@ -19,6 +19,7 @@ from pathlib import Path
 import local_airflow
 import pytest
 from local_airflow import Airflow
+from operator_rest import answer, wait_for_input
 
 from dbtools import copies_hash, stale_copies
 
@@ -68,14 +69,15 @@ def printed_on_failure(airflow: Airflow) -> Iterator[None]:
         raise
 
 
-def run_approved(airflow: Airflow, dag_id: str, conf: dict) -> tuple[str, dict, dict[str, str | None]]:
+def run_approved(airflow: Airflow, dag_id: str, conf: dict) -> tuple[str, object, dict[str, str | None]]:
     """Trigger, approve through the REST API, wait for the end: (run_id, the answer, task states)."""
-    run_id = airflow.trigger(dag_id, conf)
-    airflow.wait_for_input(dag_id, run_id, "approve", settle=SETTLE_S)
-    response = airflow.answer(dag_id, run_id, "approve", "Approve")
-    run = airflow.wait_for_run(dag_id, run_id)
-    states = airflow.task_states(dag_id, run_id)
-    assert run["state"] == "success", f"{dag_id} {run_id} ended {run['state']}: {states}"
+    rest = airflow.rest
+    run_id = rest.trigger(dag_id, conf)
+    wait_for_input(rest, dag_id, run_id, settle=SETTLE_S)
+    response = answer(rest, dag_id, run_id, "Approve")
+    run = rest.wait_for_run(dag_id, run_id)
+    states = rest.task_states(dag_id, run_id)
+    assert run.state == "success", f"{dag_id} {run_id} ended {run.state.value}: {states}"
     return run_id, response, states
 
 
@@ -88,26 +90,27 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
         stale = stale_copies(demo_db)  # both copies; busy instances' left alone
         assert stale > 0, "the demo cloud should start with stale flavor copies"
 
-        airflow.wait_for_dags([SYNC, RESTORE])
+        rest = airflow.rest
+        rest.wait_for_dags(SYNC, RESTORE)
         assert "Loaded executor: :LocalExecutor:" in airflow.output("scheduler")
         assert airflow.listening() == {("127.0.0.1", airflow.api_port)}, airflow.listening()
         for dag_id in (SYNC, RESTORE):
-            airflow.unpause(dag_id)
+            rest.unpause(dag_id)
 
         # Sync everything, approved through the REST API.
         sync_started = time.monotonic()
         run_id, response, states = run_approved(airflow, SYNC, {"dry_run": False, "all_keys": True})
         sync_s = time.monotonic() - sync_started
 
-        assert response["chosen_options"] == ["Approve"]
-        assert response["responded_by"]["name"] == "e2e-operator"
+        assert response.chosen_options == ["Approve"]
+        assert response.responded_by.name == "e2e-operator"
         assert states["approve"] == "success" and states["verify"] == "success", states
         applied = {task: state for task, state in states.items() if task.startswith("apply_")}
         assert applied and all(state == "success" for state in applied.values()), states
         assert {task.split("[")[0] for task in applied} == {"apply_cells", "apply_request_specs"}, states
-        answer = airflow.xcom(SYNC, run_id, "approve", key="answer")
-        assert answer["choice"] == "Approve" and answer["by"] == "e2e-operator", answer
-        outcome = airflow.xcom(SYNC, run_id, "report_outcome")
+        recorded = rest.xcom(SYNC, run_id, "approve", key="answer")
+        assert recorded["choice"] == "Approve" and recorded["by"] == "e2e-operator", recorded
+        outcome = rest.xcom(SYNC, run_id, "report_outcome")
         assert outcome["outcome"] == "applied", outcome
         assert outcome["updated"] == stale and outcome["conflicts"] == 0 and outcome["errors"] == 0, outcome
 
@@ -122,15 +125,14 @@ def test_sync_then_restore_through_a_running_airflow(airflow, demo_db, tmp_path)
         restore_s = time.monotonic() - restore_started
 
         assert states["restore"] == "success", states
-        restored = airflow.xcom(RESTORE, run_id, "restore")
+        restored = rest.xcom(RESTORE, run_id, "restore")
         assert restored["restored"] == stale and restored["errors"] == 0, restored
         assert copies_hash(demo_db, copies_only=True) == original  # both copies, in every cell
 
     print(
         f"\ne2e timings: test body {time.monotonic() - started:.1f} s, airflow up {airflow.timings['start_s']:.1f} s "
         f"(db migrate {airflow.timings['db_migrate_s']:.1f} s), sync run {sync_s:.1f} s, "
-        f"restore run {restore_s:.1f} s (each with {SETTLE_S} s of settle); "
-        f"retried API calls: {len(airflow.api.transient)} {airflow.api.transient}"
+        f"restore run {restore_s:.1f} s (each with {SETTLE_S} s of settle)"
     )
 
 

@@ -1,0 +1,52 @@
+"""What only the tests do through a running Airflow's REST API: answer approvals, read a task's tries.
+
+On top of scripts/airflow_rest.py (what ``make demo`` and the tests share), with the same
+official client: ``rest`` is the launcher's ``Airflow.rest``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import airflow_client.client as client
+from airflow_rest import TERMINAL_RUN_STATES, AirflowError, Rest
+
+
+def wait_for_input(rest: Rest, dag_id: str, run_id: str, task_id: str = "approve", *, settle: float = 0,
+                   timeout: float = 180) -> client.TaskInstanceResponse:
+    """Until ``task_id`` awaits input, and has for ``settle`` s in a row; fails at once if the run ends first.
+
+    Answering the very moment the task parks was seen to fail it under LocalExecutor (the
+    worker that parked it lingers a few seconds), hence ``settle``.
+    """
+    since: list[float] = []
+
+    def waiting() -> client.TaskInstanceResponse | None:
+        ti = rest.tis.get_task_instance(dag_id, run_id, task_id)
+        if ti.state == "awaiting_input":
+            since[:] = since or [time.monotonic()]
+            return ti if time.monotonic() - since[0] >= settle else None
+        since.clear()
+        run = rest.run(dag_id, run_id)
+        if run.state in TERMINAL_RUN_STATES:
+            raise AirflowError(f"{dag_id} {run_id} ended {run.state.value} before {task_id} waited for input: "
+                               f"{rest.task_states(dag_id, run_id)}")
+        return None
+
+    return rest.wait(f"{dag_id}.{task_id} to await input for {settle} s", waiting, timeout=timeout + settle)
+
+
+def hitl_detail(rest: Rest, dag_id: str, run_id: str, task_id: str = "approve") -> client.HITLDetail:
+    return rest.tis.get_hitl_detail(dag_id, run_id, task_id, -1)
+
+
+def answer(rest: Rest, dag_id: str, run_id: str, choice: str, task_id: str = "approve") -> client.HITLDetailResponse:
+    """Press ``choice`` on the approval, as the Required Actions page does."""
+    payload = client.UpdateHITLDetailPayload(chosen_options=[choice], params_input={})
+    return rest.tis.update_hitl_detail(dag_id, run_id, task_id, -1, payload)
+
+
+def tries(rest: Rest, dag_id: str, run_id: str, task_id: str, map_index: int) -> list:
+    """Every try of one mapped task instance, the current one too, in order."""
+    found = rest.tis.get_mapped_task_instance_tries(dag_id, run_id, task_id, map_index).task_instances
+    return sorted(found, key=lambda t: t.try_number)
