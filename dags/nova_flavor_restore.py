@@ -48,7 +48,8 @@ def should_restore(checked, params=None):
 @task
 def restore(params=None):
     return service.restore_backup(
-        db_params(params), stored(params["backup_path"]), run=True, force=params["force"], batch_size=params["batch_size"],
+        db_params(params), stored(params["backup_path"]), run=True, force=params["force"],
+        batch_size=params["batch_size"],
         pace=pace_settings(params), replicas=replica_params(params), cell_sources=cell_sources(params),
     )
 
@@ -67,7 +68,8 @@ with DAG(
         "database_conn_id": database_conn_id_param(),
         "cell_conn_ids": cell_conn_ids_param(),
         "backup_path": Param(type="string", minLength=1,
-                             description="Backup file (Browse > Flavor sync backups lists them)"),
+                             description="Backup file, or its URL on object storage "
+                             "(Browse > Flavor sync backups lists them)"),
         "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),
         "force": Param(False, type="boolean", description="Also restore rows changed since the sync"),
         **pacing_params(),  # paced as a sync's writes are

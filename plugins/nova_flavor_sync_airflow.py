@@ -33,7 +33,7 @@ from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, DEFAULT_DATABASE_CONN
 from nova_flavor_sync.backup import API_DATABASE, HOME_DIR
 from nova_flavor_sync.cells import CellSources
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
+from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.plan import cloud_digest
 from nova_flavor_sync.plan_file import load_plan_ids
 from nova_flavor_sync.policy import RiskClass
@@ -176,8 +176,19 @@ def data_dir() -> Path:
 
 
 def storage_root() -> StoragePath:
-    """``$NOVA_FLAVOR_SYNC_STORAGE``, else ``$NOVA_FLAVOR_SYNC_DIR`` (default ``~/.nova-flavor-fixes``)."""
-    return stored(os.environ.get(STORAGE_ENV, "").strip() or str(data_dir()))
+    """``$NOVA_FLAVOR_SYNC_STORAGE``, else ``$NOVA_FLAVOR_SYNC_DIR`` (default ``~/.nova-flavor-fixes``).
+
+    A Connection the URL names must exist: without it Airflow would go on with no credentials.
+    """
+    root = stored(os.environ.get(STORAGE_ENV, "").strip() or str(data_dir()))
+    conn_id = getattr(root, "conn_id", None)
+    if conn_id:
+        try:
+            BaseHook.get_connection(conn_id)
+        except AirflowNotFoundException:
+            raise ConfigError(f"{STORAGE_ENV}={root} names the Airflow Connection {conn_id!r}, which does not "
+                              "exist: create it (type aws for s3://) or fix the URL") from None
+    return root
 
 
 def stored(location: str | StoragePath) -> StoragePath:

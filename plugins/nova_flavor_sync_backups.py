@@ -4,8 +4,9 @@ An Airflow 3 plugin: a small FastAPI app on the API server, under ``/nova-flavor
 an external view that shows it inside the UI (in an iframe, at ``/plugin/nova-flavor-sync-backups``).
 
 - ``GET /nova-flavor-sync/backups``: an HTML table of the backups the DAGs wrote in
-  ``backups`` under ``$NOVA_FLAVOR_SYNC_STORAGE`` or ``$NOVA_FLAVOR_SYNC_DIR`` (file, records, records per copy: nova_api and each
-  cell, taken at, plan digest, schema; a damaged or half-written file with its problem),
+  ``backups`` under ``$NOVA_FLAVOR_SYNC_STORAGE`` or ``$NOVA_FLAVOR_SYNC_DIR`` (file, records,
+  records per copy: nova_api and each cell, taken at, plan digest, schema; a damaged or
+  half-written file with its problem),
   read from storage on every request;
 - ``GET /nova-flavor-sync/backups.json``: the same, as JSON;
 - ``GET /nova-flavor-sync/plans/<run id>``: the plan of a ``nova_flavor_sync`` run, by value
@@ -27,6 +28,7 @@ its Connection.
 from __future__ import annotations
 
 import html
+import os
 import re
 import shlex
 from collections.abc import Callable
@@ -37,10 +39,10 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from nova_flavor_sync_airflow import backups_dir
+from nova_flavor_sync_airflow import STORAGE_ENV, backups_dir
 
 from nova_flavor_sync import service
-from nova_flavor_sync.errors import BackupError
+from nova_flavor_sync.errors import NovaFlavorSyncError
 
 URL_PREFIX = "/nova-flavor-sync"
 URL_ROUTE = "nova-flavor-sync-backups"  # the UI page: /plugin/nova-flavor-sync-backups
@@ -81,10 +83,11 @@ backups = APIRouter(dependencies=[Depends(may_read_dag(RESTORE_DAG_ID))])
 
 def listing() -> dict[str, Any]:
     """The backup directory and its backups (service.backup_listing), read now; ``problem`` if it cannot be read."""
-    directory = backups_dir()
+    directory: Any = os.environ.get(STORAGE_ENV, "")  # named on the page if the storage cannot even be opened
     try:
+        directory = backups_dir()
         backups = service.backup_listing(directory)
-    except BackupError as exc:  # object storage that does not answer, refuses the credentials, has no bucket
+    except NovaFlavorSyncError as exc:  # storage that does not answer, refuses the credentials, a missing Connection
         return {"directory": str(directory), "exists": False, "backups": [], "problem": str(exc)}
     return {"directory": str(directory), "exists": directory.is_dir(), "backups": backups}
 

@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"rows per write transaction (1-{service.MAX_BATCH_SIZE}, default {DEFAULT_BATCH_SIZE}); "
                          "alone it fixes the size, with --batch-seconds it is the first size")
     options.add_argument("--backup-dir", type=_location, default=DEFAULT_BACKUP_DIR,
-                         help="a directory, or a URL of object storage such as s3://bucket/prefix (credentials and "
-                         "endpoint from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...); default %(default)s")
+                         help="a directory, or a URL of object storage such as s3://bucket/prefix (credentials "
+                         "and endpoint from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...); "
+                         "default %(default)s")
     options.add_argument("--no-backup", action="store_true", help="write without a backup file first")
     options.add_argument("--backup-all", action="store_true", help="back up every row read, not only changed ones")
     options.add_argument("--log-file", type=Path, default=DEFAULT_LOG_FILE, help="default %(default)s")

@@ -26,14 +26,11 @@ opens URLs with plain fsspec, which reads credentials and endpoint from the envi
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
-
-log = logging.getLogger(__name__)
 
 # A local Path, or a UPath (Airflow's ObjectStoragePath is one) of any fsspec file system.
 StoragePath = Any

@@ -19,62 +19,23 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import BackupRecord, list_backups, load_backup, write_backup
-from nova_flavor_sync.errors import BackupError
+from nova_flavor_sync.errors import BackupError, ConfigError
 from nova_flavor_sync.spec_json import sha256_text
+from s3tools import CONN_ID, KEYS, bucket, keys, s3_endpoint  # noqa: F401  (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONN_ID = "nova_s3"
-KEYS = {"AWS_ACCESS_KEY_ID": "fake-key-id", "AWS_SECRET_ACCESS_KEY": "fake-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
 NAME = "flavor_copies_20260314_092653.json"
 DATABASE = {"host": "db", "port": 3306, "schema": "nova_api", "server_uuid": "3e11fa47-71ca-11e1-9e33-c80aa9429562"}
 RECORDS = [BackupRecord.of_row(i, f"00000000-0000-0000-0000-{i:012d}", f'{{"spec": {i}, "text": "café"}}', None,
                                sha256_text(f"new {i}")) for i in (3, 5, 8)]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on a free port of 127.0.0.1, for this module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch, tmp_path):
-    """A new bucket, the ``nova_s3`` Connection to it and the DAGs' storage in it; returns a boto3 client and it.
-
-    ``NOVA_FLAVOR_SYNC_DIR`` points at a directory that must stay absent: nothing goes to local disk.
-    """
-    name = f"nfs-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket=name)
-    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps({
-        "conn_type": "aws", "login": KEYS["AWS_ACCESS_KEY_ID"], "password": KEYS["AWS_SECRET_ACCESS_KEY"],
-        "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
-    }))
-    monkeypatch.setenv("NOVA_FLAVOR_SYNC_STORAGE", f"s3://{CONN_ID}@{name}/nova")
-    monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path / "local-data"))
-    return client, name
-
-
-def keys(bucket) -> dict[str, bytes]:
-    client, name = bucket
-    listed = client.list_objects_v2(Bucket=name).get("Contents", [])
-    return {o["Key"]: client.get_object(Bucket=name, Key=o["Key"])["Body"].read() for o in listed}
 
 
 def backup(now: datetime = NOW, records=RECORDS):
@@ -145,6 +106,19 @@ def test_a_bucket_that_does_not_exist_is_a_clear_error_and_nothing_is_written(bu
     assert keys(bucket) == {}
 
 
+def test_a_storage_url_naming_a_missing_connection_is_refused(monkeypatch, airflow_db, tmp_path):
+    from nova_flavor_sync_airflow import backups_dir, plans_dir
+
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_STORAGE", "s3://no_such_conn@nfs-backups/nova")
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_DIR", str(tmp_path / "local-data"))
+
+    for where in (plans_dir, backups_dir):  # make_plan and back_up fail at once, with this message
+        with pytest.raises(ConfigError, match="NOVA_FLAVOR_SYNC_STORAGE=s3://no_such_conn@nfs-backups/nova names "
+                           "the Airflow Connection 'no_such_conn', which does not exist"):
+            where()
+    assert not (tmp_path / "local-data").exists()
+
+
 def run_python(code: str, env: dict[str, str] | None = None) -> str:
     """``code`` in a new Python process (another task, another worker): the last line it printed."""
     done = subprocess.run(
@@ -155,6 +129,7 @@ def run_python(code: str, env: dict[str, str] | None = None) -> str:
     return done.stdout.splitlines()[-1]  # after Airflow's log lines
 
 
+@pytest.mark.timeout(300)  # a whole sync and restore of the demo cloud, and a second Python importing Airflow
 def test_a_sync_and_its_restore_with_plans_and_backup_on_s3(bucket, demo_db, airflow_db, tmp_path):
     """What the DAGs' tasks call, in order, with every plan and the backup on S3: the plan one
     task writes is read by a task in another process, and the restore puts the backup back."""
@@ -187,8 +162,8 @@ def test_a_sync_and_its_restore_with_plans_and_backup_on_s3(bucket, demo_db, air
 
     restored = service.restore_backup(demo_db, stored(backed_up["backup_path"]), run=True)
 
+    # every row put back and read back as the backup holds it (restore_backup raises otherwise)
     assert restored["restored"] == backed_up["records"] and restored["errors"] == 0
-    assert service.drift_summary(demo_db)["to_update"] == combined["summary"]["to_update"]  # as before the sync
     assert not (tmp_path / "local-data").exists()
     assert sorted(k.split("/")[1] for k in keys(bucket)) == ["backups"] + ["plans"] * len(combined["copies"])
 
@@ -208,3 +183,4 @@ def test_the_cli_lists_the_backups_the_dags_wrote(bucket, s3_endpoint, airflow_d
     lines = (done.stdout + done.stderr).splitlines()
     assert any(f"Backups in {url}" in line for line in lines), lines
     assert any(f"{written.path.name}  records=3  taken=2026-03-14T09:26:53Z" in line for line in lines), lines
+
