@@ -184,3 +184,29 @@ def test_the_cli_lists_the_backups_the_dags_wrote(bucket, s3_endpoint, airflow_d
     assert any(f"Backups in {url}" in line for line in lines), lines
     assert any(f"{written.path.name}  records=3  taken=2026-03-14T09:26:53Z" in line for line in lines), lines
 
+
+
+@pytest.mark.timeout(480)  # two DAG runs with dag.test()
+def test_the_dags_sync_and_restore_with_everything_on_s3(nova_env, bucket, tmp_path):
+    """The real DAGs: nova_flavor_sync approved, then nova_flavor_restore of the backup's URL."""
+    from approval_answer import run_with_answer
+    from dbtools import copies_hash, stale_copies
+
+    original = copies_hash(nova_env, copies_only=True)
+
+    synced, states, _ = run_with_answer("nova_flavor_sync", {"dry_run": False, "all_keys": True}, "Approve")
+
+    assert synced.state == "success", states
+    assert stale_copies(nova_env) == 0
+    backup_path = synced.get_task_instance("back_up").xcom_pull(task_ids="back_up")["backup_path"]
+    assert backup_path.startswith(f"s3://{CONN_ID}@{bucket[1]}/nova/backups/flavor_copies_")
+    stored_keys = sorted(keys(bucket))
+    assert [k.split("/")[1] for k in stored_keys].count("plans") >= 2  # nova_api's and the cells'
+    assert [k for k in stored_keys if k.startswith("nova/backups/")] == [backup_path.split("@", 1)[1].split("/", 1)[1]]
+
+    restored, states, _ = run_with_answer("nova_flavor_restore", {"backup_path": backup_path, "dry_run": False},
+                                          "Approve")
+
+    assert restored.state == "success", states
+    assert copies_hash(nova_env, copies_only=True) == original  # both copies, in every cell
+    assert not (tmp_path / "data").exists() and not (tmp_path / "local-data").exists()  # nothing on local disk
