@@ -165,7 +165,8 @@ def test_a_sync_and_its_restore_with_plans_and_backup_on_s3(bucket, demo_db, air
     # every row put back and read back as the backup holds it (restore_backup raises otherwise)
     assert restored["restored"] == backed_up["records"] and restored["errors"] == 0
     assert not (tmp_path / "local-data").exists()
-    assert sorted(k.split("/")[1] for k in keys(bucket)) == ["backups"] + ["plans"] * len(combined["copies"])
+    assert sorted(key.rsplit("/", 1)[0] for key in keys(bucket)) == (  # each copy's plan and changes file
+        ["nova/backups"] + ["nova/plans"] * 2 * len(combined["copies"]))
 
 
 def test_the_cli_lists_the_backups_the_dags_wrote(bucket, s3_endpoint, airflow_db, tmp_path):
