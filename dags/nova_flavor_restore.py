@@ -25,6 +25,7 @@ from nova_flavor_sync_airflow import (
     pace_settings,
     pacing_params,
     replica_params,
+    stored,
 )
 
 from nova_flavor_sync import service
@@ -32,7 +33,7 @@ from nova_flavor_sync import service
 
 @task
 def check_backup(params=None):
-    return service.restore_backup(db_params(params), params["backup_path"], run=False, force=params["force"],
+    return service.restore_backup(db_params(params), stored(params["backup_path"]), run=False, force=params["force"],
                                    cell_sources=cell_sources(params))
 
 
@@ -47,7 +48,8 @@ def should_restore(checked, params=None):
 @task
 def restore(params=None):
     return service.restore_backup(
-        db_params(params), params["backup_path"], run=True, force=params["force"], batch_size=params["batch_size"],
+        db_params(params), stored(params["backup_path"]), run=True, force=params["force"],
+        batch_size=params["batch_size"],
         pace=pace_settings(params), replicas=replica_params(params), cell_sources=cell_sources(params),
     )
 
@@ -66,7 +68,8 @@ with DAG(
         "database_conn_id": database_conn_id_param(),
         "cell_conn_ids": cell_conn_ids_param(),
         "backup_path": Param(type="string", minLength=1,
-                             description="Backup file (Browse > Flavor sync backups lists them)"),
+                             description="Backup file, or its URL on object storage "
+                             "(Browse > Flavor sync backups lists them)"),
         "dry_run": Param(True, type="boolean", description="Only check the backup and show what would be restored"),
         "force": Param(False, type="boolean", description="Also restore rows changed since the sync"),
         **pacing_params(),  # paced as a sync's writes are

@@ -41,6 +41,8 @@ from nova_flavor_sync_airflow import (
     pacing_params,
     plans_dir,
     replica_params,
+    stored,
+    stored_plans,
     sync_outcome,
 )
 from nova_flavor_sync_reports import Alert, sync_ended
@@ -96,7 +98,7 @@ def back_up(plan, params=None):
     if not params["backup"]:
         print("backup=false: writing without a backup file")
         return {"backup_path": None, "records": 0, "diverged": {}}
-    return service.back_up_plans(db_params(params), plan, backups_dir(),
+    return service.back_up_plans(db_params(params), stored_plans(plan), backups_dir(),
                                   cell_sources=cell_sources(params))
 
 
@@ -136,7 +138,7 @@ def _apply(id_range, params):
     print(f"Plan {approved} approved by {answer['by']} at {answer['at']}; applying {context['id_range']}")
     return service.apply_range(
         db_params(params),
-        id_range["plan_path"],
+        stored(id_range["plan_path"]),
         id_range["digest"],  # this copy's part of the approved digest
         first_id=id_range["first_id"],
         last_id=id_range["last_id"],
@@ -182,7 +184,7 @@ def apply_request_specs(id_range, params=None):
 # task); skipped on a dry run or a Reject, where every upstream is skipped.
 @task(trigger_rule="none_failed_min_one_success")
 def verify(plan_path, params=None):  # the scope of the run's plan, both copies read again
-    return service.verify(db_params(params), plan_path, cell_sources=cell_sources(params))
+    return service.verify(db_params(params), stored(plan_path), cell_sources=cell_sources(params))
 
 
 # The run's only last task, so Airflow judges the run by it: it fails when the sync did not

@@ -3,7 +3,9 @@
 - the database hook: the ``nova_api_db`` Connection as the engine's DbParams (UI,
   ``AIRFLOW_CONN_NOVA_API_DB`` as JSON or URI, or a secrets backend: Airflow looks it up),
   and the params that name Connections and pace writes;
-- where the plans and backups live (``$NOVA_FLAVOR_SYNC_DIR``), shared by every worker;
+- where the plans and backups live (``$NOVA_FLAVOR_SYNC_STORAGE``, a URL of any storage
+  Airflow's ObjectStoragePath reaches, or the directory ``$NOVA_FLAVOR_SYNC_DIR``), shared
+  by every worker;
 - how a plan becomes mapped apply tasks (id ranges, the mapped-task limit, parallelism);
 - the run's one digest over both copies, its approval body, and its outcome;
 - an approval that records who answered, when and what, even on Reject, when Airflow's
@@ -23,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import BaseHook, Param
+from airflow.sdk import BaseHook, ObjectStoragePath, Param
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from nova_flavor_sync import report
@@ -31,11 +33,12 @@ from nova_flavor_sync.airflow_conn import DEFAULT_CONN_ID, DEFAULT_DATABASE_CONN
 from nova_flavor_sync.backup import API_DATABASE, HOME_DIR
 from nova_flavor_sync.cells import CellSources
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
+from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.plan import cloud_digest
 from nova_flavor_sync.plan_file import load_plan_ids
 from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.service import summed
+from nova_flavor_sync.storage import StoragePath, as_path
 from nova_flavor_sync.throttle import (  # one source for every pacing default and limit
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_REPLICA_LAG_S,
@@ -163,16 +166,48 @@ DATA_DIR_ENV = "NOVA_FLAVOR_SYNC_DIR"
 DEFAULT_DATA_DIR = str(HOME_DIR)
 
 
+# Or a URL of object storage, which wins: s3://<conn_id>@bucket/prefix (the Amazon provider
+# with that Connection), gs://, abfs://... (see storage and the README). Unset: the directory.
+STORAGE_ENV = "NOVA_FLAVOR_SYNC_STORAGE"
+
+
 def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
 
 
-def plans_dir() -> Path:
-    return data_dir() / "plans"
+def storage_root() -> StoragePath:
+    """``$NOVA_FLAVOR_SYNC_STORAGE``, else ``$NOVA_FLAVOR_SYNC_DIR`` (default ``~/.nova-flavor-fixes``).
+
+    A Connection the URL names must exist: without it Airflow would go on with no credentials.
+    """
+    root = stored(os.environ.get(STORAGE_ENV, "").strip() or str(data_dir()))
+    conn_id = getattr(root, "conn_id", None)
+    if conn_id:
+        try:
+            BaseHook.get_connection(conn_id)
+        except AirflowNotFoundException:
+            raise ConfigError(f"{STORAGE_ENV}={root} names the Airflow Connection {conn_id!r}, which does not "
+                              "exist: create it (type aws for s3://) or fix the URL") from None
+    return root
 
 
-def backups_dir() -> Path:
-    return data_dir() / "backups"
+def stored(location: str | StoragePath) -> StoragePath:
+    """A plan's or backup's location (a local path, or a URL as ``str()`` of an ObjectStoragePath
+    gives it, with its ``conn_id@``) as the path object the engine reads and writes."""
+    return as_path(location, remote=ObjectStoragePath)
+
+
+def stored_plans(combined: dict[str, Any]) -> dict[str, Any]:
+    """``combine_plans``' result with each copy's ``plan_path`` as a path object (``stored``)."""
+    return {**combined, "copies": [{**copy, "plan_path": stored(copy["plan_path"])} for copy in combined["copies"]]}
+
+
+def plans_dir() -> StoragePath:
+    return storage_root() / "plans"
+
+
+def backups_dir() -> StoragePath:
+    return storage_root() / "backups"
 
 
 # Airflow creates at most core.max_map_length (1024 by default) mapped tasks: stay below.
@@ -261,7 +296,7 @@ def apply_ranges(
     A task gets ``batch_size`` rows, or, when its batches are auto-tuned, as many as the
     largest batch may hold: the tuning happens within a task and needs room to grow.
     """
-    ids = load_plan_ids(Path(plan_path))
+    ids = load_plan_ids(stored(plan_path))
     per_task = max(MAX_BATCH_SIZE if auto_tune else batch_size, math.ceil(len(ids) / max_tasks))
     return [
         {"first_id": chunk[0], "last_id": chunk[-1], "rows": len(chunk)}

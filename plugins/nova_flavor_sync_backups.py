@@ -4,9 +4,10 @@ An Airflow 3 plugin: a small FastAPI app on the API server, under ``/nova-flavor
 an external view that shows it inside the UI (in an iframe, at ``/plugin/nova-flavor-sync-backups``).
 
 - ``GET /nova-flavor-sync/backups``: an HTML table of the backups the DAGs wrote in
-  ``$NOVA_FLAVOR_SYNC_DIR/backups`` (file, records, records per copy: nova_api and each
-  cell, taken at, plan digest, schema; a damaged or half-written file with its problem),
-  read from disk on every request;
+  ``backups`` under ``$NOVA_FLAVOR_SYNC_STORAGE`` or ``$NOVA_FLAVOR_SYNC_DIR`` (file, records,
+  records per copy: nova_api and each cell, taken at, plan digest, schema; a damaged or
+  half-written file with its problem),
+  read from storage on every request;
 - ``GET /nova-flavor-sync/backups.json``: the same, as JSON;
 - ``GET /nova-flavor-sync/plans/<run id>``: the plan of a ``nova_flavor_sync`` run, by value
   (``nova_flavor_sync_plan_view``), for users who may read that DAG.
@@ -20,12 +21,14 @@ restores a backup. Anything else gets 401 or 403.
 
 The API server reads the directory itself: it must see the same storage as the workers
 that write the backups, as the same user (backups are 0600 in a 0700 directory), with the
-same ``NOVA_FLAVOR_SYNC_DIR``.
+same ``NOVA_FLAVOR_SYNC_DIR``; on object storage, the same ``NOVA_FLAVOR_SYNC_STORAGE`` and
+its Connection.
 """
 
 from __future__ import annotations
 
 import html
+import os
 import re
 import shlex
 from collections.abc import Callable
@@ -36,9 +39,10 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from nova_flavor_sync_airflow import backups_dir
+from nova_flavor_sync_airflow import STORAGE_ENV, backups_dir
 
 from nova_flavor_sync import service
+from nova_flavor_sync.errors import NovaFlavorSyncError
 
 URL_PREFIX = "/nova-flavor-sync"
 URL_ROUTE = "nova-flavor-sync-backups"  # the UI page: /plugin/nova-flavor-sync-backups
@@ -78,9 +82,14 @@ backups = APIRouter(dependencies=[Depends(may_read_dag(RESTORE_DAG_ID))])
 
 
 def listing() -> dict[str, Any]:
-    """The backup directory and its backups (service.backup_listing), read now."""
-    directory = backups_dir()
-    return {"directory": str(directory), "exists": directory.is_dir(), "backups": service.backup_listing(directory)}
+    """The backup directory and its backups (service.backup_listing), read now; ``problem`` if it cannot be read."""
+    directory: Any = os.environ.get(STORAGE_ENV, "")  # named on the page if the storage cannot even be opened
+    try:
+        directory = backups_dir()
+        backups = service.backup_listing(directory)
+    except NovaFlavorSyncError as exc:  # storage that does not answer, refuses the credentials, a missing Connection
+        return {"directory": str(directory), "exists": False, "backups": [], "problem": str(exc)}
+    return {"directory": str(directory), "exists": directory.is_dir(), "backups": backups}
 
 
 @backups.get("/backups.json")
@@ -150,6 +159,10 @@ def render(data: dict[str, Any]) -> str:
     else:
         missing = "" if data["exists"] else " (the directory does not exist on the API server)"
         body = f"<p>No backups in <code>{directory}</code>{missing}.</p>"
+        if data.get("problem"):
+            body = f'<p class="problem">{_e(data["problem"])}</p>'
+    # The CLI has no Airflow Connections: it reads s3://bucket/... with credentials from its environment.
+    cli_directory = re.sub(r"^([a-z0-9+.-]+://)[^@/]*@", r"\1", data["directory"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Flavor sync backups</title>
 <style>
@@ -159,7 +172,7 @@ h1 {{ font-size: 1.3rem; }}
 table {{ border-collapse: collapse; }}
 th, td {{ padding: .35rem .8rem; border-bottom: 1px solid #8884; text-align: left; vertical-align: top; }}
 td.num {{ text-align: right; }}
-tr.damaged td {{ color: #c0392b; }}
+tr.damaged td, p.problem {{ color: #c0392b; }}
 code {{ font-size: .95em; }}
 .note {{ max-width: 60rem; line-height: 1.5; }}
 </style></head>
@@ -169,8 +182,8 @@ code {{ font-size: .95em; }}
 <p class="note">To restore one, trigger the DAG <code>{RESTORE_DAG_ID}</code> with <code>backup_path</code> set to
 the backup's full path: <code>{directory}/</code><i>file</i>{example}. It checks the backup and shows what it would put
 back (<code>dry_run</code>, the default); with <code>dry_run</code> off it asks for an
-approval, then restores. The file list is read from disk on every visit; backup contents are never shown here.
-From a shell: <code>nova-flavor-sync --list-backups --backup-dir {_e(shlex.quote(data["directory"]))}</code>.</p>
+approval, then restores. The file list is read from storage on every visit; backup contents are never shown here.
+From a shell: <code>nova-flavor-sync --list-backups --backup-dir {_e(shlex.quote(cli_directory))}</code>.</p>
 </body></html>
 """
 

@@ -15,7 +15,8 @@ allowed to read the ``nova_flavor_sync`` DAG):
 What it reads: the run's ``combine_plans`` XCom, through Airflow's own models (each copy's
 changes file, which its ``make_plan`` task wrote next to its plan file, and its counts), then
 those files, on every request, streaming. As for the backups page, the API server must see
-``$NOVA_FLAVOR_SYNC_DIR`` as the workers do; a file outside its ``plans`` directory is never read.
+``$NOVA_FLAVOR_SYNC_DIR`` (or ``$NOVA_FLAVOR_SYNC_STORAGE``) as the workers do; a file outside
+its ``plans`` directory is never read.
 Rendered by Jinja2 with autoescaping (``templates/nova_flavor_sync_plan_view.html``).
 """
 
@@ -29,9 +30,10 @@ from typing import Annotated, Any, Literal
 import jinja2
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse
-from nova_flavor_sync_airflow import plans_dir
+from nova_flavor_sync_airflow import plans_dir, stored
 
 from nova_flavor_sync.errors import BackupError
+from nova_flavor_sync.storage import StoragePath, local_path
 from nova_flavor_sync.value_changes import (
     ERROR,
     LEFT_ALONE,
@@ -144,17 +146,17 @@ def plan_context(combined: dict[str, Any], *, line: int | None, rows: str | None
     }
 
 
-def changes_files(copies: list[dict[str, Any]]) -> tuple[list[Path], list[str]]:
+def changes_files(copies: list[dict[str, Any]]) -> tuple[list[StoragePath], list[str]]:
     """The changes files the copies name that are in the plans directory and readable; what is wrong with the rest."""
-    plans = plans_dir().resolve()
+    plans = _resolved(plans_dir())
     files, problems = [], []
     for copy in copies:
         raw = copy.get("changes_path")
         if not raw:
             problems.append(f"{copy['where']}: its plan task recorded no changes file (planned before the plan view)")
             continue
-        path = Path(raw).resolve()
-        if plans not in path.parents:
+        path = _resolved(stored(raw))
+        if not str(path).startswith(str(plans).rstrip("/") + "/") or "/../" in str(path):
             problems.append(f"{copy['where']}: {raw} is not in the plans directory {plans}; not read")
         elif not path.is_file():
             problems.append(f"{copy['where']}: {path} is not on the API server (it must see the workers' "
@@ -164,7 +166,12 @@ def changes_files(copies: list[dict[str, Any]]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def _records(files: list[Path]) -> Iterator[dict[str, Any]]:
+def _resolved(path: StoragePath) -> StoragePath:
+    """A local path without symlinks and ``..``; a URL of object storage as it is."""
+    return path.resolve() if local_path(path) is not None else path
+
+
+def _records(files: list[StoragePath]) -> Iterator[dict[str, Any]]:
     for path in files:
         try:
             yield from read_changes(path)

@@ -26,11 +26,13 @@ RequestSpecs only, one ``database``) are still read.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +43,9 @@ import orjson
 from nova_flavor_sync.db import identity_keys
 from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.spec_json import sha256_text
+from nova_flavor_sync.storage import OBJECT_STORAGE_PRIVACY, StoragePath, as_path, local_path, upload
+
+log = logging.getLogger(__name__)
 
 FORMAT = "nova-flavor-sync-backup"
 FORMAT_VERSION = 2
@@ -118,7 +123,7 @@ class BackupRecord:
 class BackupInfo:
     """A backup's header and trailer: what ``--list-backups`` shows."""
 
-    path: Path
+    path: StoragePath  # a Path, or a UPath on object storage (see storage)
     created_at: str
     databases: dict[str, dict[str, Any]]  # "nova_api" and each cell's uuid -> server identity
     plan_digest: str
@@ -145,9 +150,14 @@ class Backup:
     records: list[BackupRecord]
 
 
-def private_dir(directory: Path) -> Path:
-    """Create ``directory`` (mode 0700) or check that an existing one is private."""
-    directory = directory.expanduser()
+def private_dir(directory: StoragePath) -> StoragePath:
+    """Create ``directory`` (mode 0700) or check that an existing one is private.
+
+    On object storage there is nothing to create or check (see storage): it is returned as it is.
+    """
+    if local_path(directory) is None:
+        return directory
+    directory = local_path(directory)
     missing = [p for p in (directory, *directory.parents) if not p.exists()]
     try:
         for path in reversed(missing):
@@ -166,7 +176,7 @@ def private_dir(directory: Path) -> Path:
 
 
 def write_backup(
-    directory: Path,
+    directory: StoragePath,
     records: Iterable[BackupRecord],
     *,
     databases: Mapping[str, Mapping[str, Any]],
@@ -176,13 +186,14 @@ def write_backup(
 ) -> BackupInfo:
     """Write records to a new backup file atomically: temp file, fsync, rename, fsync dir.
 
+    On object storage (``directory`` a UPath): a local temp file, then one conditional
+    upload that never replaces an object (see storage).
     ``databases``: the server identity of nova_api (``"nova_api"``) and of each cell whose
     rows may be among the records (by cell uuid, with the cell's name as ``"cell"``).
     """
     directory = private_dir(directory)
     now = now or datetime.now(UTC)
     stem = f"{FILE_PREFIX}{now.strftime('%Y%m%d_%H%M%S')}"
-    tmp = directory / f".{stem}.{os.getpid()}.tmp"
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -191,6 +202,18 @@ def write_backup(
         "plan_digest": plan_digest,
         "scope": dict(scope),
     }
+    if local_path(directory) is None:
+        path, counts = _upload_backup(directory, stem, header, records)
+    else:
+        path, counts = _write_local_backup(directory, stem, header, records)
+    return BackupInfo(path, header["created_at"], header["databases"], plan_digest, header["scope"],
+                      sum(counts.values()), counts)
+
+
+def _write_local_backup(
+    directory: Path, stem: str, header: dict[str, Any], records: Iterable[BackupRecord]
+) -> tuple[Path, dict[str, int]]:
+    tmp = directory / f".{stem}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -210,8 +233,21 @@ def write_backup(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return BackupInfo(path, header["created_at"], header["databases"], plan_digest, header["scope"],
-                      sum(counts.values()), counts)
+    return path, counts
+
+
+def _upload_backup(
+    directory: StoragePath, stem: str, header: dict[str, Any], records: Iterable[BackupRecord]
+) -> tuple[StoragePath, dict[str, int]]:
+    try:
+        path, counts = upload(lambda out: _write_document(out, header, records, databases=header["databases"]),
+                              (directory / name for name in _names(stem)))
+    except BackupError:
+        raise
+    except Exception as exc:  # the file system's own errors (s3fs, botocore: credentials, endpoint, bucket)
+        raise BackupError(f"cannot write a backup in {directory}: {exc}") from None
+    log.warning("Backup %s: %s", path, OBJECT_STORAGE_PRIVACY)
+    return path, counts
 
 
 def load_backup(path: Path) -> Backup:
@@ -266,13 +302,18 @@ def check_same_database(info: BackupInfo, current: Mapping[str, Any], database: 
         )
 
 
-def list_backups(directory: Path) -> list[BackupInfo | tuple[Path, str]]:
+def list_backups(directory: StoragePath) -> list[BackupInfo | tuple[StoragePath, str]]:
     """Every backup in the directory, newest last; a damaged one as ``(path, problem)``."""
-    directory = directory.expanduser()
-    if not directory.is_dir():
-        return []
-    found: list[BackupInfo | tuple[Path, str]] = []
-    paths = [path for prefix in (FILE_PREFIX, *OLD_FILE_PREFIXES) for path in directory.glob(f"{prefix}*.json")]
+    directory = as_path(directory)
+    try:
+        if local_path(directory) is None:  # s3fs keeps listings forever: another worker's new backup would not show
+            directory.fs.invalidate_cache(directory.path)
+        if not directory.is_dir():
+            return []
+        paths = [path for prefix in (FILE_PREFIX, *OLD_FILE_PREFIXES) for path in directory.glob(f"{prefix}*.json")]
+    except Exception as exc:  # the file system's own errors (s3fs, botocore: credentials, endpoint, bucket)
+        raise BackupError(f"cannot list the backups in {directory}: {exc}") from None
+    found: list[BackupInfo | tuple[StoragePath, str]] = []
     for path in sorted(paths, key=lambda p: (re.findall(r"\d{8}_\d{6}", p.name)[:1], p.name)):  # by time
         try:
             found.append(read_backup_info(path))
@@ -284,12 +325,12 @@ def list_backups(directory: Path) -> list[BackupInfo | tuple[Path, str]]:
     return found
 
 
-def read_backup_info(path: Path) -> BackupInfo:
+def read_backup_info(path: StoragePath) -> BackupInfo:
     """Header and record count from the first and last lines, without reading the records."""
     try:
-        with open(path, "rb") as handle:
+        with as_path(path).open("rb") as handle:
             first = handle.readline()
-            handle.seek(max(0, os.fstat(handle.fileno()).st_size - _TRAILER_MAX))
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - _TRAILER_MAX))
             last = handle.read().splitlines()[-1]
         header = json.loads(first.removesuffix(b"\n").removesuffix(_RECORDS_OPEN.rstrip(b"\n")) + b"}")
         trailer = json.loads(b"{" + last.removeprefix(b"], "))
@@ -300,10 +341,10 @@ def read_backup_info(path: Path) -> BackupInfo:
     return _info(path, {**header, **trailer}, trailer.get("record_count", 0))
 
 
-def _not_ours(path: Path, problem: str) -> str:
+def _not_ours(path: StoragePath, problem: str) -> str:
     """``problem``, or what the file is when the old nova-fix-flavors.py wrote it."""
     try:
-        with open(path, "rb") as handle:
+        with as_path(path).open("rb") as handle:
             return OLD_TOOL_BACKUP if handle.read(len(_OLD_TOOL_START)) == _OLD_TOOL_START else problem
     except OSError:
         return problem
@@ -332,18 +373,24 @@ def _write_document(
 
 def _link_unused_name(tmp: Path, directory: Path, stem: str) -> Path:
     """Give the finished file its name; link() fails rather than replace another backup."""
-    path, n = directory / f"{stem}.json", 1
-    while True:
+    for name in _names(stem):
         try:
-            os.link(tmp, path)
-            return path
+            os.link(tmp, directory / name)
+            return directory / name
         except FileExistsError:  # another run in the same second
-            path, n = directory / f"{stem}_{n}.json", n + 1
+            continue
+    raise AssertionError("unreachable: _names is endless")
 
 
-def _read(path: Path) -> bytes:
+def _names(stem: str) -> Iterator[str]:
+    """A backup's file name, then the names to try when another run took it in the same second."""
+    yield f"{stem}.json"
+    yield from (f"{stem}_{n}.json" for n in itertools.count(1))
+
+
+def _read(path: StoragePath) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return as_path(path).read_bytes()
     except FileNotFoundError:
         raise BackupError(f"backup {path} does not exist") from None
     except IsADirectoryError:
@@ -388,7 +435,7 @@ def _info(path: Path, document: dict[str, Any], count: int) -> BackupInfo:
         databases = {API_DATABASE: dict(document.get("database") or {})}
     by_database = document.get("records_by_database")
     return BackupInfo(
-        path=Path(path),
+        path=as_path(path),
         created_at=str(document.get("created_at", "")),
         databases=databases,
         plan_digest=str(document.get("plan_digest", "")),

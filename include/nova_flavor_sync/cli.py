@@ -37,6 +37,7 @@ from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_u
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
 from nova_flavor_sync.plan import CloudPlan, Flavor
 from nova_flavor_sync.progress import terminal_progress
+from nova_flavor_sync.storage import StoragePath, as_path
 from nova_flavor_sync.throttle import (
     DEFAULT_MAX_REPLICA_LAG_S,
     DEFAULT_MAX_THREADS_RUNNING,
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_argument_group("what to do (default: dry run)")
     mode.add_argument("--run", action="store_true", help="write the changes (with --restore: restore)")
     mode.add_argument("--verify", action="store_true", help="only check for drift; minimal output")
-    mode.add_argument("--restore", metavar="FILE", type=Path, help="put back the rows saved in this backup")
+    mode.add_argument("--restore", metavar="FILE", type=_location,
+                      help="put back the rows saved in this backup (a path, or a URL as for --backup-dir)")
     mode.add_argument("--list-backups", action="store_true", help="list backups in --backup-dir")
     mode.add_argument("--force", action="store_true", help="with --restore: also restore rows changed since the sync")
     mode.add_argument("--plan-digest", metavar="DIGEST", type=_digest,
@@ -124,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--batch-size", type=_batch_size, default=None,
                          help=f"rows per write transaction (1-{service.MAX_BATCH_SIZE}, default {DEFAULT_BATCH_SIZE}); "
                          "alone it fixes the size, with --batch-seconds it is the first size")
-    options.add_argument("--backup-dir", type=Path, default=DEFAULT_BACKUP_DIR, help="default %(default)s")
+    options.add_argument("--backup-dir", type=_location, default=DEFAULT_BACKUP_DIR,
+                         help="a directory, or a URL of object storage such as s3://bucket/prefix (credentials "
+                         "and endpoint from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...); "
+                         "default %(default)s")
     options.add_argument("--no-backup", action="store_true", help="write without a backup file first")
     options.add_argument("--backup-all", action="store_true", help="back up every row read, not only changed ones")
     options.add_argument("--log-file", type=Path, default=DEFAULT_LOG_FILE, help="default %(default)s")
@@ -292,7 +297,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], voice: Voice | None = Non
 def _run(args: argparse.Namespace, argv: list[str], voice: Voice) -> int:
     voice.started(args)
     if args.list_backups:
-        for line in report.backup_list_lines(list_backups(args.backup_dir), args.backup_dir.expanduser()):
+        for line in report.backup_list_lines(list_backups(args.backup_dir), as_path(args.backup_dir)):
             log.info("%s", line)
         return ExitCode.OK
     params, source = resolve_db_params(args.db_url, args.nova_conf, os.environ)
@@ -453,6 +458,14 @@ def _command_line(argv: list[str], *more: str) -> str:
 def _log_lines(lines: Sequence[str]) -> None:
     for line in lines:
         log.info("%s", line)
+
+
+def _location(value: str) -> StoragePath:
+    """A local path, or a URL of a file system fsspec knows (s3fs for s3://)."""
+    try:
+        return as_path(value)
+    except (ValueError, ImportError) as exc:  # an unknown scheme, or its fsspec package is not installed
+        raise argparse.ArgumentTypeError(f"{value}: {exc}") from None
 
 
 def _digest(value: str) -> str:

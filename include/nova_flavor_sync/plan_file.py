@@ -18,7 +18,7 @@ import os
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
@@ -26,6 +26,7 @@ from nova_flavor_sync.backup import private_dir
 from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.plan import Plan, PlanDigest
 from nova_flavor_sync.scope import Scope
+from nova_flavor_sync.storage import StoragePath, as_path, local_path, upload
 
 FORMAT = "nova-flavor-sync-plan"
 FORMAT_VERSION = 2
@@ -46,24 +47,21 @@ class SavedPlan:
     changes: list[PlannedRow]  # named like Plan.changes: back_up and apply take either
 
 
-def save_plan(plan: Plan, directory: Path) -> Path:
-    """Write ``plan_<digest>.json`` (0600, atomically) and return its path."""
+def save_plan(plan: Plan, directory: StoragePath) -> StoragePath:
+    """Write ``plan_<digest>.json`` (0600, atomically; on object storage one upload) and return its path."""
     directory = private_dir(directory)
     path = directory / f"plan_{plan.digest}.json"
-    header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "digest": plan.digest,
-        "scope": plan.scope.as_dict(),
-        "changes": len(plan.changes),
-    }
+    if local_path(directory) is None:
+        try:  # same digest, same content: replacing is harmless
+            upload(lambda out: _write_plan(out, plan), [path], replace=True)
+        except Exception as exc:  # the file system's own errors (s3fs, botocore: credentials, endpoint, bucket)
+            raise BackupError(f"cannot write plan file {path}: {exc}") from None
+        return path
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(json.dumps(header) + "\n")
-            for c in plan.changes:
-                out.write(json.dumps([c.id, c.instance_uuid, c.old_sha256, c.new_sha256]) + "\n")
+        with os.fdopen(fd, "wb") as out:
+            _write_plan(out, plan)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)  # same digest, same content: replacing is harmless
@@ -73,8 +71,21 @@ def save_plan(plan: Plan, directory: Path) -> Path:
     return path
 
 
+def _write_plan(out: BinaryIO, plan: Plan) -> None:
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "digest": plan.digest,
+        "scope": plan.scope.as_dict(),
+        "changes": len(plan.changes),
+    }
+    out.write(json.dumps(header).encode() + b"\n")
+    for c in plan.changes:
+        out.write(json.dumps([c.id, c.instance_uuid, c.old_sha256, c.new_sha256]).encode() + b"\n")
+
+
 def load_plan(
-    path: Path,
+    path: StoragePath,
     *,
     expected_digest: str | None = None,
     first_id: int | None = None,
@@ -96,16 +107,18 @@ def load_plan(
     return SavedPlan(digest, scope, rows)
 
 
-def load_plan_ids(path: Path) -> array[int]:
+def load_plan_ids(path: StoragePath) -> array[int]:
     """The ids of a plan file's rows, in order (checked like load_plan; 8 bytes a row)."""
     ids: array[int] = array("q")
     _read(path, lambda row_id, *_: ids.append(row_id), None)
     return ids
 
 
-def _read(path: Path, on_row: Callable[[int, str, str, str], None], expected_digest: str | None) -> tuple[str, Scope]:
+def _read(
+    path: StoragePath, on_row: Callable[[int, str, str, str], None], expected_digest: str | None
+) -> tuple[str, Scope]:
     try:
-        with open(path, "rb") as lines:
+        with as_path(path).open("rb") as lines:
             header = _header(path, lines.readline())
             scope = _scope(header["scope"])
             digest = PlanDigest(scope)
@@ -130,7 +143,7 @@ def _read(path: Path, on_row: Callable[[int, str, str, str], None], expected_dig
     return header["digest"], scope
 
 
-def _header(path: Path, line: bytes) -> dict:
+def _header(path: StoragePath, line: bytes) -> dict:
     try:
         header = orjson.loads(line)
     except orjson.JSONDecodeError:

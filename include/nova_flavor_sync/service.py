@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from nova_flavor_sync import apply as apply_mod
@@ -52,6 +51,7 @@ from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.storage import StoragePath, as_path
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
 from nova_flavor_sync.throttle import Pacer, PaceSettings
 from nova_flavor_sync.value_changes import group_copies, group_lines, write_changes
@@ -350,7 +350,7 @@ class BackupResult:
 def back_up(
     db: NovaApiDb,
     plan: Plan | SavedPlan,
-    directory: Path,
+    directory: StoragePath,
     *,
     backup_all: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
@@ -363,7 +363,7 @@ def back_up(
 def back_up_copies(
     databases: Databases,
     copies: Sequence[CopyPlan],
-    directory: Path,
+    directory: StoragePath,
     *,
     digest: str,
     scope: Scope,
@@ -617,7 +617,7 @@ class RestoreResult:
 
 def restore(
     api: NovaApiDb,
-    path: Path,
+    path: StoragePath,
     *,
     cells: Sequence[tuple[CellMapping, NovaCellDb]] = (),
     run: bool = False,
@@ -745,7 +745,7 @@ def check_database(params: DbParams, *, cell_sources: CellSources | None = None)
 
 def plan_copy_to_file(
     params: DbParams,
-    work_dir: Path,
+    work_dir: StoragePath,
     key: str,
     *,
     flavors: Sequence[str] = (),
@@ -787,12 +787,12 @@ VALUE_GROUPS_KEPT = 100
 
 
 def back_up_plans(
-    params: DbParams, combined: dict[str, Any], backup_dir: Path, *, backup_all: bool = False,
+    params: DbParams, combined: dict[str, Any], backup_dir: StoragePath, *, backup_all: bool = False,
     cell_sources: CellSources | None = None,
 ) -> dict[str, Any]:
     """Back up the rows every copy's saved plan changes, in one backup file; return it and the rows that moved on."""
     with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells:
-        saved = [(c, load_plan(Path(c["plan_path"]), expected_digest=c["digest"])) for c in combined["copies"]]
+        saved = [(c, load_plan(c["plan_path"], expected_digest=c["digest"])) for c in combined["copies"]]
         copies = [CopyPlan(c["where"], None if c["key"] == API_DATABASE else c["key"], plan)  # type: ignore[arg-type]
                   for c, plan in saved]
         result = back_up_copies(
@@ -809,7 +809,7 @@ def back_up_plans(
 
 def apply_range(
     params: DbParams,
-    plan_path: str,
+    plan_path: str | StoragePath,
     approved_digest: str,
     *,
     first_id: int,
@@ -830,7 +830,7 @@ def apply_range(
     paced by it, watching ``replicas`` too; ``pause_first`` pauses before the first batch as
     well (every mapped task but the first).
     """
-    saved = load_plan(Path(plan_path), expected_digest=approved_digest, first_id=first_id, last_id=last_id)
+    saved = load_plan(plan_path, expected_digest=approved_digest, first_id=first_id, last_id=last_id)
     pace = pace or PaceSettings.fixed(batch_size)
     with connect(params) as api, open_cells_of(api, sources=cell_sources) as cells, \
             pacers(pace, replicas, pause_first=pause_first) as pacer_for:
@@ -854,13 +854,16 @@ def apply_range(
     return _counts(result)
 
 
-def verify(params: DbParams, plan_path: str, *, cell_sources: CellSources | None = None) -> dict[str, Any]:
+def verify(
+    params: DbParams, plan_path: str | StoragePath, *, cell_sources: CellSources | None = None
+) -> dict[str, Any]:
     """Read both copies in the plan's scope again; raise DriftFoundError if drift remains."""
     return fail_on_drift(drift_summary(params, scope_from=plan_path, cell_sources=cell_sources))
 
 
 def drift_summary(
-    params: DbParams, *, scope_from: str | None = None, all_keys: bool = False, cell_sources: CellSources | None = None
+    params: DbParams, *, scope_from: str | StoragePath | None = None, all_keys: bool = False,
+    cell_sources: CellSources | None = None,
 ) -> dict[str, Any]:
     """The drift check: plan both copies, log every stale instance and the summary; never writes.
 
@@ -870,7 +873,7 @@ def drift_summary(
     """
     with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells:
         if scope_from is not None:
-            scope, found = load_plan(Path(scope_from)).scope, None  # flavors read again: a verify
+            scope, found = load_plan(scope_from).scope, None  # flavors read again: a verify
         else:
             found, scope = resolve_scope(db, all_keys=all_keys)
         cloud = plan_both_copies(db, cells, scope, flavors=found)
@@ -908,7 +911,7 @@ def fail_on_drift(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def restore_backup(
-    params: DbParams, backup_path: str, *, run: bool, force: bool = False, batch_size: int = 500,
+    params: DbParams, backup_path: str | StoragePath, *, run: bool, force: bool = False, batch_size: int = 500,
     pace: PaceSettings | None = None, replicas: Sequence[DbParams] = (), cell_sources: CellSources | None = None,
 ) -> dict[str, Any]:
     """Check a backup and restore it (``run``) or say what it would restore, in every database it names.
@@ -917,7 +920,7 @@ def restore_backup(
     """
     with connect(params) as db, open_cells_of(db, sources=cell_sources) as cells, \
             pacers(pace or PaceSettings.fixed(batch_size), replicas) as pacer_for:
-        result = restore(db, Path(backup_path), cells=cells, run=run, force=force, batch_size=batch_size,
+        result = restore(db, as_path(backup_path), cells=cells, run=run, force=force, batch_size=batch_size,
                          pacer_for=pacer_for)
     for line in report.restore_lines(result, verbose=True):
         log.info("%s", line)
@@ -926,7 +929,7 @@ def restore_backup(
             f"restore incomplete: {len(result.errors)} errors, {len(result.not_verified)} rows read back different"
         )
     return {
-        "backup_path": backup_path,
+        "backup_path": str(backup_path),
         "restored" if run else "would_restore": len(result.restored),
         "by_database": {result.backup.where(key): n for key, n in result.restored_by_database.items()},
         "skipped": len(result.skipped),
@@ -935,7 +938,7 @@ def restore_backup(
     }
 
 
-def backup_listing(backup_dir: Path) -> list[dict[str, Any]]:
+def backup_listing(backup_dir: StoragePath) -> list[dict[str, Any]]:
     """The backups in a directory, for the UI listing."""
     rows = []
     for entry in list_backups(backup_dir):

@@ -20,11 +20,11 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from nova_flavor_sync.errors import BackupError, ConfigError
 from nova_flavor_sync.plan import CopyPlan, KeyChange, RowNote, SpecDiff
+from nova_flavor_sync.storage import StoragePath, as_path, local_path, upload
 
 EXAMPLES = 3  # example instances kept per group
 LINES_SHOWN = 20  # groups a view shows before "... and N more lines"
@@ -212,19 +212,25 @@ def _untouched(where: str, note: RowNote, status: str) -> dict[str, Any]:
             "old": None, "new": None, "risk": None, "status": status, "reason": note.reason}
 
 
-def write_changes(copies: Sequence[CopyPlan], path: Path) -> Path:
+def write_changes(copies: Sequence[CopyPlan], path: StoragePath) -> StoragePath:
     """Write every copy's ``change_records`` to ``path`` as JSON Lines (0600, atomically), streaming.
 
-    The file's directory must exist; a file already there is replaced.
+    The file's directory must exist; a file already there is replaced. On object storage: one
+    upload (see storage).
     """
-    path = Path(path).expanduser()
+    path = as_path(path)
+    if local_path(path) is None:
+        try:
+            upload(lambda out: _write_records(out, copies), [path], replace=True)
+        except Exception as exc:  # the file system's own errors (s3fs, botocore: credentials, endpoint, bucket)
+            raise ConfigError(f"cannot write the changes file {path}: {exc}") from None
+        return path
+    path = local_path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for copy in copies:
-                for record in change_records(copy):
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        with os.fdopen(fd, "wb") as out:
+            _write_records(out, copies)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -232,10 +238,16 @@ def write_changes(copies: Sequence[CopyPlan], path: Path) -> Path:
     return path
 
 
-def read_changes(path: Path) -> Iterator[dict[str, Any]]:
+def _write_records(out: BinaryIO, copies: Sequence[CopyPlan]) -> None:
+    for copy in copies:
+        for record in change_records(copy):
+            out.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+
+
+def read_changes(path: StoragePath) -> Iterator[dict[str, Any]]:
     """The records of a changes file, one at a time."""
     try:
-        with open(path, encoding="utf-8") as lines:
+        with as_path(path).open("rb") as lines:
             for line in lines:
                 yield json.loads(line)
     except FileNotFoundError:

@@ -8,6 +8,7 @@ the pages are fetched from ``create_app()`` with a JWT the auth manager signs, s
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import UTC, datetime
 from html.parser import HTMLParser
@@ -19,6 +20,7 @@ import pytest
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import BackupRecord, write_backup
 from nova_flavor_sync.spec_json import sha256_text
+from s3tools import CONN_ID, bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 PAGE = "/nova-flavor-sync/backups"
 JSON = "/nova-flavor-sync/backups.json"
@@ -178,6 +180,59 @@ def test_an_empty_or_missing_directory_says_so(client, tmp_path, monkeypatch):
     assert f"No backups in {tmp_path / 'nowhere' / 'backups'} (the directory does not exist on the API server)" in text
     assert client.get(JSON, headers=as_ui()).json() == {
         "directory": str(tmp_path / "nowhere" / "backups"), "exists": False, "backups": []}
+
+
+def test_on_s3_the_bucket_is_listed_afresh_on_every_request(client, bucket):
+    s3, name = bucket
+    directory = f"s3://{CONN_ID}@{name}/nova/backups"
+    from nova_flavor_sync_airflow import backups_dir
+
+    write_backup(backups_dir(), records(2), databases={"nova_api": DATABASE}, plan_digest=digest(1),
+                 scope={"all_keys": False}, now=datetime(2026, 1, 6, 14, 32, 10, tzinfo=UTC))
+    first = client.get(PAGE, headers=as_ui())
+    assert first.status_code == 200, first.text
+    assert [row[0] for row in Page(first.text).rows] == [
+        ["flavor_copies_20260106_143210.json", f"{directory}/flavor_copies_20260106_143210.json"]]
+
+    # another worker's backup, written after the page listed the bucket once
+    s3.copy_object(Bucket=name, Key="nova/backups/flavor_copies_20260107_143210.json",
+                   CopySource={"Bucket": name, "Key": "nova/backups/flavor_copies_20260106_143210.json"})
+    second = client.get(PAGE, headers=as_ui())
+
+    page = Page(second.text)
+    assert [row[0][0] for row in page.rows] == ["flavor_copies_20260106_143210.json",
+                                                "flavor_copies_20260107_143210.json"]
+    text = " ".join("".join(page.text).split())
+    assert f"2 backups in {directory}, oldest first" in text
+    assert f"backup_path set to the backup's full path: {directory}/file, e.g. {directory}/flavor_copies_2026" in text
+    # the CLI reads the bucket with its own credentials (AWS_*): no Connection id in its URL
+    assert f"nova-flavor-sync --list-backups --backup-dir s3://{name}/nova/backups." in text
+    assert "do-not-serve-me" not in second.text
+
+
+def test_storage_that_cannot_be_read_is_said_on_the_page(client, monkeypatch):
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_STORAGE", "s3://nova_s3_down@nfs-backups/nova")
+    monkeypatch.setenv("AIRFLOW_CONN_NOVA_S3_DOWN", json.dumps({  # nothing listens on port 9
+        "conn_type": "aws", "login": "fake", "password": "fake",
+        "extra": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"}}))
+
+    response = client.get(PAGE, headers=as_ui())
+
+    assert response.status_code == 200, response.text
+    text = " ".join("".join(Page(response.text).text).split())
+    assert "cannot list the backups in s3://nova_s3_down@nfs-backups/nova/backups: " in text
+    assert client.get(JSON, headers=as_ui()).json()["problem"].startswith("cannot list the backups in s3://")
+
+
+def test_a_storage_url_naming_a_missing_connection_is_said_on_the_page(client, monkeypatch):
+    monkeypatch.setenv("NOVA_FLAVOR_SYNC_STORAGE", "s3://no_such_conn@nfs-backups/nova")
+
+    response = client.get(PAGE, headers=as_ui())
+
+    assert response.status_code == 200, response.text
+    text = " ".join("".join(Page(response.text).text).split())
+    assert ("NOVA_FLAVOR_SYNC_STORAGE=s3://no_such_conn@nfs-backups/nova names the Airflow Connection "
+            "'no_such_conn', which does not exist") in text
 
 
 @pytest.mark.parametrize("url", [PAGE, JSON])
