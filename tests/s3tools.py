@@ -2,7 +2,7 @@
 
 ``bucket`` makes a new bucket, the Airflow Connection ``nova_s3`` to it (type aws, the
 server as ``endpoint_url``, fake keys) and points the DAGs' storage at it:
-``NOVA_FLAVOR_SYNC_STORAGE=s3://nova_s3@<bucket>/nova``. Import the fixtures into a test module.
+``NOVA_FLAVOR_SYNC_STORAGE=s3://nova_s3@<bucket>/nova``. tests/airflow/conftest.py imports the fixtures.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from s3tools import bucket, s3_endpoint  # noqa: F401  (the fixtures of every test here that uses S3)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 if "airflow" in sys.modules:

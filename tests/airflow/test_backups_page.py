@@ -20,7 +20,7 @@ import pytest
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import BackupRecord, write_backup
 from nova_flavor_sync.spec_json import sha256_text
-from s3tools import CONN_ID, bucket, s3_endpoint  # noqa: F401  (fixtures)
+from s3tools import CONN_ID
 
 PAGE = "/nova-flavor-sync/backups"
 JSON = "/nova-flavor-sync/backups.json"

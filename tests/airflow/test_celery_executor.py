@@ -41,12 +41,12 @@ import pytest
 import redis
 from airflow_rest import Rest, wait_for
 from local_airflow import Airflow
-from operator_rest import answer, tries, wait_for_input
 
 from dbtools import connect, copies_hash, opened_cloud, stale_copies
 from nova_flavor_sync.backup import API_DATABASE
 from nova_flavor_sync.demo import cell_database_name
 from nova_flavor_sync.plan_file import load_plan
+from operator_rest import answer, tries, wait_for_input
 
 SYNC, RESTORE = "nova_flavor_sync", "nova_flavor_restore"
 APPLY_TASKS = ("apply_cells", "apply_request_specs")
@@ -155,7 +155,8 @@ def airflow(celery_provider, demo_db, tmp_path, metadata_db, broker_prefix) -> I
     worker_env = {
         name: {"AIRFLOW__CORE__HOSTNAME_CALLABLE": "worker_hostname.hostname",
                "NFS_TEST_WORKER_HOSTNAME": name,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "hosts"), os.environ.get("PYTHONPATH")]))}
+               "PYTHONPATH": os.pathsep.join(
+                   filter(None, [str(REPO / "tests" / "hosts"), os.environ.get("PYTHONPATH")]))}
         for name in WORKERS
     }
     running = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env,

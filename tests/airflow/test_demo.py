@@ -31,10 +31,10 @@ import psutil
 import pytest
 from demo_airflow import SYNC, USERNAME, demo_airflow
 from local_airflow import Airflow, free_port
-from operator_rest import hitl_detail, wait_for_input
 
 from dbtools import new_database_name, plan_request_specs, stale_copies
 from nova_flavor_sync.demo import DEMO_CELLS, cell_database_name, drop_database
+from operator_rest import hitl_detail, wait_for_input
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "demo_airflow.py"

@@ -19,9 +19,9 @@ from pathlib import Path
 import local_airflow
 import pytest
 from local_airflow import Airflow
-from operator_rest import answer, wait_for_input
 
 from dbtools import copies_hash, stale_copies
+from operator_rest import answer, wait_for_input
 
 SYNC, RESTORE = "nova_flavor_sync", "nova_flavor_restore"
 # Answer only after the approve task has been seen awaiting input this long: answering the

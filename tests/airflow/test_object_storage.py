@@ -28,7 +28,7 @@ from nova_flavor_sync import service
 from nova_flavor_sync.backup import BackupRecord, list_backups, load_backup, write_backup
 from nova_flavor_sync.errors import BackupError, ConfigError
 from nova_flavor_sync.spec_json import sha256_text
-from s3tools import CONN_ID, KEYS, bucket, keys, s3_endpoint  # noqa: F401  (fixtures)
+from s3tools import CONN_ID, KEYS, keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
