@@ -108,7 +108,7 @@ def page_text(driver: webdriver.Chrome) -> str:
 
 def wait(driver: webdriver.Chrome, timeout: float = WAIT_S) -> WebDriverWait:
     # Airflow's UI re-renders as it polls its API: an element found a moment ago may be gone.
-    return WebDriverWait(driver, timeout, poll_frequency=0.25, ignored_exceptions=[StaleElementReferenceException])
+    return WebDriverWait(driver, timeout, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException])
 
 
 def click(driver: webdriver.Chrome, what: str, find: Callable[[webdriver.Chrome], WebElement | None]) -> None:
@@ -121,7 +121,7 @@ def click(driver: webdriver.Chrome, what: str, find: Callable[[webdriver.Chrome]
         element.click()
         return True
 
-    WebDriverWait(driver, WAIT_S, poll_frequency=0.25, ignored_exceptions=[
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.5, ignored_exceptions=[
         StaleElementReferenceException, ElementClickInterceptedException, ElementNotInteractableException,
     ]).until(clicked, f"{what}: not clickable after {WAIT_S} s")
 
