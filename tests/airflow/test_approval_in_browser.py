@@ -16,6 +16,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from demo_airflow import set_connection
+from local_airflow import Airflow
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+
 from browser import (
     action_panel_text,
     click,
@@ -27,12 +33,6 @@ from browser import (
     required_action_path,
     wait,
 )
-from demo_airflow import set_connection
-from local_airflow import Airflow
-from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions as EC
-
 from dbtools import copies_hash, plan_request_specs, stale_copies
 
 SYNC = "nova_flavor_sync"

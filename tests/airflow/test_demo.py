@@ -28,10 +28,10 @@ from urllib.parse import quote
 
 import psutil
 import pytest
-from browser import headless_chromium, log_in, option_button, page_text, required_action_path, set_viewport, wait
 from demo_airflow import SYNC, USERNAME, demo_airflow
 from local_airflow import Airflow, free_port
 
+from browser import headless_chromium, log_in, option_button, page_text, required_action_path, set_viewport, wait
 from dbtools import new_database_name, plan_request_specs, stale_copies
 from nova_flavor_sync.demo import DEMO_CELLS, cell_database_name, drop_database
 
