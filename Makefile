@@ -31,7 +31,7 @@ LOCK_TOOLS := pip,setuptools,wheel,pip-tools,build,pyproject-hooks,click,packagi
 # a C compiler and Python's headers. PyPI has no Linux wheel of mysqlclient: pip compiles it.
 SYSTEM_DEPS ?= libmariadb-dev pkg-config
 # Debian's headless-capable Chromium and its WebDriver (/usr/bin/chromium, /usr/bin/chromedriver):
-# tests/airflow take the README's screenshot of the approval page with them.
+# tests/airflow drive them with Selenium (tests/browser.py): approvals in Airflow's UI, the README's screenshot.
 BROWSER_DEPS ?= chromium chromium-driver
 # tests/galera start a three-node MariaDB Galera cluster of their own: mariadbd, the galera-4
 # provider, and rsync for the joiners' state transfer (SST).

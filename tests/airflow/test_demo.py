@@ -21,7 +21,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,9 @@ import psutil
 import pytest
 from demo_airflow import SYNC, USERNAME, demo_airflow
 from local_airflow import Airflow, free_port
+from selenium.webdriver.common.by import By
 
+from browser import headless_chromium, log_in, option_button, page_text, required_action_path, set_viewport, wait
 from dbtools import new_database_name, plan_request_specs, stale_copies
 from nova_flavor_sync.demo import DEMO_CELLS, cell_database_name, drop_database
 from operator_rest import hitl_detail, wait_for_input
@@ -180,8 +181,6 @@ def test_the_printed_command_line_dry_run_runs_as_printed(demo, tmp_path):
 @pytest.mark.timeout(300)
 def test_the_approval_page_in_headless_chromium(demo, tmp_path):
     """The README's screenshot: the approve task of a real run, as the demo's user sees it."""
-    import chromium
-
     airflow = demo.airflow()
     ok, why = airflow.status()  # logs in
     assert ok, why
@@ -190,52 +189,50 @@ def test_the_approval_page_in_headless_chromium(demo, tmp_path):
     subject = hitl_detail(airflow.rest, SYNC, run_id).subject
     assert subject.startswith("Rewrite ") and "flavor copies? (plan " in subject, subject
 
-    page = f"{airflow.base_url}/dags/{SYNC}/runs/{quote(run_id, safe='')}/tasks/approve/required_actions"
-    with chromium.Browser(tmp_path / "chromedriver.log", width=WIDTH, height=2400) as browser:
-        # Log in through the form, as a person would.
-        browser.open(f"{airflow.base_url}/auth/login")
-        browser.wait_until("the login form", lambda: browser.run("return !!document.querySelector('[name=password]')"))
-        browser.type("input[name=username]", USERNAME)
-        browser.type("input[name=password]", airflow.password)
-        browser.click("button[type=submit]")
-        browser.wait_until("the login", lambda: "/auth/login" not in browser.command("GET", "/url"))
+    with headless_chromium(tmp_path / "chromedriver.log", width=WIDTH, height=2400) as driver:
+        log_in(driver, airflow.base_url, USERNAME, airflow.password)
+        driver.get(airflow.base_url + required_action_path(SYNC, run_id, "approve"))
+        buttons = [option_button("Approve"), option_button("Reject")]
+        for button in buttons:
+            wait(driver).until(lambda d, button=button: d.find_elements(*button))
+        wait(driver).until(lambda d: "Plan digest:" in page_text(d))
+        text = page_text(driver)
+        assert subject in text and "Awaiting Input" in text, text[:3000]
 
-        browser.open(page)
-        buttons = """return Array.from(document.querySelectorAll('button'))
-            .filter(b => ['Approve', 'Reject'].includes(b.innerText.trim()))
-            .map(b => b.getBoundingClientRect().bottom);"""
-        browser.wait_until("the Approve and Reject buttons", lambda: len(browser.run(buttons)) == 2, timeout=60)
-        text = browser.text()
-        assert subject in text, text[:3000]
-        assert "Plan digest:" in text and "Awaiting Input" in text, text[:3000]
         assert "What changes, by value" in text and '"forbidden" -> "required"' in text, text[:3000]  # values
-        links = browser.run("return Array.from(document.querySelectorAll('a')).map(a => a.href);")
+        links = [a.get_attribute("href") for a in driver.find_elements(By.TAG_NAME, "a")]
         plan_view = f"{airflow.base_url}/nova-flavor-sync/plans/{quote(run_id, safe='')}"
         assert plan_view in links, links
         # The whole page down to the buttons, and not more: size the viewport to where the
         # buttons are once the page has stopped moving (the body renders after the subject).
-        seen: list[float] = []
+        def bottom() -> float:
+            rects = [driver.find_element(*button).rect for button in buttons]
+            return max(rect["y"] + rect["height"] for rect in rects)
 
-        def settled() -> float | None:
-            bottom = max(browser.run(buttons) or [0])
-            seen.append(bottom)
-            return bottom if len(seen) >= 3 and seen[-3:] == [bottom] * 3 else None
+        def settled() -> float:
+            seen: list[float] = []
+
+            def still(_driver) -> float | None:
+                seen.append(bottom())
+                return seen[-1] if len(seen) >= 3 and seen[-3:] == [seen[-1]] * 3 else None
+
+            return wait(driver, 30).until(still)
 
         for _ in range(3):
-            seen.clear()
-            height = int(browser.wait_until("the page to stop moving", settled, timeout=30)) + 32
-            browser.set_viewport(WIDTH, height)
-            time.sleep(0.5)
-            if max(browser.run(buttons)) <= height:
+            height = int(settled()) + 32
+            set_viewport(driver, WIDTH, height)
+            if settled() <= height:
                 break
-        fits = "return Math.max(...arguments[0]) <= window.innerHeight;"
-        assert browser.run(fits, browser.run(buttons)), "the buttons are outside the screenshot"
-        target = SCREENSHOT if os.environ.get("NFS_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
-        png = browser.screenshot(target)
-        browser.open(plan_view)  # the link the approver follows, with the same login
-        browser.wait_until("the plan view", lambda: "What changes, by value" in browser.text())
+        fits = "return arguments[0] <= window.innerHeight;"
+        assert driver.execute_script(fits, bottom()), "the buttons are outside the screenshot"
+        png = driver.get_screenshot_as_png()
+        driver.get(plan_view)  # the link the approver follows, with the same login
+        wait(driver).until(lambda d: "What changes, by value" in page_text(d))
+    target = SCREENSHOT if os.environ.get("NFS_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(png)
 
-    assert png[12:16] == b"IHDR", "not a PNG"
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", "not a PNG"
     width, height = struct.unpack(">II", png[16:24])
     assert width == WIDTH and height > 1000, (width, height)
     assert len(png) > 50_000, f"suspiciously small screenshot: {len(png)} bytes"
