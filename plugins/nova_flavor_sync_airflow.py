@@ -430,7 +430,7 @@ def approval_body(copies: Sequence[dict[str, Any]], digest: str, run_id: str = "
         if counts:
             lines += ["", f"**{title}**", ""] + [f"- `{name}`: {count}" for name, count in counts.items()]
     if any(c["key"] != API_DATABASE and c["summary"]["by_risk"].get(RiskClass.GUEST.value) for c in copies):
-        lines += ["", report.GUEST_KEYS_TAKE_EFFECT + "."]
+        lines += ["", markdown_text(report.GUEST_KEYS_TAKE_EFFECT + ".")]  # quota:* is no emphasis
     lines += ["", "Approve writes these rows in compare-and-swap batches; Reject writes nothing."]
     return "\n".join(lines)
 

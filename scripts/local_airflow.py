@@ -169,6 +169,10 @@ def airflow_env(
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{LOCALHOST}:{api_port}/execution/",
+            # A task's calls to the Execution API wait up to 30 s, not 5: on a loaded machine
+            # (CI, a laptop running the tests) the API server answers late, and a task that
+            # gives up fails a run that nothing was wrong with.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
             # Simple auth manager with one admin whose password is in passwords.json.
             "AIRFLOW__CORE__AUTH_MANAGER": (
                 "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"

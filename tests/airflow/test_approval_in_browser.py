@@ -47,12 +47,7 @@ TEST_TIMEOUT_S = 1200
 def airflow(tmp_path_factory) -> Iterator[Airflow]:
     """One running Airflow for the module's runs; always stopped."""
     base = tmp_path_factory.mktemp("browser")
-    env = {
-        "NOVA_FLAVOR_SYNC_DIR": str(base / "data"),
-        # Airflow's answer to "timeout errors under high load" (default 5 s): on a busy machine
-        # the first task of a fresh Airflow (check_db) was killed, its Execution API calls timing out.
-        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
-    }
+    env = {"NOVA_FLAVOR_SYNC_DIR": str(base / "data")}
     running = Airflow(base / "airflow-home", base / "airflow-logs", env=env)
     try:
         try:
