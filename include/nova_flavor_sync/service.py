@@ -255,11 +255,11 @@ def plan_copies(
 ) -> list[CopyPlan]:
     """The plans of these copies (``copy_keys``), in order.
 
-    The id ranges of every big copy (PLAN_WORKERS_FROM rows or more by id; ``workers``
-    overrides: 1 plans everything in this process) go to one set of PLAN_WORKERS worker
-    processes (``plan_worker.run_jobs``), which start once for the whole cloud and stay busy
-    from one copy to the next; each copy's ranges are merged into its plan
-    (``diff.merge_plans``: the plan and digest one process would make). A small copy, or an
+    When a copy is big (PLAN_WORKERS_FROM rows or more by id; ``workers`` overrides: 1 plans
+    everything in this process), the id ranges of every copy go to one set of PLAN_WORKERS
+    worker processes (``plan_worker.run_jobs``), which start once for the whole cloud and stay
+    busy from one copy to the next; each copy's ranges are merged into its plan
+    (``diff.merge_plans``: the plan and digest one process would make). A small cloud, or an
     instance-uuid scope, is planned in this process. ``progress(rows, expected)`` follows the
     reading of the RequestSpecs when they are planned here, of every big copy otherwise.
     """
@@ -268,20 +268,26 @@ def plan_copies(
         jobs: list[PlanJob] = []
         owners: list[int] = []  # jobs[i] is a range of targets[owners[i]]
         expected = 0
+        bounds_of: dict[int, tuple[int, int]] = {}
         for index, (_, _, db) in enumerate(targets):
-            bounds = None
             if scope.instance_uuids is None and workers != 1:
                 bounds = db.flavor_id_bounds() if isinstance(db, NovaCellDb) else db.spec_id_bounds()  # type: ignore[union-attr]
-            count = workers or (PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1)
-            if count > 1 and bounds is not None:
-                # One RowPlanner per kind of copy in a worker: every cell's instance copies
-                # are the same flavor texts, judged once.
-                kind = f"{spool_dir}:{type(db).__name__}"
-                for ids in split_ids(bounds, count * RANGES_PER_WORKER):
-                    jobs.append(PlanJob(db.params, flavors, scope, ids, page_size, spool_dir, left_alone,
-                                        cell=isinstance(db, NovaCellDb), planner_key=kind))
-                    owners.append(index)
-                expected += bounds[1] - bounds[0] + 1
+                if bounds is not None:
+                    bounds_of[index] = bounds
+        big = any(high - low + 1 >= PLAN_WORKERS_FROM for low, high in bounds_of.values())
+        count = workers or (PLAN_WORKERS if big else 1)
+        # Once workers run, every copy goes to them, small ones too: planned here it would
+        # wait for the workers' copies, or they for it.
+        for index, bounds in bounds_of.items() if count > 1 else ():
+            db = targets[index][2]
+            # One RowPlanner per kind of copy in a worker: every cell's instance copies are the
+            # same flavor texts, judged once.
+            kind = f"{spool_dir}:{type(db).__name__}"
+            for ids in split_ids(bounds, count * RANGES_PER_WORKER):
+                jobs.append(PlanJob(db.params, flavors, scope, ids, page_size, spool_dir, left_alone,
+                                    cell=isinstance(db, NovaCellDb), planner_key=kind))
+                owners.append(index)
+            expected += bounds[1] - bounds[0] + 1
         planned: dict[int, Plan] = {}
         if jobs:
             report = None if progress is None else (lambda done: progress(done, max(expected, done)))
