@@ -48,18 +48,15 @@ def make_plan(
     *,
     spool_dir: str | None = None,
     layout: CopyLayout = REQUEST_SPEC,
-    planner: RowPlanner | None = None,
 ) -> Plan:
     """Compare every row with its flavor; rows must come in ascending id order.
 
     ``spool_dir``: where a long list of changes is spooled, by name (plan workers; see ChangeList).
     ``layout``: which kind of flavor copy the rows hold (RequestSpecs by default).
-    ``planner``: a RowPlanner of these flavors, scope and layout that planned other rows
-    already (a plan worker's earlier range of the same copy): it knows their flavor copies.
     """
     plan = Plan(scope=scope, changes=ChangeList(spool_dir=spool_dir))
     digest = PlanDigest(scope)
-    planner = planner or RowPlanner(flavors, scope, layout)
+    planner = RowPlanner(flavors, scope, layout)
     for row in rows:
         plan.rows_read += 1
         outcome = planner.plan_row(row)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.diff import RowPlanner, make_plan, merge_plans
+from nova_flavor_sync.diff import make_plan, merge_plans
 from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.plan import Flavor, Plan
 from nova_flavor_sync.scope import Scope
@@ -75,9 +75,6 @@ class PlanJob:
     spool_dir: str
     left_alone: Mapping[str, str] | None = None  # see NovaApiDb.iter_spec_rows
     cell: bool = False
-    # Jobs with the same key have the same flavors, scope and kind of copy: a worker that
-    # planned one keeps its RowPlanner (the flavor copies it has judged) for the next.
-    planner_key: str | None = None
 
 
 def split_ids(bounds: tuple[int, int], parts: int) -> list[tuple[int, int]]:
@@ -228,20 +225,9 @@ def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
     out.flush()
 
 
-# This worker's RowPlanner and the planner_key of the job it planned (see PlanJob.planner_key).
-_last_planner: tuple[str | None, RowPlanner | None] = (None, None)
-
-
 def _work(job: PlanJob, out: BinaryIO) -> None:
-    global _last_planner
     from nova_flavor_sync.db import NovaApiDb, NovaCellDb  # the parent process does not need it
     from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC
-
-    layout = INSTANCE_FLAVOR if job.cell else REQUEST_SPEC
-    key, planner = _last_planner
-    if job.planner_key is None or key != job.planner_key or planner is None:
-        planner = RowPlanner(job.flavors, job.scope, layout)
-        _last_planner = (job.planner_key, planner)
 
     with (NovaCellDb if job.cell else NovaApiDb)(job.params) as db:
         if job.cell:
@@ -255,7 +241,8 @@ def _work(job: PlanJob, out: BinaryIO) -> None:
                 if count % PROGRESS_EVERY == 0:
                     _send(out, PROGRESS, pickle.dumps(count))
 
-        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir, layout=layout, planner=planner)
+        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir,
+                         layout=INSTANCE_FLAVOR if job.cell else REQUEST_SPEC)
     _send(out, RESULT, pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
 
 

@@ -280,12 +280,9 @@ def plan_copies(
         # wait for the workers' copies, or they for it.
         for index, bounds in bounds_of.items() if count > 1 else ():
             db = targets[index][2]
-            # One RowPlanner per kind of copy in a worker: every cell's instance copies are the
-            # same flavor texts, judged once.
-            kind = f"{spool_dir}:{type(db).__name__}"
             for ids in split_ids(bounds, count * RANGES_PER_WORKER):
                 jobs.append(PlanJob(db.params, flavors, scope, ids, page_size, spool_dir, left_alone,
-                                    cell=isinstance(db, NovaCellDb), planner_key=kind))
+                                    cell=isinstance(db, NovaCellDb)))
                 owners.append(index)
             expected += bounds[1] - bounds[0] + 1
         planned: dict[int, Plan] = {}
