@@ -25,7 +25,8 @@ from nova_flavor_sync.errors import (
     NovaFlavorSyncError,
     SchemaError,
 )
-from nova_flavor_sync.plan import Flavor, SpecRow
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import SpecRow
 from nova_flavor_sync.spec_json import (
     INSTANCE_FLAVOR,
     REQUEST_SPEC,

@@ -10,19 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.plan import (
     ChangeList,
-    Flavor,
     KeyChange,
     Plan,
     PlanDigest,
     RowChange,
     RowNote,
-    Scope,
     SpecDiff,
     SpecRow,
 )
 from nova_flavor_sync.policy import classify_key, is_risky
+from nova_flavor_sync.scope import Scope
 from nova_flavor_sync.spec_json import (
     REQUEST_SPEC,
     CopyLayout,

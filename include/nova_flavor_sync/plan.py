@@ -1,4 +1,4 @@
-"""The data a run works on: what was read (Flavor, SpecRow) and what to do (Plan).
+"""The data a run works on: the rows read (SpecRow) and what to do with them (Plan).
 
 Plain frozen dataclasses, like Alembic's ops: ``diff.make_plan`` fills a Plan, ``apply``
 carries it out, ``report`` renders it. The one exception to "no I/O here" is ChangeList,
@@ -29,16 +29,6 @@ from nova_flavor_sync.scope import Scope
 
 PLAN_DIGEST_VERSION = "nova-flavor-sync plan v1"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Flavor:
-    """A row of ``flavors`` with its ``flavor_extra_specs`` (a value may be NULL)."""
-
-    id: int
-    flavorid: str
-    name: str
-    extra_specs: dict[str, str | None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,8 @@ from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
 from nova_flavor_sync.errors import BackupError, ConfigError, NovaFlavorSyncError
-from nova_flavor_sync.plan import CloudPlan, CopyPlan, Flavor, Plan, RowChange, RowNote, SpecRow, batched
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import CloudPlan, CopyPlan, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan, load_plan, save_plan
 from nova_flavor_sync.plan_worker import plan_in_workers
 from nova_flavor_sync.progress import Progress
