@@ -1,8 +1,8 @@
 """The data a run works on: the rows read (SpecRow) and what to do with them (Plan).
 
 Plain frozen dataclasses, like Alembic's ops: ``diff.make_plan`` fills a Plan, ``apply``
-carries it out, ``report`` renders it. The one exception to "no I/O here" is ChangeList,
-which spools a big plan's changed rows to a temporary file so memory stays flat.
+carries it out, ``report`` renders it. A big plan's changed rows go to a temporary file
+(``spool.SpoolFile``, behind ChangeList) so memory stays flat; the rest is data and logic.
 
 A Plan does not hold spec texts: a changed row is its id, the sha256 of the bytes it was
 planned from and of the bytes it will get, and a shared ``SpecDiff``. Apply re-reads the
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from typing import Any, TypeVar
 
 from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.scope import Scope
+from nova_flavor_sync.spool import SpoolFile
 
 PLAN_DIGEST_VERSION = "nova-flavor-sync plan v1"
 T = TypeVar("T")
@@ -107,22 +106,19 @@ class ChangeList:
 
     A million-row cloud can have hundreds of thousands of stale rows; holding a RowChange
     for each would make memory grow with the table. Past ``keep_in_memory`` rows, each is
-    stored as a 77-byte record plus its instance uuid in an unlinked temporary file (under
-    ``$TMPDIR``), and the shared SpecDiffs once. Iterating reads the file back in chunks.
+    stored as a 77-byte record plus its instance uuid in a SpoolFile, and the shared
+    SpecDiffs once, here. Iterating reads the file back in chunks.
     """
 
     _HEAD = struct.Struct("<q32s32sIB")  # id, old sha256, new sha256, diff index, uuid length
-    _CHUNK = 1 << 20
 
     def __init__(self, keep_in_memory: int = 2000, *, spool_dir: str | None = None) -> None:
         self._keep = keep_in_memory
         # With spool_dir, the file has a name there, so that a plan worker's list can be
         # pickled as that name and adopted by the parent process (see plan_worker).
         self._spool_dir = spool_dir
-        self._spool_path: str | None = None
         self._rows: list[RowChange] = []
-        self._file: Any = None
-        self._pending: list[bytes] = []
+        self._file: SpoolFile | None = None
         self._count = 0
         self._diffs: list[SpecDiff] = []
         self._diff_index: dict[int, int] = {}
@@ -140,20 +136,14 @@ class ChangeList:
             self._rows.append(change)
             if len(self._rows) > self._keep:
                 self._open_spool()
-                for row in self._rows:
-                    self._pending.append(self._record(row))
-                self._rows = []
             return
-        self._pending.append(self._record(change))
-        if len(self._pending) >= 4096:
-            self._flush()
+        self._file.append(self._record(change))
 
     def _open_spool(self) -> None:
-        if self._spool_dir is None:
-            self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
-        else:
-            self._file = tempfile.NamedTemporaryFile(prefix="changes-", dir=self._spool_dir, delete=False)
-            self._spool_path = self._file.name
+        """From now on the rows are in a file: those in memory first."""
+        self._file = SpoolFile(self._HEAD, directory=self._spool_dir, name="changes")
+        self._file.extend(self._record(row) for row in self._rows)
+        self._rows = []
 
     def per_diff(self) -> list[tuple[SpecDiff, int]]:
         """Each distinct SpecDiff and how many changed rows share it."""
@@ -167,11 +157,6 @@ class ChangeList:
         )
         return head + uuid
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._file.write(b"".join(self._pending))
-            self._pending = []
-
     def __len__(self) -> int:
         return self._count
 
@@ -183,7 +168,7 @@ class ChangeList:
             yield from list(self._rows)
             return
         size, diffs = self._HEAD.size, self._diffs
-        for buffer, records in self._spooled_records():
+        for buffer, records in self._file.chunks():
             for at, row_id, old, new, index, uuid_len in records:
                 uuid = buffer[at + size : at + size + uuid_len].decode("utf-8")
                 yield RowChange(row_id, uuid, old.hex(), new.hex(), diffs[index])
@@ -213,45 +198,18 @@ class ChangeList:
             remap.append(index)
         if self._file is None:
             self._open_spool()
-            self._pending.extend(self._record(row) for row in self._rows)
-            self._rows = []
+        assert self._file is not None
         self._count += other._count
-        head, pending = self._HEAD, self._pending
-        for buffer, records in other._spooled_records():
-            lines = []
+        head = self._HEAD
+        for buffer, records in other._file.chunks():
+            copied, lines = [], []
             for at, row_id, old, new, index, uuid_len in records:
                 end = at + head.size + uuid_len
-                pending.append(head.pack(row_id, old, new, remap[index], uuid_len) + buffer[at + head.size : end])
+                copied.append(head.pack(row_id, old, new, remap[index], uuid_len) + buffer[at + head.size : end])
                 lines.append(f"{row_id} {old.hex()} {new.hex()}\n")
+            self._file.extend(copied)
             if digest is not None:
                 digest.add_lines("".join(lines).encode())
-            if len(pending) >= 4096:
-                self._flush()
-                pending = self._pending
-
-    def _spooled_records(self) -> Iterator[tuple[bytes, list[tuple[int, int, bytes, bytes, int, int]]]]:
-        """The spooled records a chunk at a time: (the bytes, each whole record in them as
-        (where it starts, id, old sha256, new sha256, diff index, uuid length)); its uuid follows its head."""
-        self._flush()
-        self._file.flush()
-        fd, offset, buffer = self._file.fileno(), 0, b""
-        head = self._HEAD
-        while True:
-            chunk = os.pread(fd, self._CHUNK, offset)
-            if not chunk:
-                break
-            offset += len(chunk)
-            buffer += chunk
-            at, records = 0, []
-            while at + head.size <= len(buffer):
-                fields = head.unpack_from(buffer, at)
-                end = at + head.size + fields[4]
-                if end > len(buffer):
-                    break
-                records.append((at, *fields))
-                at = end
-            yield buffer, records
-            buffer = buffer[at:]
 
     def __getitem__(self, index: int | slice) -> Any:
         """For tests and small plans: reads every row (use iteration or batches() for big ones)."""
@@ -269,29 +227,10 @@ class ChangeList:
         if self._file is not None:
             self._file.close()
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled with the spooled records as bytes (a temporary file cannot be pickled)."""
-        if self._file is not None:
-            self._flush()
-            self._file.flush()
-        state = {k: v for k, v in self.__dict__.items() if k != "_file"}
-        if self._file is not None and self._spool_path is None:
-            state["_spooled"] = os.pread(self._file.fileno(), os.fstat(self._file.fileno()).st_size, 0)
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        spooled = state.pop("_spooled", None)
-        self.__dict__.update(state, _file=None)
+        self.__dict__.update(state)
         # ids of the diffs changed with the objects: index them again
         self._diff_index = {id(diff): i for i, diff in enumerate(self._diffs)}
-        if self._spool_path is not None:  # a worker's file: this process owns it from now on
-            self._file = open(self._spool_path, "r+b")  # noqa: SIM115 (closed with the list)
-            self._file.seek(0, os.SEEK_END)  # appends go after its records
-            os.unlink(self._spool_path)
-            self._spool_path = self._spool_dir = None
-        elif spooled is not None:
-            self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
-            self._file.write(spooled)
 
 
 @dataclass
