@@ -14,6 +14,7 @@ from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.plan import (
     ChangeList,
     KeyChange,
+    NoteList,
     Plan,
     PlanDigest,
     RowChange,
@@ -51,10 +52,10 @@ def make_plan(
 ) -> Plan:
     """Compare every row with its flavor; rows must come in ascending id order.
 
-    ``spool_dir``: where a long list of changes is spooled, by name (plan workers; see ChangeList).
+    ``spool_dir``: where long lists of changes and notes are spooled, by name (plan workers; see ChangeList).
     ``layout``: which kind of flavor copy the rows hold (RequestSpecs by default).
     """
-    plan = Plan(scope=scope, changes=ChangeList(spool_dir=spool_dir))
+    plan = Plan(scope=scope, changes=ChangeList(spool_dir=spool_dir), left_alone=NoteList(spool_dir=spool_dir))
     digest = PlanDigest(scope)
     planner = RowPlanner(flavors, scope, layout)
     for row in rows:
@@ -90,6 +91,7 @@ def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:
             getattr(plan, kind).extend(getattr(part, kind))
         plan.changes.extend_from(part.changes, digest)
         part.changes.close()
+        part.left_alone.close()
     plan.digest = digest.hexdigest()
     return plan
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nova_flavor_sync.backup import BackupInfo
-from nova_flavor_sync.plan import CloudPlan, KeyChange, Plan, RowChange, RowNote
+from nova_flavor_sync.plan import CloudPlan, KeyChange, NoteList, Plan, RowChange, RowNote
 from nova_flavor_sync.policy import RiskClass
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def backup_list_lines(found: Sequence[BackupInfo | tuple[Path, str]], directory:
     return lines
 
 
-def _notes(kind: str, notes: Sequence[RowNote], *, verbose: bool) -> list[str]:
+def _notes(kind: str, notes: Sequence[RowNote] | NoteList, *, verbose: bool) -> list[str]:
     shown = notes if verbose else notes[:BRIEF_LIMIT]
     lines = [
         f"{kind}: row {n.id} ({n.instance_uuid}){' ' + n.flavor if n.flavor else ''}: {n.reason}" for n in shown
