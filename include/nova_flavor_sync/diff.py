@@ -55,7 +55,11 @@ def make_plan(
     ``spool_dir``: where long lists of changes and notes are spooled, by name (plan workers; see ChangeList).
     ``layout``: which kind of flavor copy the rows hold (RequestSpecs by default).
     """
-    plan = Plan(scope=scope, changes=ChangeList(spool_dir=spool_dir), left_alone=NoteList(spool_dir=spool_dir))
+    plan = Plan(
+        scope=scope, changes=ChangeList(spool_dir=spool_dir), held_back=NoteList(spool_dir=spool_dir),
+        orphans=NoteList(spool_dir=spool_dir), errors=NoteList(spool_dir=spool_dir),
+        left_alone=NoteList(spool_dir=spool_dir, count_reasons=True),
+    )
     digest = PlanDigest(scope)
     planner = RowPlanner(flavors, scope, layout)
     for row in rows:
@@ -89,9 +93,9 @@ def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:
         plan.out_of_scope += part.out_of_scope
         for kind in ("held_back", "orphans", "errors", "left_alone"):
             getattr(plan, kind).extend(getattr(part, kind))
+            getattr(part, kind).close()
         plan.changes.extend_from(part.changes, digest)
         part.changes.close()
-        part.left_alone.close()
     plan.digest = digest.hexdigest()
     return plan
 

@@ -267,24 +267,31 @@ class NoteList(_SpooledRows[RowNote]):
     """A plan's rows that it does not touch, each with why, in id order; spooled like changes.
 
     A record is the row id, its SpecDiff's index (held-back rows have one), and the instance
-    uuid, the flavor label and the reason as text. The count of each reason is kept as
-    notes are appended, so that reports never read the notes back to count them.
+    uuid, the flavor label and the reason as text. With ``count_reasons`` the count of each
+    reason is kept as notes are appended, so that summaries never read the notes back to
+    count them (the rows left alone: a few reasons, counted in every summary); not where
+    reasons are as many as the notes (an unreadable row's names where its JSON breaks).
     """
 
     _HEAD = struct.Struct("<qIHHI")  # id, diff index, uuid length, flavor length, length of all three texts
     _SPOOL_NAME = "notes"
     _NO_DIFF = 0xFFFFFFFF
 
-    def __init__(self, keep_in_memory: int = 2000, *, spool_dir: str | None = None) -> None:
+    def __init__(
+        self, keep_in_memory: int = 2000, *, spool_dir: str | None = None, count_reasons: bool = False
+    ) -> None:
         super().__init__(keep_in_memory, spool_dir=spool_dir)
-        self._by_reason: Counter[str] = Counter()
+        self._by_reason: Counter[str] | None = Counter() if count_reasons else None
 
     def count_by_reason(self) -> Counter[str]:
         """How many notes give each reason."""
+        if self._by_reason is None:
+            return Counter(note.reason for note in self)
         return Counter(self._by_reason)
 
     def _counted(self, note: RowNote) -> None:
-        self._by_reason[note.reason] += 1
+        if self._by_reason is not None:
+            self._by_reason[note.reason] += 1
         if note.diff is not None:
             self._index_of(note.diff)
 
@@ -312,7 +319,8 @@ class NoteList(_SpooledRows[RowNote]):
                 self.append(note)
             return
         remap = self._diff_indexes_of(other)
-        self._by_reason.update(other._by_reason)
+        if self._by_reason is not None:
+            self._by_reason.update(other.count_by_reason())
         if self._file is None:
             self._open_spool()
         assert self._file is not None
@@ -334,10 +342,11 @@ class Plan:
 
     scope: Scope
     changes: ChangeList = field(default_factory=ChangeList)
-    held_back: list[RowNote] = field(default_factory=list)  # drift only in risky keys
-    orphans: list[RowNote] = field(default_factory=list)  # flavor deleted or re-created
-    errors: list[RowNote] = field(default_factory=list)  # unreadable rows
-    left_alone: NoteList = field(default_factory=NoteList)  # its instance is busy, deleted, queued for delete
+    held_back: NoteList = field(default_factory=NoteList)  # drift only in risky keys
+    orphans: NoteList = field(default_factory=NoteList)  # flavor deleted or re-created
+    errors: NoteList = field(default_factory=NoteList)  # unreadable rows
+    # its instance is busy, deleted, queued for delete
+    left_alone: NoteList = field(default_factory=lambda: NoteList(count_reasons=True))
     rows_read: int = 0
     in_sync: int = 0
     out_of_scope: int = 0  # rows outside --flavor / --instance
@@ -361,9 +370,9 @@ class Plan:
                 by_risk[key_change.risk.value] += rows
             for key_change in diff.held_back:
                 held_by_key[key_change.key] += rows
-        for note in self.held_back:
-            for key_change in note.diff.held_back:  # type: ignore[union-attr]
-                held_by_key[key_change.key] += 1
+        for diff, rows in self.held_back.per_diff():  # every held-back note has its SpecDiff
+            for key_change in diff.held_back:
+                held_by_key[key_change.key] += rows
         return {
             "digest": self.digest,
             "scope": self.scope.as_dict(),

@@ -22,16 +22,17 @@ def _notes(count: int, first: int = 1) -> list[RowNote]:
     ]
 
 
-def _filled(notes: list[RowNote], keep: int, spool_dir: str | None = None) -> NoteList:
-    filled = NoteList(keep_in_memory=keep, spool_dir=spool_dir)
+def _filled(notes: list[RowNote], keep: int, spool_dir: str | None = None, count_reasons: bool = True) -> NoteList:
+    filled = NoteList(keep_in_memory=keep, spool_dir=spool_dir, count_reasons=count_reasons)
     for note in notes:
         filled.append(note)
     return filled
 
 
+@pytest.mark.parametrize("count_reasons", [True, False], ids=["reasons-counted", "reasons-read-back"])
 @pytest.mark.parametrize("count", [0, 1, 5, 6, 20_001])
-def test_a_spooled_list_gives_back_every_note_in_order_with_its_shared_diff(count):
-    notes = _filled(_notes(count), keep=5)
+def test_a_spooled_list_gives_back_every_note_in_order_with_its_shared_diff(count, count_reasons):
+    notes = _filled(_notes(count), keep=5, count_reasons=count_reasons)
 
     back = list(notes)
     assert back == _notes(count) and len(notes) == count and bool(notes) == (count > 0)
@@ -39,6 +40,9 @@ def test_a_spooled_list_gives_back_every_note_in_order_with_its_shared_diff(coun
     assert list(notes) == back  # iterating twice reads it again
     assert notes.count_by_reason() == {r: n for r in REASONS if (n := sum(1 for x in back if x.reason == r))}
     assert (notes._file is not None) == (count > 5) and (notes._rows == []) == (count > 5 or count == 0)
+    assert {d.flavor_name: n for d, n in notes.per_diff()} == {
+        name: n for name, n in (("a", sum(1 for x in back if x.diff is DIFFS[0])),
+                                ("b", sum(1 for x in back if x.diff is DIFFS[1]))) if n}
 
 
 def test_a_slice_from_the_start_reads_only_that_far_and_compares_as_a_list():
@@ -77,9 +81,10 @@ def test_a_list_spooled_in_a_named_file_is_handed_over_by_name(tmp_path):
 @pytest.mark.parametrize("sizes", [(0, 0), (1, 10_000), (7_000, 5)])
 def test_merged_plans_keep_every_note_in_order(keep, sizes):
     parts, every, first = [], [], 1
-    for size in sizes:
+    for index, size in enumerate(sizes):
         notes = _notes(size, first)
-        plan = Plan(scope=Scope(), changes=ChangeList(keep_in_memory=keep), left_alone=_filled(notes, keep))
+        plan = Plan(scope=Scope(), changes=ChangeList(keep_in_memory=keep),
+                    left_alone=_filled(notes, keep, count_reasons=index % 2 == 0))
         parts.append(pickle.loads(pickle.dumps(plan)))  # as a worker hands it over: its own SpecDiff objects
         every += notes
         first += size
