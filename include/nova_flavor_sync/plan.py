@@ -481,15 +481,18 @@ class CloudPlan:
         Only instances planned in both (not left alone, orphaned or unreadable in either) count.
         """
         stale: dict[bool, set[str]] = {True: set(), False: set()}
-        judged: dict[bool, set[str]] = {True: set(), False: set()}
         for copy in self.copies:
-            is_api = copy.cell_uuid is None
-            stale[is_api].update(change.instance_uuid for change in copy.plan.changes)
-            untouched = chain(copy.plan.left_alone, copy.plan.orphans, copy.plan.errors, copy.plan.held_back)
-            judged[is_api].update(note.instance_uuid for note in untouched)
-        both_judged = stale[True] | stale[False]
-        one_sided = (stale[True] ^ stale[False]) - judged[True] - judged[False]
-        return sorted(one_sided & both_judged)
+            stale[copy.cell_uuid is None].update(change.instance_uuid for change in copy.plan.changes)
+        one_sided = stale[True] ^ stale[False]
+        del stale
+        # The notes are read back against the few one-sided instances, not gathered: a
+        # plan's notes (its rows left alone, held back...) may be most of a cloud.
+        if one_sided:
+            for copy in self.copies:
+                plan = copy.plan
+                for note in chain(plan.left_alone, plan.orphans, plan.errors, plan.held_back):
+                    one_sided.discard(note.instance_uuid)
+        return sorted(one_sided)
 
     def summary(self) -> dict[str, Any]:
         """Counts for reports and XCom: the totals, and each copy's summary by where it is."""
