@@ -39,7 +39,7 @@ from nova_flavor_sync.cells import (
     open_cells,
     read_cell_mappings,
 )
-from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb, ReplicaDb
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
@@ -51,6 +51,7 @@ from nova_flavor_sync.plan_worker import plan_in_workers
 from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
+from nova_flavor_sync.server_load import ReplicaDb
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
 from nova_flavor_sync.throttle import Pacer, PaceSettings
