@@ -1,8 +1,9 @@
 """The data a run works on: the rows read (SpecRow) and what to do with them (Plan).
 
 Plain frozen dataclasses, like Alembic's ops: ``diff.make_plan`` fills a Plan, ``apply``
-carries it out, ``report`` renders it. A big plan's changed rows go to a temporary file
-(``spool.SpoolFile``, behind ChangeList) so memory stays flat; the rest is data and logic.
+carries it out, ``report`` renders it. A big plan's per-row lists, its changes (ChangeList)
+and the rows it does not touch (NoteList), go to temporary files (``spool.SpoolFile``) so
+memory stays flat; the rest is data and logic.
 
 A Plan does not hold spec texts: a changed row is its id, the sha256 of the bytes it was
 planned from and of the bytes it will get, and a shared ``SpecDiff``. Apply re-reads the
@@ -186,7 +187,8 @@ class _SpooledRows(Generic[R]):
 
     def __getitem__(self, index: int | slice) -> Any:
         """For reports, tests and small plans: a slice from the start reads only as far as it goes."""
-        if isinstance(index, slice) and (index.start or 0) >= 0 and index.stop is not None and index.stop >= 0:
+        if (isinstance(index, slice) and (index.start or 0) >= 0 and index.stop is not None and index.stop >= 0
+                and (index.step or 1) > 0):
             return list(islice(self, index.start, index.stop, index.step))
         return list(self)[index]
 
