@@ -1,8 +1,8 @@
 """Backup files: written atomically before the first write, checked before a restore.
 
 One backup per run holds the rows of both flavor copies it may write: RequestSpecs from
-nova_api and instance copies from each cell. It is one JSON document, written as a stream
-so memory does not grow with it::
+nova_api and instance copies from each cell. It is one JSON document, written and read as
+a stream so memory does not grow with it (one record a line)::
 
     {"format": "nova-flavor-sync-backup", "format_version": 2, "created_at": ...,
      "databases": {"nova_api": {<server identity>}, "<cell uuid>": {"cell": "cell1", ...}},
@@ -21,6 +21,11 @@ file before ``, "checksum"``. Each record's ``sha256`` is that of its ``spec``;
 ``new_sha256`` is what the sync planned to write there (null for a row it does not
 change), so a restore can tell "still as the sync left it". Version 1 files (before cells:
 RequestSpecs only, one ``database``) are still read.
+
+A restore reads a backup twice or more, never holding its records: ``open_backup`` checks
+all of it in one pass (the checksum covers the whole file, so nothing can be trusted
+before its end), then ``BackupFile.records`` reads one database's records at a time (this
+tool writes each database's records together, in id order: one read of its own lines).
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ _TRAILER_MAX = 64 * 1024  # the last line: counts per database (a few hundred ce
 _OLD_TOOL_START = b'{\n  "timestamp": '
 OLD_TOOL_BACKUP = ("written by the old nova-fix-flavors.py (no checksum, no record of its database): this tool cannot "
                    "check it and does not restore it; restore its specs by hand if you must")
+_TRAILER_OPEN = b"], "  # how the last line starts, after the records
+_READ_SIZE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +257,256 @@ def _upload_backup(
     return path, counts
 
 
+class BackupFile:
+    """A backup file that passed every check (``open_backup``), read again a database at a time.
+
+    The file stays open, so the records read are those of the file that was checked (a
+    file renamed over it is not read); a file changed in place since the check is refused
+    (its size or time), and each record is checked against its own sha256 again as it is read.
+    """
+
+    def __init__(self, path: Path, info: BackupInfo, *, handle: BinaryIO | None = None, scan: _Scan | None = None,
+                 records: list[BackupRecord] | None = None) -> None:
+        """Either the open file and what its pass found, or (a file not laid out as this tool
+        writes it, read whole: see open_backup) its records."""
+        self.path, self.info, self._handle = Path(path), info, handle
+        self._in_memory = records
+        if scan is None:
+            scan = _Scan()
+            for index, record in enumerate(records or ()):
+                scan.count(record, index, offset=0)
+        self._scan = scan
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many records each database has, in the order of each one's first record."""
+        return dict(self._scan.counts)
+
+    def records(self, database: str | None = None) -> Iterator[BackupRecord]:
+        """The records in file order: all of them, or only those of ``database`` ("nova_api" or a cell's uuid)."""
+        scan = self._scan
+        if self._in_memory is not None:
+            yield from (r for r in self._in_memory if database is None or r.database == database)
+            return
+        assert self._handle is not None
+        if database is None:
+            offset, index, wanted = scan.records_start, 0, sum(scan.counts.values())
+        elif database in scan.first:
+            (offset, index), wanted = scan.first[database], scan.counts[database]
+        else:
+            return
+        self._check_unchanged()
+        found = 0
+        for _, line in _lines(self._handle.fileno(), offset):
+            if found == wanted:
+                return
+            record = self._parsed(line, index)
+            index += 1
+            if database is None or record.database == database:
+                found += 1
+                yield record
+        if found < wanted:
+            raise self._changed()
+
+    def records_by_id(self, database: str) -> Iterator[BackupRecord]:
+        """Each id's record of ``database`` once, in id order (a hand-made file may repeat an id: the last counts).
+
+        Streamed when the file has them so, as this tool writes them; else sorted in memory.
+        """
+        if self._scan.ascending.get(database, True):
+            return self.records(database)
+        return iter(sorted({r.id: r for r in self.records(database)}.values(), key=lambda r: r.id))
+
+    def _parsed(self, line: bytes, index: int) -> BackupRecord:
+        try:
+            return _record(self.path, index, _json(_record_text(line)), self._scan.header["format_version"])
+        except (ValueError, BackupError):
+            raise self._changed() from None
+
+    def _check_unchanged(self) -> None:
+        assert self._handle is not None
+        now = os.fstat(self._handle.fileno())
+        if (now.st_size, now.st_mtime_ns) != self._scan.stat:
+            raise self._changed()
+
+    def _changed(self) -> BackupError:
+        return BackupError(f"backup {self.path} changed after it was checked; read no further")
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+    def __enter__(self) -> BackupFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_backup(path: Path) -> BackupFile:
+    """Check all of a backup in one pass, reading a line at a time; raise BackupError saying what is wrong.
+
+    The checks and what each says are those of reading the whole document at once, in the
+    same order: valid JSON, ours, a version this tool reads, the checksum, every record,
+    the record count, the databases. A file not laid out as this tool writes it (damaged,
+    or made by hand) is read whole, as it was before, to say what is wrong with it.
+    """
+    try:
+        handle: BinaryIO = as_path(path).open("rb")  # noqa: SIM115 (closed by the BackupFile, or below)
+    except FileNotFoundError:
+        raise BackupError(f"backup {path} does not exist") from None
+    except IsADirectoryError:
+        raise BackupError(f"backup {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise BackupError(f"cannot read backup {path}: {exc.strerror}") from None
+    try:
+        scan = _scan(path, handle)
+        if scan is not None:
+            return BackupFile(path, _checked(path, scan), handle=handle, scan=scan)
+        handle.seek(0)
+        data = handle.read()
+    except OSError as exc:
+        handle.close()
+        raise BackupError(f"cannot read backup {path}: {exc.strerror}") from None
+    except BaseException:
+        handle.close()
+        raise
+    handle.close()
+    backup = _load_whole(path, data)
+    return BackupFile(path, backup.info, records=backup.records)
+
+
 def load_backup(path: Path) -> Backup:
-    """Read a backup and check all of it; raise BackupError saying what is wrong."""
-    data = _read(path)
+    """Read a backup and check all of it; raise BackupError saying what is wrong.
+
+    Every record is held in memory (tests, small backups); a restore reads a backup as a
+    stream (``open_backup``).
+    """
+    with open_backup(path) as backup:
+        return Backup(backup.info, list(backup.records()))
+
+
+class _Scan:
+    """What one pass over a backup laid out as this tool writes it found."""
+
+    def __init__(self) -> None:
+        self.header: dict[str, Any] = {}
+        self.trailer: dict[str, Any] = {}
+        self.records_start = 0  # where the first record's line starts
+        self.records = 0  # record lines, good or bad
+        self.checksum_ok = False
+        self.problem: BackupError | None = None  # the first bad record's
+        self.counts: dict[str, int] = {}  # records by database, in order of appearance
+        self.first: dict[str, tuple[int, int]] = {}  # database -> (offset, index) of its first record
+        self.ascending: dict[str, bool] = {}  # database -> its ids only grow
+        self.stat = (0, 0)  # the file's size and time when checked
+        self._last_id: dict[str, int] = {}
+
+    def count(self, record: BackupRecord, index: int, offset: int) -> None:
+        database = record.database
+        if database not in self.counts:
+            self.counts[database], self.first[database], self.ascending[database] = 0, (offset, index), True
+        elif record.id <= self._last_id[database]:
+            self.ascending[database] = False
+        self.counts[database] += 1
+        self._last_id[database] = record.id
+
+
+def _scan(path: Path, handle: BinaryIO) -> _Scan | None:
+    """One pass: the header, every record, the trailer and the checksum; None if the file is not
+    laid out as this tool writes it (then only reading it whole can say what is wrong).
+
+    The layout: the header object's members and ``, "records": [`` on the first line, then one
+    record a line, each but the last followed by a comma (an empty line: no records), then the
+    trailer, from ``], `` to the checksum and the final newline. Each line read is JSON on its
+    own: together they are valid JSON exactly as the whole document would be.
+    """
+    scan = _Scan()
+    stat = os.fstat(handle.fileno())
+    scan.stat = (stat.st_size, stat.st_mtime_ns)
+    digest = hashlib.sha256()
+    lines = _lines(handle.fileno(), 0)
+    _, first = next(lines, (0, b""))
+    if not first.endswith(_RECORDS_OPEN):
+        return None
+    try:
+        header = json.loads(first[: -len(_RECORDS_OPEN)] + b"}")
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or not header or "records" in header:
+        return None  # not ours; "{, " (no members: invalid whole); "records" twice
+    digest.update(first)
+    scan.header, scan.records_start = header, len(first)
+    version = header.get("format_version")
+    readable = header.get("format") == FORMAT and version in READABLE_VERSIONS
+    index, more = 0, True  # more: the line before says another record follows
+    trailer = None
+    for at, line in lines:
+        if line.startswith(_TRAILER_OPEN):
+            if more and index:  # a comma before "]"
+                return None
+            trailer = line
+            break
+        if not more or not line.endswith(b"\n"):
+            return None
+        digest.update(line)
+        if index == 0 and line == b"\n":  # no records
+            more = False
+            continue
+        more = line.endswith(b",\n")
+        try:
+            raw = _json(_record_text(line))
+        except ValueError:
+            return None
+        if readable and scan.problem is None:
+            try:
+                scan.count(_record(path, index, raw, version), index, at)
+            except BackupError as exc:
+                scan.problem = exc
+        index += 1
+    if trailer is None or next(lines, None) is not None:
+        return None  # no trailer, or more after it
+    try:
+        members = _json(b"{" + trailer[len(_TRAILER_OPEN) :])
+    except ValueError:
+        return None
+    if not isinstance(members, dict) or not members or "records" in members or set(members) & set(header):
+        return None  # "], }" (invalid whole); "records" twice; a key twice (the whole keeps the last)
+    scan.trailer = members
+    cut = trailer.rfind(_CHECKSUM_KEY)
+    if cut >= 0:
+        digest.update(trailer[:cut])
+        scan.checksum_ok = trailer[cut:] == _CHECKSUM_KEY + f'sha256:{digest.hexdigest()}"}}\n'.encode()
+    scan.records = index
+    return scan
+
+
+def _checked(path: Path, scan: _Scan) -> BackupInfo:
+    """The checks of ``_load_whole``, in its order, on what the pass found."""
+    document = {**scan.header, **scan.trailer}
+    if document.get("format") != FORMAT:
+        raise BackupError(f"{path} is not a nova-flavor-sync backup")
+    if document.get("format_version") not in READABLE_VERSIONS:
+        raise BackupError(
+            f"backup {path} has format version {document.get('format_version')!r}; "
+            f"this tool reads versions {' and '.join(map(str, READABLE_VERSIONS))}"
+        )
+    if not scan.checksum_ok:
+        raise BackupError(f"backup {path} fails its checksum: it was changed or damaged after it was written")
+    if scan.problem is not None:
+        raise scan.problem
+    count = scan.records
+    if document.get("record_count") != count:
+        raise BackupError(f"backup {path} says {document.get('record_count')} records but holds {count}")
+    info = _info(path, document, count)
+    unknown = sorted(set(scan.counts) - set(info.databases))
+    if unknown:
+        raise BackupError(f"backup {path} has records of databases its header does not name: {', '.join(unknown)}")
+    return info
+
+
+def _load_whole(path: Path, data: bytes) -> Backup:
+    """Check a backup read whole; raise BackupError saying what is wrong (see open_backup)."""
     try:
         document = json.loads(data)
     except ValueError:
@@ -279,6 +533,37 @@ def load_backup(path: Path) -> Backup:
     if unknown:
         raise BackupError(f"backup {path} has records of databases its header does not name: {', '.join(unknown)}")
     return Backup(info, records)
+
+
+def _lines(fd: int, offset: int) -> Iterator[tuple[int, bytes]]:
+    """The file's lines from ``offset`` on, each with where it starts (the last may lack its newline).
+
+    Read with os.pread: two readers of one file do not move each other's position.
+    """
+    pending = b""
+    while chunk := os.pread(fd, _READ_SIZE, offset + len(pending)):
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            yield offset + start, pending[start : end + 1]
+            start = end + 1
+        offset, pending = offset + start, pending[start:]
+    if pending:
+        yield offset, pending
+
+
+def _json(text: bytes) -> Any:
+    """A line's JSON, decoded as the whole document's is (json.loads: UTF-8, surrogates let through).
+
+    Not json.loads(bytes): that guesses each line's encoding from its first bytes, the whole
+    document's from the file's (the header's line is read that way: it starts the file).
+    """
+    return json.loads(text.decode("utf-8", "surrogatepass"))
+
+
+def _record_text(line: bytes) -> bytes:
+    """A record's JSON in its line: without the newline and the comma that separates it from the next."""
+    return line[:-2] if line.endswith(b",\n") else line[:-1]
 
 
 def check_same_database(info: BackupInfo, current: Mapping[str, Any], database: str = API_DATABASE) -> None:
@@ -386,17 +671,6 @@ def _names(stem: str) -> Iterator[str]:
     """A backup's file name, then the names to try when another run took it in the same second."""
     yield f"{stem}.json"
     yield from (f"{stem}_{n}.json" for n in itertools.count(1))
-
-
-def _read(path: StoragePath) -> bytes:
-    try:
-        return as_path(path).read_bytes()
-    except FileNotFoundError:
-        raise BackupError(f"backup {path} does not exist") from None
-    except IsADirectoryError:
-        raise BackupError(f"backup {path} is a directory, not a file") from None
-    except OSError as exc:
-        raise BackupError(f"cannot read backup {path}: {exc.strerror}") from None
 
 
 def _list(path: Path, document: dict[str, Any], key: str) -> list[Any]:

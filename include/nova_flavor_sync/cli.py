@@ -35,7 +35,8 @@ from nova_flavor_sync.cells import DATABASE_CONNECTION_ENV, CellMapping, parse_c
 from nova_flavor_sync.db import NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams, parse_db_url, read_nova_conf_cell_url, redact_url, resolve_db_params
 from nova_flavor_sync.errors import ConfigError, ExitCode, NovaFlavorSyncError, UsageError
-from nova_flavor_sync.plan import CloudPlan, Flavor
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import CloudPlan
 from nova_flavor_sync.progress import terminal_progress
 from nova_flavor_sync.storage import StoragePath, as_path
 from nova_flavor_sync.throttle import (

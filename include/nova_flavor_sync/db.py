@@ -1,12 +1,13 @@
-"""All of the engine's SQL: connect, check the schema, read in keyset pages, CAS writes.
+"""The SQL of the flavor copies: connect, check the schema, read in keyset pages, CAS writes.
 
 Reads run in autocommit mode, so no read holds a snapshot (or an InnoDB purge back) while
 the run goes on. Each write batch is one short transaction of compare-and-swap UPDATEs.
+What the pacing asks of a server (its load, a replica's lag, a Galera node's state and
+write-set limits) is in ``server_load``; NovaDb's ``server_load`` and ``fit_pacing`` ask there.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,12 +21,20 @@ from pymysql.constants import ER
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import (
     ApplyAbortedError,
-    ConfigError,
     DatabaseUnavailableError,
     NovaFlavorSyncError,
     SchemaError,
+    mysql_error_text,
 )
-from nova_flavor_sync.plan import Flavor, SpecRow
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import SpecRow
+from nova_flavor_sync.server_load import (
+    ReplicaDb,
+    ServerLoadReader,
+    fit_write_set_limits,
+    galera_write_set_limits,
+    why_writes_wait,
+)
 from nova_flavor_sync.spec_json import (
     INSTANCE_FLAVOR,
     REQUEST_SPEC,
@@ -33,7 +42,7 @@ from nova_flavor_sync.spec_json import (
     SpecShapeError,
     instance_flavor_in_flux,
 )
-from nova_flavor_sync.throttle import DEFAULT_MAX_WAIT_S, PaceSettings, ReplicaLag, ServerBusyError, ServerLoad
+from nova_flavor_sync.throttle import DEFAULT_MAX_WAIT_S, PaceSettings, ServerBusyError, ServerLoad
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +117,6 @@ PACKET_HEADROOM = 64 * 1024
 # never below this, so a row lock wait (LOCK_WAIT_TIMEOUT_S) or a slow big batch is not
 # mistaken for it.
 MIN_WRITE_TIMEOUT_S = 10.0
-# Galera write-set limits: batches stay at half of wsrep_max_ws_rows at most.
-WRITE_SET_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +172,7 @@ class NovaDb:
         self.lock_wait_timeout = lock_wait_timeout
         self._conn: pymysql.connections.Connection | None = None
         self._max_packet = 0
-        self._flow_control: tuple[int, float] | None = None  # (wsrep_flow_control_paused_ns, when)
+        self._load = ServerLoadReader(self)
         # The longest a write transaction may wait for the server (see MIN_WRITE_TIMEOUT_S).
         self.write_timeout_s = DEFAULT_MAX_WAIT_S
         # Galera: wsrep_max_ws_rows (0: no limit) and wsrep_max_ws_size, read on open; None: not Galera.
@@ -185,7 +192,7 @@ class NovaDb:
             )
         except pymysql.err.MySQLError as exc:
             raise DatabaseUnavailableError(
-                f"cannot connect to {self.params.safe_url()}: {_error_text(exc)}"
+                f"cannot connect to {self.params.safe_url()}: {mysql_error_text(exc)}"
             ) from None
         if self.params.requires_tls() and not self._scalar("SHOW SESSION STATUS LIKE 'Ssl_cipher'", column=1):
             # PyMySQL quietly goes on in clear text when the server offers no TLS.
@@ -194,61 +201,26 @@ class NovaDb:
                 f"the connection to {self.params.safe_url()} is not encrypted, but its "
                 "settings ask for TLS: refusing to send anything over it"
             )
-        self._check_galera_node()
+        try:
+            self.write_set_limits = galera_write_set_limits(self._conn, self.params.safe_url())
+        except DatabaseUnavailableError:  # a Galera node outside the primary component
+            self.close()
+            raise
         self._max_packet = int(self._scalar("SELECT @@max_allowed_packet"))
         return self
-
-    def _check_galera_node(self) -> None:
-        """On a Galera node: refuse one outside the primary component; read the write-set limits.
-
-        A node that lost quorum (``wsrep_cluster_status`` non-Primary, ``wsrep_ready`` OFF)
-        refuses every query but SHOW and SET; a node still joining is not ready either.
-        """
-        assert self._conn is not None
-        with self._conn.cursor() as cur:
-            cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name IN "
-                        "('wsrep_on', 'wsrep_max_ws_rows', 'wsrep_max_ws_size')")
-            variables = {str(name).lower(): value for name, value in cur.fetchall()}
-            if str(variables.get("wsrep_on", "OFF")).upper() != "ON":
-                self.write_set_limits = None
-                return
-            cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN "
-                        "('wsrep_ready', 'wsrep_cluster_status', 'wsrep_local_state_comment', 'wsrep_cluster_size')")
-            status = {str(name).lower(): value for name, value in cur.fetchall()}
-        if status.get("wsrep_ready") != "ON" or status.get("wsrep_cluster_status") != "Primary":
-            self.close()
-            raise DatabaseUnavailableError(
-                f"{self.params.safe_url()} is a Galera node outside the cluster's primary component "
-                f"(wsrep_cluster_status {status.get('wsrep_cluster_status')}, wsrep_ready {status.get('wsrep_ready')}, "
-                f"state {status.get('wsrep_local_state_comment')}): it lost quorum or is not joined, and "
-                "cannot take reads or writes. Nothing was written; connect through a node of the primary "
-                "component, or wait until this one is back in it"
-            )
-        self.write_set_limits = (int(variables.get("wsrep_max_ws_rows") or 0),
-                                 int(variables.get("wsrep_max_ws_size") or 0))
 
     def fit_pacing(self, settings: PaceSettings) -> PaceSettings:
         """The run's pacing fitted to this server: the write timeout, batches inside Galera's limits.
 
         Every write transaction may wait at most ``max(max_wait_s, MIN_WRITE_TIMEOUT_S)``. On
-        Galera with a ``wsrep_max_ws_rows`` limit, batches get at most half of it.
+        Galera with a ``wsrep_max_ws_rows`` limit, batches get at most half of it
+        (``server_load.fit_write_set_limits``).
         """
         self.write_timeout_s = max(settings.max_wait_s, MIN_WRITE_TIMEOUT_S)
         if self.write_set_limits is None:
             return settings
-        max_rows, max_bytes = self.write_set_limits
-        log.info("Galera node of cluster size %s: write-set limits wsrep_max_ws_rows %s, wsrep_max_ws_size %d bytes",
-                 self._scalar("SHOW GLOBAL STATUS LIKE 'wsrep_cluster_size'", column=1),
-                 max_rows or "unlimited", max_bytes)
-        cap = int(max_rows * WRITE_SET_SHARE) if max_rows else 0
-        if cap and cap < settings.max_batch_size:
-            cap = max(cap, 1)
-            log.warning("Batches of at most %d rows: half of this cluster's wsrep_max_ws_rows (%d)", cap, max_rows)
-            return dataclasses.replace(
-                settings, batch_size=min(settings.batch_size, cap), max_batch_size=cap,
-                min_batch_size=min(settings.min_batch_size, cap),
-            )
-        return settings
+        cluster_size = self._scalar("SHOW GLOBAL STATUS LIKE 'wsrep_cluster_size'", column=1)
+        return fit_write_set_limits(settings, self.write_set_limits, cluster_size)
 
     def close(self) -> None:
         _close_quietly(self._conn)
@@ -334,43 +306,9 @@ class NovaDb:
         }
 
     def server_load(self, replicas: Sequence[ReplicaDb] = ()) -> ServerLoad:
-        """What the pacer waits on: Threads_running, Galera flow control, each replica's lag.
-
-        Flow control is read two ways: ``wsrep_flow_control_active`` says whether it pauses
-        the cluster right now (so a run that starts while it does waits before its first
-        batch), and the share of the time since the previous call that the node spent
-        paused (the growth of ``wsrep_flow_control_paused_ns``), not ``wsrep_flow_control_paused``,
-        which averages over the server's whole uptime. A reading that fails is logged and
-        left unknown: the next batch meets the failure itself and retries or stops.
-        """
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(
-                    "SHOW GLOBAL STATUS WHERE Variable_name IN ('Threads_running', "
-                    "'wsrep_flow_control_paused_ns', 'wsrep_flow_control_active', 'wsrep_local_recv_queue')"
-                )
-                status = {str(name).lower(): value for name, value in cur.fetchall()}
-        except (pymysql.err.MySQLError, DatabaseUnavailableError) as exc:
-            reason = _error_text(exc) if isinstance(exc, pymysql.err.MySQLError) else str(exc)
-            log.warning("Cannot read the load of %s: %s", self.params.safe_url(), reason)
-            self.reopen_quietly()
-            status = {}
-        paused = None
-        if status.get("wsrep_flow_control_paused_ns") is not None:
-            now_ns, now = int(status["wsrep_flow_control_paused_ns"]), time.monotonic()
-            if self._flow_control is not None:
-                before_ns, before = self._flow_control
-                if now_ns >= before_ns and now > before:  # FLUSH STATUS can reset the counter
-                    paused = min((now_ns - before_ns) / 1e9 / (now - before), 1.0)
-            self._flow_control = (now_ns, now)
-        return ServerLoad(
-            threads_running=_int_or_none(status.get("threads_running")),
-            replicas=tuple(replica.lag() for replica in replicas),
-            flow_control_paused=paused,
-            recv_queue=_int_or_none(status.get("wsrep_local_recv_queue")),
-            # galera 26.4.? and later: flow control in effect right now (also at the first reading)
-            flow_control_active=_bool_or_none(status.get("wsrep_flow_control_active")),
-        )
+        """What the pacer waits on: Threads_running, Galera flow control, each replica's lag
+        (``server_load.ServerLoadReader``)."""
+        return self._load.read(replicas)
 
     # -- the flavor copies: read and compare-and-swap -----------------------------------
 
@@ -435,7 +373,7 @@ class NovaDb:
                 _rollback_quietly(conn)
                 raise WriteSetTooLargeError(
                     f"the batch of rows {writes[0].id}-{writes[-1].id} ({len(writes)} rows) is larger than "
-                    f"this Galera cluster accepts in one transaction ({_error_text(exc)}); nothing of it was "
+                    f"this Galera cluster accepts in one transaction ({mysql_error_text(exc)}); nothing of it was "
                     "written. Run again with a smaller --batch-size"
                 ) from None
             _rollback_quietly(conn)
@@ -446,21 +384,7 @@ class NovaDb:
         return written
 
     def _write_timeout_message(self, writes: Sequence[SpecWrite]) -> str:
-        why = ""
-        try:  # why was it stuck? Ask on a connection of its own
-            with pymysql.connect(**self.params.connect_kwargs(), autocommit=True,
-                                 connect_timeout=self.connect_timeout, read_timeout=10) as probe, \
-                    probe.cursor() as cur:
-                cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN "
-                            "('wsrep_flow_control_active', 'wsrep_local_send_queue', 'Threads_running')")
-                status = {str(k).lower(): v for k, v in cur.fetchall()}
-            if status.get("wsrep_flow_control_active") == "true":
-                why = (" (Galera flow control is pausing the cluster: wsrep_flow_control_active true, "
-                       f"wsrep_local_send_queue {status.get('wsrep_local_send_queue')})")
-            else:
-                why = f" (Threads_running {status.get('threads_running')})"
-        except pymysql.err.MySQLError as exc:
-            why = f" (and the server cannot be asked why: {_error_text(exc)})"
+        why = why_writes_wait(self.params, self.connect_timeout)  # on a connection of its own
         return (
             f"the write of rows {writes[0].id}-{writes[-1].id} ({len(writes)} rows) did not finish within "
             f"{self.write_timeout_s:g} s{why}; stopped waiting for it. The server may still commit it "
@@ -825,122 +749,6 @@ def instance_state_reason(deleted: bool, vm_state: str | None, task_state: str |
     return ""
 
 
-class ReplicaDb:
-    """A replica of the nova_api database, only ever asked how far behind it is."""
-
-    def __init__(self, params: DbParams, *, connect_timeout: int = 5) -> None:
-        self.params = params
-        self.name = params.safe_url()
-        self.connect_timeout = connect_timeout
-        self._conn: pymysql.connections.Connection | None = None
-
-    def open(self) -> ReplicaDb:
-        """Connect and read the lag once; refuse (exit 4) what is not a replica we can watch."""
-        self._connect()
-        try:
-            lag = self._read_lag()
-        except pymysql.err.MySQLError as exc:
-            self.close()
-            raise DatabaseUnavailableError(
-                f"cannot read the replication status of {self.name}: {_error_text(exc)}"
-            ) from None
-        except BaseException:
-            self.close()
-            raise
-        log.info("Replica %s: %s", self.name, lag.problem if lag.lag_s is None else f"{lag.lag_s:g} s behind")
-        return self
-
-    def close(self) -> None:
-        _close_quietly(self._conn)
-        self._conn = None
-
-    def __enter__(self) -> ReplicaDb:
-        return self.open() if self._conn is None else self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def lag(self) -> ReplicaLag:
-        """Seconds behind; unknown (None, with the reason) if replication stopped or the replica is away.
-
-        A connection that fails (e.g. one the replica dropped while idle) is opened again at once.
-        """
-        if self._conn is not None:
-            try:
-                return self._read_lag()
-            except pymysql.err.MySQLError:
-                self.close()  # connect again below
-            except NovaFlavorSyncError as exc:
-                return ReplicaLag(self.name, None, f"cannot read its replication status ({exc})")
-        try:
-            self._connect()
-            return self._read_lag()
-        except (pymysql.err.MySQLError, NovaFlavorSyncError) as exc:
-            problem = _error_text(exc) if isinstance(exc, pymysql.err.MySQLError) else str(exc)
-            self.close()
-            return ReplicaLag(self.name, None, f"cannot read its replication status ({problem})")
-
-    def _connect(self) -> None:
-        self.close()
-        try:
-            self._conn = pymysql.connect(
-                **self.params.connect_kwargs(), autocommit=True, connect_timeout=self.connect_timeout,
-                read_timeout=30,
-            )
-            with self._conn.cursor() as cur:
-                encrypted = cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'") and cur.fetchone()[1]
-        except pymysql.err.MySQLError as exc:
-            self.close()
-            raise DatabaseUnavailableError(f"cannot connect to replica {self.name}: {_error_text(exc)}") from None
-        if self.params.requires_tls() and not encrypted:
-            # PyMySQL quietly goes on in clear text when the server offers no TLS.
-            self.close()
-            raise DatabaseUnavailableError(
-                f"the connection to replica {self.name} is not encrypted, but its settings ask for TLS"
-            )
-
-    def _read_lag(self) -> ReplicaLag:
-        rows = self._replica_status()
-        if not rows:
-            raise ConfigError(
-                f"{self.name} is not a replica (SHOW REPLICA STATUS is empty): give only replicas of "
-                "the nova_api database with --replica-db-url"
-            )
-        lags = []
-        for row in rows:  # one row per replication channel
-            lag = row.get("Seconds_Behind_Master", row.get("Seconds_Behind_Source"))
-            if lag is None:
-                io = row.get("Slave_IO_Running", row.get("Replica_IO_Running"))
-                sql = row.get("Slave_SQL_Running", row.get("Replica_SQL_Running"))
-                return ReplicaLag(self.name, None, "replication is not running (Seconds_Behind_Master is NULL, "
-                                                   f"IO thread {io}, SQL thread {sql})")
-            lags.append(float(lag))
-        return ReplicaLag(self.name, max(lags))
-
-    def _replica_status(self) -> list[dict[str, Any]]:
-        assert self._conn is not None
-        # SHOW REPLICA STATUS: MariaDB 10.5.1+, MySQL 8.0.22+ (8.4 knows only this one);
-        # SHOW SLAVE STATUS for older servers.
-        for sql in ("SHOW REPLICA STATUS", "SHOW SLAVE STATUS"):
-            try:
-                with self._conn.cursor(pymysql.cursors.DictCursor) as cur:
-                    cur.execute(sql)
-                    return list(cur.fetchall())
-            except pymysql.err.ProgrammingError as exc:
-                if exc.args and exc.args[0] == ER.PARSE_ERROR and sql == "SHOW REPLICA STATUS":
-                    continue
-                problem = _error_text(exc)
-            except pymysql.err.OperationalError as exc:
-                if not (exc.args and exc.args[0] in (ER.SPECIFIC_ACCESS_DENIED_ERROR, ER.ACCESS_DENIED_ERROR)):
-                    raise
-                problem = _error_text(exc)
-            raise ConfigError(
-                f"cannot read the replication status of {self.name}: {problem} (the user needs the "
-                "REPLICA MONITOR privilege on MariaDB, REPLICATION CLIENT on MySQL)"
-            )
-        return []
-
-
 class _BoundedReads:
     """While a write transaction runs, every wait for the server ends by ``deadline``.
 
@@ -974,19 +782,6 @@ def _write_set_too_large(exc: pymysql.err.OperationalError) -> bool:
     UPDATE, ``(1105) Maximum writeset size exceeded`` at COMMIT (MariaDB 10.11, galera 26.4)."""
     code, text = (exc.args[0], str(exc.args[-1])) if exc.args else (None, "")
     return (code == 1180 and "wsrep_max_ws_rows" in text) or (code == 1105 and "writeset size" in text)
-
-
-def _bool_or_none(value: Any) -> bool | None:
-    if value is None:
-        return None
-    return str(value).strip().lower() in ("true", "on", "1", "yes")
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _cas_update(copy: CopyTable, writes: Sequence[SpecWrite], now: datetime) -> tuple[str, list[Any]]:
@@ -1035,12 +830,5 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, NovaFlavorSyncError):
         return str(exc)
     if isinstance(exc, pymysql.err.MySQLError):
-        return f"reading request_specs failed: {_error_text(exc)}"
+        return f"reading request_specs failed: {mysql_error_text(exc)}"
     return f"planning failed: {type(exc).__name__}: {exc}"
-
-
-def _error_text(exc: pymysql.err.MySQLError) -> str:
-    """The server's message without the driver's tuple form (never holds the password)."""
-    if len(exc.args) >= 2:
-        return f"({exc.args[0]}) {exc.args[1]}"
-    return str(exc) or type(exc).__name__

@@ -10,19 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.plan import (
     ChangeList,
-    Flavor,
     KeyChange,
+    NoteList,
     Plan,
     PlanDigest,
     RowChange,
     RowNote,
-    Scope,
     SpecDiff,
     SpecRow,
 )
 from nova_flavor_sync.policy import classify_key, is_risky
+from nova_flavor_sync.scope import Scope
 from nova_flavor_sync.spec_json import (
     REQUEST_SPEC,
     CopyLayout,
@@ -51,10 +52,14 @@ def make_plan(
 ) -> Plan:
     """Compare every row with its flavor; rows must come in ascending id order.
 
-    ``spool_dir``: where a long list of changes is spooled, by name (plan workers; see ChangeList).
+    ``spool_dir``: where long lists of changes and notes are spooled, by name (plan workers; see ChangeList).
     ``layout``: which kind of flavor copy the rows hold (RequestSpecs by default).
     """
-    plan = Plan(scope=scope, changes=ChangeList(spool_dir=spool_dir))
+    plan = Plan(
+        scope=scope, changes=ChangeList(spool_dir=spool_dir), held_back=NoteList(spool_dir=spool_dir),
+        orphans=NoteList(spool_dir=spool_dir), errors=NoteList(spool_dir=spool_dir),
+        left_alone=NoteList(spool_dir=spool_dir, count_reasons=True),
+    )
     digest = PlanDigest(scope)
     planner = RowPlanner(flavors, scope, layout)
     for row in rows:
@@ -88,6 +93,7 @@ def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:
         plan.out_of_scope += part.out_of_scope
         for kind in ("held_back", "orphans", "errors", "left_alone"):
             getattr(plan, kind).extend(getattr(part, kind))
+            getattr(part, kind).close()
         plan.changes.extend_from(part.changes, digest)
         part.changes.close()
     plan.digest = digest.hexdigest()

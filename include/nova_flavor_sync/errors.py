@@ -1,7 +1,8 @@
 """Exceptions of the engine, each carrying the exit code the CLI turns it into.
 
 The engine raises, never prints or exits; ``cli.main()`` alone maps an exception to
-one stderr line and its code. In Airflow the same exceptions fail the task.
+one stderr line and its code. In Airflow the same exceptions fail the task. A database
+driver's error is worded for their messages by ``mysql_error_text``.
 """
 
 from __future__ import annotations
@@ -64,3 +65,13 @@ class ApplyAbortedError(NovaFlavorSyncError):
     """
 
     exit_code = ExitCode.INCOMPLETE
+
+
+def mysql_error_text(exc: BaseException) -> str:
+    """A database driver's (PyMySQL's) error as ``(code) message``, for our messages.
+
+    The server's message without the driver's tuple form; it never holds the password.
+    """
+    if len(exc.args) >= 2:
+        return f"({exc.args[0]}) {exc.args[1]}"
+    return str(exc) or type(exc).__name__

@@ -65,7 +65,8 @@ from typing import NoReturn
 from nova_flavor_sync import cli, dburl
 from nova_flavor_sync.backup import BackupInfo
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.plan import CloudPlan, Flavor
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import CloudPlan
 
 PROG = "nova-fix-flavors.py"
 # The nova.conf to read instead of /etc/nova/nova.conf (the old tool had no way to say it).

@@ -1,8 +1,9 @@
-"""The data a run works on: what was read (Flavor, SpecRow) and what to do (Plan).
+"""The data a run works on: the rows read (SpecRow) and what to do with them (Plan).
 
 Plain frozen dataclasses, like Alembic's ops: ``diff.make_plan`` fills a Plan, ``apply``
-carries it out, ``report`` renders it. The one exception to "no I/O here" is ChangeList,
-which spools a big plan's changed rows to a temporary file so memory stays flat.
+carries it out, ``report`` renders it. A big plan's per-row lists, its changes (ChangeList)
+and the rows it does not touch (NoteList), go to temporary files (``spool.SpoolFile``) so
+memory stays flat; the rest is data and logic.
 
 A Plan does not hold spec texts: a changed row is its id, the sha256 of the bytes it was
 planned from and of the bytes it will get, and a shared ``SpecDiff``. Apply re-reads the
@@ -14,31 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import islice
-from typing import Any, TypeVar
+from itertools import chain, islice
+from typing import Any, ClassVar, Generic, TypeVar
 
 from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.scope import Scope
+from nova_flavor_sync.spool import Chunk, SpoolFile
 
 PLAN_DIGEST_VERSION = "nova-flavor-sync plan v1"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Flavor:
-    """A row of ``flavors`` with its ``flavor_extra_specs`` (a value may be NULL)."""
-
-    id: int
-    flavorid: str
-    name: str
-    extra_specs: dict[str, str | None]
+R = TypeVar("R")  # the rows of a plan's spooled list: RowChange or RowNote
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,62 +103,121 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-class ChangeList:
-    """A plan's changed rows in id order: in memory while few, then spooled to a temporary file.
+class _SpooledRows(Generic[R]):
+    """A plan's list of rows: in memory while few, then spooled (``spool.SpoolFile``).
 
-    A million-row cloud can have hundreds of thousands of stale rows; holding a RowChange
-    for each would make memory grow with the table. Past ``keep_in_memory`` rows, each is
-    stored as a 77-byte record plus its instance uuid in an unlinked temporary file (under
-    ``$TMPDIR``), and the shared SpecDiffs once. Iterating reads the file back in chunks.
+    A million-row cloud can have hundreds of thousands of rows to change or to leave alone;
+    holding an object for each would make memory grow with the table. Past
+    ``keep_in_memory`` rows, each is stored as a small record in a SpoolFile, and the
+    SpecDiffs the rows share once, here, by index. Iterating reads the file back in chunks.
+    A subclass says how a row becomes a record (``_HEAD``, ``_record``) and back (``_rows_of``).
     """
 
-    _HEAD = struct.Struct("<q32s32sIB")  # id, old sha256, new sha256, diff index, uuid length
-    _CHUNK = 1 << 20
+    _HEAD: ClassVar[struct.Struct]  # a record's head; its last field is the length of its tail
+    _SPOOL_NAME: ClassVar[str]  # names the spool file
 
     def __init__(self, keep_in_memory: int = 2000, *, spool_dir: str | None = None) -> None:
         self._keep = keep_in_memory
         # With spool_dir, the file has a name there, so that a plan worker's list can be
         # pickled as that name and adopted by the parent process (see plan_worker).
         self._spool_dir = spool_dir
-        self._spool_path: str | None = None
-        self._rows: list[RowChange] = []
-        self._file: Any = None
-        self._pending: list[bytes] = []
+        self._rows: list[R] = []
+        self._file: SpoolFile | None = None
         self._count = 0
         self._diffs: list[SpecDiff] = []
         self._diff_index: dict[int, int] = {}
         self._per_diff: list[int] = []
 
-    def append(self, change: RowChange) -> None:
-        index = self._diff_index.get(id(change.diff))
-        if index is None:
-            index = self._diff_index[id(change.diff)] = len(self._diffs)
-            self._diffs.append(change.diff)
-            self._per_diff.append(0)
-        self._per_diff[index] += 1
+    def append(self, row: R) -> None:
         self._count += 1
+        self._counted(row)
         if self._file is None:
-            self._rows.append(change)
+            self._rows.append(row)
             if len(self._rows) > self._keep:
                 self._open_spool()
-                for row in self._rows:
-                    self._pending.append(self._record(row))
-                self._rows = []
             return
-        self._pending.append(self._record(change))
-        if len(self._pending) >= 4096:
-            self._flush()
-
-    def _open_spool(self) -> None:
-        if self._spool_dir is None:
-            self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
-        else:
-            self._file = tempfile.NamedTemporaryFile(prefix="changes-", dir=self._spool_dir, delete=False)
-            self._spool_path = self._file.name
+        self._file.append(self._record(row))
 
     def per_diff(self) -> list[tuple[SpecDiff, int]]:
-        """Each distinct SpecDiff and how many changed rows share it."""
+        """Each distinct SpecDiff and how many rows share it."""
         return list(zip(self._diffs, self._per_diff, strict=True))
+
+    def _counted(self, row: R) -> None:
+        """Count a row as it is appended (by its SpecDiff, ...)."""
+
+    def _index_of(self, diff: SpecDiff, rows: int = 1) -> int:
+        """The index of ``diff`` in this list, which now has ``rows`` more rows that share it."""
+        index = self._diff_index.get(id(diff))
+        if index is None:
+            index = self._diff_index[id(diff)] = len(self._diffs)
+            self._diffs.append(diff)
+            self._per_diff.append(0)
+        self._per_diff[index] += rows
+        return index
+
+    def _diff_indexes_of(self, other: _SpooledRows[R]) -> list[int]:
+        """Take ``other``'s SpecDiffs and their counts: what each of its diff indexes is in this list."""
+        return [self._index_of(diff, count) for diff, count in zip(other._diffs, other._per_diff, strict=True)]
+
+    def _open_spool(self) -> None:
+        """From now on the rows are in a file: those in memory first."""
+        self._file = SpoolFile(self._HEAD, directory=self._spool_dir, name=self._SPOOL_NAME)
+        self._file.extend(self._record(row) for row in self._rows)
+        self._rows = []
+
+    def _record(self, row: R) -> bytes:
+        raise NotImplementedError
+
+    def _rows_of(self, chunk: Chunk) -> Iterator[R]:
+        """The rows of a chunk of spooled records."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[R]:
+        if self._file is None:
+            yield from list(self._rows)
+            return
+        for chunk in self._file.chunks():
+            yield from self._rows_of(chunk)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        """For reports, tests and small plans: a slice from the start reads only as far as it goes."""
+        if (isinstance(index, slice) and (index.start or 0) >= 0 and index.stop is not None and index.stop >= 0
+                and (index.step or 1) > 0):
+            return list(islice(self, index.start, index.stop, index.step))
+        return list(self)[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _SpooledRows | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._count} rows)"
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # ids of the diffs changed with the objects: index them again
+        self._diff_index = {id(diff): i for i, diff in enumerate(self._diffs)}
+
+
+class ChangeList(_SpooledRows[RowChange]):
+    """A plan's changed rows in id order; spooled, each a 77-byte record plus its instance uuid."""
+
+    _HEAD = struct.Struct("<q32s32sIB")  # id, old sha256, new sha256, diff index, uuid length
+    _SPOOL_NAME = "changes"
+
+    def _counted(self, change: RowChange) -> None:
+        self._index_of(change.diff)
 
     def _record(self, change: RowChange) -> bytes:
         uuid = change.instance_uuid.encode("utf-8")
@@ -177,26 +227,12 @@ class ChangeList:
         )
         return head + uuid
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._file.write(b"".join(self._pending))
-            self._pending = []
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __bool__(self) -> bool:
-        return self._count > 0
-
-    def __iter__(self) -> Iterator[RowChange]:
-        if self._file is None:
-            yield from list(self._rows)
-            return
+    def _rows_of(self, chunk: Chunk) -> Iterator[RowChange]:
+        buffer, records = chunk
         size, diffs = self._HEAD.size, self._diffs
-        for buffer, records in self._spooled_records():
-            for at, row_id, old, new, index, uuid_len in records:
-                uuid = buffer[at + size : at + size + uuid_len].decode("utf-8")
-                yield RowChange(row_id, uuid, old.hex(), new.hex(), diffs[index])
+        for at, row_id, old, new, index, uuid_len in records:
+            uuid = buffer[at + size : at + size + uuid_len].decode("utf-8")
+            yield RowChange(row_id, uuid, old.hex(), new.hex(), diffs[index])
 
     def extend_from(self, other: ChangeList, digest: PlanDigest | None = None) -> None:
         """Append every change of ``other``, in order (adding each to ``digest``): what merging plans does.
@@ -212,96 +248,94 @@ class ChangeList:
                 if digest is not None:
                     digest.add(change.id, change.old_sha256, change.new_sha256)
             return
-        remap: list[int] = []
-        for diff, count in zip(other._diffs, other._per_diff, strict=True):
-            index = self._diff_index.get(id(diff))
-            if index is None:
-                index = self._diff_index[id(diff)] = len(self._diffs)
-                self._diffs.append(diff)
-                self._per_diff.append(0)
-            self._per_diff[index] += count
-            remap.append(index)
+        remap = self._diff_indexes_of(other)
         if self._file is None:
             self._open_spool()
-            self._pending.extend(self._record(row) for row in self._rows)
-            self._rows = []
+        assert self._file is not None
         self._count += other._count
-        head, pending = self._HEAD, self._pending
-        for buffer, records in other._spooled_records():
-            lines = []
+        head = self._HEAD
+        for buffer, records in other._file.chunks():
+            copied, lines = [], []
             for at, row_id, old, new, index, uuid_len in records:
                 end = at + head.size + uuid_len
-                pending.append(head.pack(row_id, old, new, remap[index], uuid_len) + buffer[at + head.size : end])
+                copied.append(head.pack(row_id, old, new, remap[index], uuid_len) + buffer[at + head.size : end])
                 lines.append(f"{row_id} {old.hex()} {new.hex()}\n")
+            self._file.extend(copied)
             if digest is not None:
                 digest.add_lines("".join(lines).encode())
-            if len(pending) >= 4096:
-                self._flush()
-                pending = self._pending
 
-    def _spooled_records(self) -> Iterator[tuple[bytes, list[tuple[int, int, bytes, bytes, int, int]]]]:
-        """The spooled records a chunk at a time: (the bytes, each whole record in them as
-        (where it starts, id, old sha256, new sha256, diff index, uuid length)); its uuid follows its head."""
-        self._flush()
-        self._file.flush()
-        fd, offset, buffer = self._file.fileno(), 0, b""
-        head = self._HEAD
-        while True:
-            chunk = os.pread(fd, self._CHUNK, offset)
-            if not chunk:
-                break
-            offset += len(chunk)
-            buffer += chunk
-            at, records = 0, []
-            while at + head.size <= len(buffer):
-                fields = head.unpack_from(buffer, at)
-                end = at + head.size + fields[4]
-                if end > len(buffer):
-                    break
-                records.append((at, *fields))
-                at = end
-            yield buffer, records
-            buffer = buffer[at:]
 
-    def __getitem__(self, index: int | slice) -> Any:
-        """For tests and small plans: reads every row (use iteration or batches() for big ones)."""
-        return list(self)[index]
+class NoteList(_SpooledRows[RowNote]):
+    """A plan's rows that it does not touch, each with why, in id order; spooled like changes.
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ChangeList | list | tuple):
-            return list(self) == list(other)
-        return NotImplemented
+    A record is the row id, its SpecDiff's index (held-back rows have one), and the instance
+    uuid, the flavor label and the reason as text. With ``count_reasons`` the count of each
+    reason is kept as notes are appended, so that summaries never read the notes back to
+    count them (the rows left alone: a few reasons, counted in every summary); not where
+    reasons are as many as the notes (an unreadable row's names where its JSON breaks).
+    """
 
-    def __repr__(self) -> str:
-        return f"ChangeList({self._count} rows)"
+    _HEAD = struct.Struct("<qIHHI")  # id, diff index, uuid length, flavor length, length of all three texts
+    _SPOOL_NAME = "notes"
+    _NO_DIFF = 0xFFFFFFFF
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+    def __init__(
+        self, keep_in_memory: int = 2000, *, spool_dir: str | None = None, count_reasons: bool = False
+    ) -> None:
+        super().__init__(keep_in_memory, spool_dir=spool_dir)
+        self._by_reason: Counter[str] | None = Counter() if count_reasons else None
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled with the spooled records as bytes (a temporary file cannot be pickled)."""
-        if self._file is not None:
-            self._flush()
-            self._file.flush()
-        state = {k: v for k, v in self.__dict__.items() if k != "_file"}
-        if self._file is not None and self._spool_path is None:
-            state["_spooled"] = os.pread(self._file.fileno(), os.fstat(self._file.fileno()).st_size, 0)
-        return state
+    def count_by_reason(self) -> Counter[str]:
+        """How many notes give each reason."""
+        if self._by_reason is None:
+            return Counter(note.reason for note in self)
+        return Counter(self._by_reason)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        spooled = state.pop("_spooled", None)
-        self.__dict__.update(state, _file=None)
-        # ids of the diffs changed with the objects: index them again
-        self._diff_index = {id(diff): i for i, diff in enumerate(self._diffs)}
-        if self._spool_path is not None:  # a worker's file: this process owns it from now on
-            self._file = open(self._spool_path, "r+b")  # noqa: SIM115 (closed with the list)
-            self._file.seek(0, os.SEEK_END)  # appends go after its records
-            os.unlink(self._spool_path)
-            self._spool_path = self._spool_dir = None
-        elif spooled is not None:
-            self._file = tempfile.TemporaryFile(prefix="nova-flavor-sync-plan-")
-            self._file.write(spooled)
+    def _counted(self, note: RowNote) -> None:
+        if self._by_reason is not None:
+            self._by_reason[note.reason] += 1
+        if note.diff is not None:
+            self._index_of(note.diff)
+
+    def _record(self, note: RowNote) -> bytes:
+        uuid, flavor = note.instance_uuid.encode("utf-8"), note.flavor.encode("utf-8")
+        texts = uuid + flavor + note.reason.encode("utf-8")
+        index = self._NO_DIFF if note.diff is None else self._diff_index[id(note.diff)]
+        return self._HEAD.pack(note.id, index, len(uuid), len(flavor), len(texts)) + texts
+
+    def _rows_of(self, chunk: Chunk) -> Iterator[RowNote]:
+        buffer, records = chunk
+        size, diffs = self._HEAD.size, self._diffs
+        for at, row_id, index, uuid_len, flavor_len, texts_len in records:
+            texts = buffer[at + size : at + size + texts_len]  # lengths count UTF-8 bytes
+            uuid = texts[:uuid_len].decode("utf-8")
+            flavor = texts[uuid_len : uuid_len + flavor_len].decode("utf-8")
+            reason = texts[uuid_len + flavor_len :].decode("utf-8")
+            yield RowNote(row_id, uuid, reason, flavor, None if index == self._NO_DIFF else diffs[index])
+
+    def extend(self, other: Iterable[RowNote]) -> None:
+        """Append every note of ``other``, in order: what merging plans does (a spooled list's
+        records are copied as they are, only their diff indexes translated)."""
+        if not isinstance(other, NoteList) or other._file is None:
+            for note in other:
+                self.append(note)
+            return
+        remap = self._diff_indexes_of(other)
+        if self._by_reason is not None:
+            self._by_reason.update(other.count_by_reason())
+        if self._file is None:
+            self._open_spool()
+        assert self._file is not None
+        self._count += other._count
+        head, no_diff = self._HEAD, self._NO_DIFF
+        for buffer, records in other._file.chunks():
+            copied = []
+            for at, row_id, index, uuid_len, flavor_len, texts_len in records:
+                start = at + head.size
+                new_index = no_diff if index == no_diff else remap[index]
+                copied.append(head.pack(row_id, new_index, uuid_len, flavor_len, texts_len)
+                              + buffer[start : start + texts_len])
+            self._file.extend(copied)
 
 
 @dataclass
@@ -310,10 +344,11 @@ class Plan:
 
     scope: Scope
     changes: ChangeList = field(default_factory=ChangeList)
-    held_back: list[RowNote] = field(default_factory=list)  # drift only in risky keys
-    orphans: list[RowNote] = field(default_factory=list)  # flavor deleted or re-created
-    errors: list[RowNote] = field(default_factory=list)  # unreadable rows
-    left_alone: list[RowNote] = field(default_factory=list)  # its instance is busy, deleted, queued for delete
+    held_back: NoteList = field(default_factory=NoteList)  # drift only in risky keys
+    orphans: NoteList = field(default_factory=NoteList)  # flavor deleted or re-created
+    errors: NoteList = field(default_factory=NoteList)  # unreadable rows
+    # its instance is busy, deleted, queued for delete
+    left_alone: NoteList = field(default_factory=lambda: NoteList(count_reasons=True))
     rows_read: int = 0
     in_sync: int = 0
     out_of_scope: int = 0  # rows outside --flavor / --instance
@@ -337,9 +372,9 @@ class Plan:
                 by_risk[key_change.risk.value] += rows
             for key_change in diff.held_back:
                 held_by_key[key_change.key] += rows
-        for note in self.held_back:
-            for key_change in note.diff.held_back:  # type: ignore[union-attr]
-                held_by_key[key_change.key] += 1
+        for diff, rows in self.held_back.per_diff():  # every held-back note has its SpecDiff
+            for key_change in diff.held_back:
+                held_by_key[key_change.key] += rows
         return {
             "digest": self.digest,
             "scope": self.scope.as_dict(),
@@ -351,7 +386,7 @@ class Plan:
             "orphans": len(self.orphans),
             "errors": len(self.errors),
             "left_alone": len(self.left_alone),
-            "left_alone_by_reason": dict(sorted(Counter(note.reason for note in self.left_alone).items())),
+            "left_alone_by_reason": dict(sorted(self.left_alone.count_by_reason().items())),
             "skipped": self.skipped,
             "by_flavor": dict(sorted(by_flavor.items())),
             "by_key": dict(sorted(by_key.items())),
@@ -448,15 +483,18 @@ class CloudPlan:
         Only instances planned in both (not left alone, orphaned or unreadable in either) count.
         """
         stale: dict[bool, set[str]] = {True: set(), False: set()}
-        judged: dict[bool, set[str]] = {True: set(), False: set()}
         for copy in self.copies:
-            is_api = copy.cell_uuid is None
-            stale[is_api].update(change.instance_uuid for change in copy.plan.changes)
-            untouched = copy.plan.left_alone + copy.plan.orphans + copy.plan.errors + copy.plan.held_back
-            judged[is_api].update(note.instance_uuid for note in untouched)
-        both_judged = stale[True] | stale[False]
-        one_sided = (stale[True] ^ stale[False]) - judged[True] - judged[False]
-        return sorted(one_sided & both_judged)
+            stale[copy.cell_uuid is None].update(change.instance_uuid for change in copy.plan.changes)
+        one_sided = stale[True] ^ stale[False]
+        del stale
+        # The notes are read back against the few one-sided instances, not gathered: a
+        # plan's notes (its rows left alone, held back...) may be most of a cloud.
+        if one_sided:
+            for copy in self.copies:
+                plan = copy.plan
+                for note in chain(plan.left_alone, plan.orphans, plan.errors, plan.held_back):
+                    one_sided.discard(note.instance_uuid)
+        return sorted(one_sided)
 
     def summary(self) -> dict[str, Any]:
         """Counts for reports and XCom: the totals, and each copy's summary by where it is."""

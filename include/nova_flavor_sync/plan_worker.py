@@ -41,7 +41,8 @@ from typing import Any, BinaryIO
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import make_plan, merge_plans
 from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
-from nova_flavor_sync.plan import Flavor, Plan
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import Plan
 from nova_flavor_sync.scope import Scope
 
 FRAME = struct.Struct("<cI")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nova_flavor_sync.backup import BackupInfo
-from nova_flavor_sync.plan import CloudPlan, CopyPlan, KeyChange, Plan, RowChange, RowNote
+from nova_flavor_sync.plan import CloudPlan, CopyPlan, KeyChange, NoteList, Plan, RowChange, RowNote
 from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.value_changes import LINES_SHOWN, group_copies, group_lines
 
@@ -210,7 +210,7 @@ def backup_list_lines(found: Sequence[BackupInfo | tuple[Path, str]], directory:
     return lines
 
 
-def _notes(kind: str, notes: Sequence[RowNote], *, verbose: bool) -> list[str]:
+def _notes(kind: str, notes: Sequence[RowNote] | NoteList, *, verbose: bool) -> list[str]:
     shown = notes if verbose else notes[:BRIEF_LIMIT]
     lines = [
         f"{kind}: row {n.id} ({n.instance_uuid}){' ' + n.flavor if n.flavor else ''}: {n.reason}" for n in shown

@@ -9,12 +9,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nova_flavor_sync.errors import UsageError
-
-if TYPE_CHECKING:
-    from nova_flavor_sync.plan import Flavor
+from nova_flavor_sync.flavor import Flavor
 
 SELECTOR_PREFIXES = ("id:", "name:", "flavorid:")
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, TypeVar
 
 from nova_flavor_sync import apply as apply_mod
@@ -27,7 +28,7 @@ from nova_flavor_sync.backup import (
     BackupRecord,
     check_same_database,
     list_backups,
-    load_backup,
+    open_backup,
     write_backup,
 )
 from nova_flavor_sync.cells import (
@@ -39,17 +40,19 @@ from nova_flavor_sync.cells import (
     open_cells,
     read_cell_mappings,
 )
-from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb, ReplicaDb
+from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import IN_SYNC, RowPlanner, merge_plans
 from nova_flavor_sync.diff import make_plan as diff_make_plan
 from nova_flavor_sync.errors import BackupError, ConfigError, NovaFlavorSyncError
-from nova_flavor_sync.plan import CloudPlan, CopyPlan, Flavor, Plan, RowChange, RowNote, SpecRow, batched
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import CloudPlan, CopyPlan, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan, load_plan, save_plan
 from nova_flavor_sync.plan_worker import PlanJob, plan_in_workers, run_jobs, split_ids
 from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
+from nova_flavor_sync.server_load import ReplicaDb
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
 from nova_flavor_sync.storage import StoragePath, as_path
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
@@ -634,41 +637,72 @@ def restore(
     the bytes the sync wrote, or with ``force`` from whatever the row holds) and go through
     ``apply.apply_batches``, paced by ``pacer_for`` like a sync, in the sync's order (cells
     first). Every database the backup names is checked to be the one it was taken from
-    before anything is written; a cell the backup names that is not open is refused.
+    before anything is written; a cell the backup names that is not open is refused. The
+    backup is checked whole first, then read again a database at a time (``backup.open_backup``):
+    its records are never all in memory.
     """
-    backup = load_backup(path)
-    databases = databases_of(api, cells)
-    for key in backup.info.databases:
-        if key not in databases:
-            raise BackupError(
-                f"backup {path.name} holds rows of cell {backup.info.where(key)}, which nova_api's cell_mappings "
-                "do not list (or which could not be opened): nothing was restored"
+    with open_backup(path) as backup:  # checked whole, then read a database at a time
+        databases = databases_of(api, cells)
+        for key in backup.info.databases:
+            if key not in databases:
+                raise BackupError(
+                    f"backup {path.name} holds rows of cell {backup.info.where(key)}, which nova_api's "
+                    "cell_mappings do not list (or which could not be opened): nothing was restored"
+                )
+            check_same_database(backup.info, databases[key].server_identity(), key)
+        result = RestoreResult(backup.info, run)
+        for key in sorted(backup.counts, key=lambda k: k == API_DATABASE):  # cells first, as a sync writes
+            db = databases[key]
+            outcome = apply_mod.apply_batches(
+                db, restore_targets(backup.records(key), force=force), total=backup.counts[key],
+                batch_size=batch_size, pacer=pacer_for(db) if (run and pacer_for) else None, write=run,
             )
-        check_same_database(backup.info, databases[key].server_identity(), key)
-    by_database: dict[str, list[BackupRecord]] = {}
-    for record in backup.records:
-        by_database.setdefault(record.database, []).append(record)
-    result = RestoreResult(backup.info, run)
-    for key in sorted(by_database, key=lambda k: k == API_DATABASE):  # cells first, as a sync writes
-        records, db = by_database[key], databases[key]
-        outcome = apply_mod.apply_batches(
-            db, restore_targets(records, force=force), total=len(records), batch_size=batch_size,
-            pacer=pacer_for(db) if (run and pacer_for) else None, write=run,
-        )
-        result.restored += outcome.updated
-        result.restored_by_database[key] = len(outcome.updated)
-        result.errors.update(outcome.errors)
-        by_id = {r.id: r for r in records}
-        for row_id in outcome.already:
-            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid, "already holds the backed-up spec"))
-        for row_id in outcome.conflicts:
-            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid,
-                                          "changed since the sync wrote it (--force restores it anyway)"))
-        for row_id in outcome.gone:
-            result.skipped.append(RowNote(row_id, by_id[row_id].instance_uuid, "row no longer exists"))
-        if run:
-            result.not_verified += _read_back_different(db, {i: by_id[i].sha256 for i in outcome.updated})
+            result.restored += outcome.updated
+            result.restored_by_database[key] = len(outcome.updated)
+            result.errors.update(outcome.errors)
+            skipped, different = _looked_back(db, backup.records_by_id(key), outcome, verify=run)
+            result.skipped += skipped
+            result.not_verified += different
     return result
+
+
+def _looked_back(
+    db: NovaDb, records: Iterable[BackupRecord], outcome: ApplyResult, *, verify: bool
+) -> tuple[list[RowNote], list[int]]:
+    """After one database's restore: why each row it did not restore was skipped, and (``verify``)
+    the rows it restored that read back different from their records.
+
+    ``records``: the database's records, each id's once, in id order (``BackupFile.records_by_id``),
+    read once more instead of kept from the restore: a big backup's records do not fit in memory.
+    """
+    skipped = set(outcome.already) | set(outcome.conflicts) | set(outcome.gone)
+    restored = outcome.updated
+    if any(a >= b for a, b in pairwise(restored)):  # in id order as written; a hand-made backup's may not be
+        restored = sorted(set(restored))
+    uuids: dict[int, str] = {}
+    different: list[int] = []
+    if skipped or (verify and restored):
+        written = iter(restored)
+        next_written = next(written, None)
+        expected: dict[int, str] = {}  # a page of restored rows and the sha256 they must have
+        for record in records:
+            if record.id in skipped:
+                uuids[record.id] = record.instance_uuid
+            while next_written is not None and next_written < record.id:
+                next_written = next(written, None)
+            if verify and next_written == record.id:
+                expected[record.id] = record.sha256
+                if len(expected) == DEFAULT_PAGE_SIZE:
+                    different += _read_back_different(db, expected)
+                    expected = {}
+        different += _read_back_different(db, expected)
+    notes = (
+        [RowNote(row_id, uuids[row_id], "already holds the backed-up spec") for row_id in outcome.already]
+        + [RowNote(row_id, uuids[row_id], "changed since the sync wrote it (--force restores it anyway)")
+           for row_id in outcome.conflicts]
+        + [RowNote(row_id, uuids[row_id], "row no longer exists") for row_id in outcome.gone]
+    )
+    return notes, different
 
 
 def _read_back_different(db: NovaDb, expected: Mapping[int, str]) -> list[int]:

@@ -21,10 +21,10 @@ from dbtools import busy_sessions, connect, threads_running
 from fake_time import FakeTime
 from nova_flavor_sync import service
 from nova_flavor_sync.apply import apply_plan
-from nova_flavor_sync.db import ReplicaDb
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.errors import ConfigError, DatabaseUnavailableError, UsageError
 from nova_flavor_sync.plan_file import save_plan
+from nova_flavor_sync.server_load import ReplicaDb
 from nova_flavor_sync.throttle import Pacer, PaceSettings, ReplicaLag, ServerBusyError, ServerLoad
 
 pytestmark = pytest.mark.db

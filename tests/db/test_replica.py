@@ -25,8 +25,8 @@ import pytest
 from dbtools import connect, table_hash
 from nova_flavor_sync import service
 from nova_flavor_sync.apply import apply_plan
-from nova_flavor_sync.db import ReplicaDb
 from nova_flavor_sync.dburl import DbParams
+from nova_flavor_sync.server_load import ReplicaDb
 from nova_flavor_sync.throttle import PaceSettings, ServerBusyError
 
 pytestmark = pytest.mark.db

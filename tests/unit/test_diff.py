@@ -8,7 +8,8 @@ import pytest
 
 from nova_flavor_sync.demo import load_sample_specs
 from nova_flavor_sync.diff import RowPlanner, make_plan
-from nova_flavor_sync.plan import Flavor, SpecRow
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import SpecRow
 from nova_flavor_sync.scope import Scope
 from nova_flavor_sync.spec_json import SpecShapeError, read_embedded_flavor, rewrite_extra_specs, sha256_text
 

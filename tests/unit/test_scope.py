@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nova_flavor_sync.errors import ExitCode, UsageError
-from nova_flavor_sync.plan import Flavor
+from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.scope import build_scope
 
 FLAVORS = {

@@ -11,7 +11,8 @@ import pytest
 from nova_flavor_sync.demo import load_sample_specs
 from nova_flavor_sync.diff import make_plan
 from nova_flavor_sync.errors import ConfigError
-from nova_flavor_sync.plan import CopyPlan, Flavor, SpecRow
+from nova_flavor_sync.flavor import Flavor
+from nova_flavor_sync.plan import CopyPlan, SpecRow
 from nova_flavor_sync.scope import Scope
 from nova_flavor_sync.spec_json import read_embedded_flavor, rewrite_extra_specs
 from nova_flavor_sync.value_changes import (
