@@ -19,6 +19,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 
 import pytest
+from airflow_client import client
 from local_airflow import Airflow, free_port, wait_for
 
 from approval_answer import REPO, run_with_answer
@@ -221,18 +222,19 @@ def test_a_running_airflow_keeps_the_night_as_an_asset_event_and_mails_it(demo_d
     airflow = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env)
     try:
         airflow.start(timeout=300)  # minutes on a loaded 2-core machine
-        airflow.wait_for_dags([DRIFT])
+        rest = airflow.rest
+        rest.wait_for_dags(DRIFT)
         # Unpaused, it may also start the latest nightly run (catchup=False): ours is the manual one.
-        airflow.unpause(DRIFT)
-        run_id = airflow.trigger(DRIFT, {})
-        run = airflow.wait_for_run(DRIFT, run_id, timeout=240)
-        assert run["state"] == "failed"
-        assert airflow.task_states(DRIFT, run_id) == {"check_drift": "success", "fail_on_drift": "failed"}
-        record = airflow.xcom(DRIFT, run_id, "check_drift")
-        events = airflow.api.get_json("/api/v2/assets/events", params={"source_run_id": run_id})
-        (event,) = events["asset_events"]
-        assert (event["uri"], event["source_task_id"]) == ("nova_flavor_sync://drift", "check_drift")
-        assert event["extra"] == record and record["summary"]["to_update"] > 600
+        rest.unpause(DRIFT)
+        run_id = rest.trigger(DRIFT, {})
+        run = rest.wait_for_run(DRIFT, run_id, timeout=240)
+        assert run.state == "failed"
+        assert rest.task_states(DRIFT, run_id) == {"check_drift": "success", "fail_on_drift": "failed"}
+        record = rest.xcom(DRIFT, run_id, "check_drift")
+        events = client.AssetApi(rest.api_client).get_asset_events(source_run_id=run_id).asset_events
+        (event,) = events
+        assert (event.uri, event.source_task_id) == ("nova_flavor_sync://drift", "check_drift")
+        assert event.extra == record and record["summary"]["to_update"] > 600
 
         def our_mail():  # the callback runs as the task process ends: maybe after the run did
             return [mail for _, mail in inbox.mails if f"DAG run: {DRIFT} / {run_id}" in body_text(mail)] or None
