@@ -36,7 +36,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -269,7 +271,7 @@ class BackupFile:
                  records: list[BackupRecord] | None = None) -> None:
         """Either the open file and what its pass found, or (a file not laid out as this tool
         writes it, read whole: see open_backup) its records."""
-        self.path, self.info, self._handle = Path(path), info, handle
+        self.path, self.info, self._handle = as_path(path), info, handle
         self._in_memory = records
         if scan is None:
             scan = _Scan()
@@ -351,8 +353,17 @@ def open_backup(path: Path) -> BackupFile:
     the record count, the databases. A file not laid out as this tool writes it (damaged,
     or made by hand) is read whole, as it was before, to say what is wrong with it.
     """
+    location = as_path(path)
     try:
-        handle: BinaryIO = as_path(path).open("rb")  # noqa: SIM115 (closed by the BackupFile, or below)
+        if local_path(location) is None:
+            # Object storage: read through a private local copy (unlinked at once, 0600), which
+            # the passes below read by file descriptor as they read a local backup.
+            handle: BinaryIO = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the BackupFile, or below)
+            with location.open("rb") as remote:
+                shutil.copyfileobj(remote, handle, _READ_SIZE)
+            handle.seek(0)
+        else:
+            handle = location.open("rb")  # noqa: SIM115 (closed by the BackupFile, or below)
     except FileNotFoundError:
         raise BackupError(f"backup {path} does not exist") from None
     except IsADirectoryError:
