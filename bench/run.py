@@ -245,15 +245,37 @@ def floor_read_table(copy: Copy, page_size: int) -> tuple[int, int]:
         conn.close()
 
 
+def server_cpu_s() -> float:
+    """CPU seconds the local MariaDB server has used so far (nan when it is not on this machine).
+
+    With the machine's load, wall times of steps vary; CPU seconds (ours, the workers', the
+    server's) say what a step costs whatever else runs.
+    """
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() not in ("mariadbd", "mysqld"):
+                        continue
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except OSError:
+                continue
+    return float("nan")
+
+
 def floor_read(copies: Sequence[Copy], page_size: int) -> dict[str, Any]:
-    """Every table, one after the other: total and per table (seconds, rows, chars)."""
+    """Every table, one after the other: total and per table (seconds, rows, chars), and CPU seconds."""
     per: dict[str, dict[str, float]] = {}
+    cpu0, server0 = time.process_time(), server_cpu_s()
     t_all = time.perf_counter()
     for copy in copies:
         t0 = time.perf_counter()
         rows, chars = floor_read_table(copy, page_size)
         per[copy.label] = {"seconds": time.perf_counter() - t0, "rows": rows, "chars": chars}
     return {"seconds": time.perf_counter() - t_all, "per_table": per,
+            "cpu_s": time.process_time() - cpu0, "server_cpu_s": server_cpu_s() - server0,
             "rows": sum(p["rows"] for p in per.values()), "chars": sum(p["chars"] for p in per.values())}
 
 
@@ -297,7 +319,7 @@ def timed_phases(phases: dict[str, float]) -> Iterator[None]:
     labels = {
         "instances_to_leave_alone": lambda a, k: "instances to leave alone",
         # every big copy's id ranges in one set of workers: no time per table any more
-        "plan_copies": lambda a, k: "copies in workers",
+        "plan_copies": lambda a, k: "copies (workers started, then the instances to leave alone)",
         "make_plan": lambda a, k: "request_specs",
         "plan_cells": lambda a, k: "cells (" + ", ".join(db.params.database for db in a[0]) + ")",
         "make_cell_plan": lambda a, k: f"{a[0].params.database} instance_extra",
@@ -371,9 +393,12 @@ def plan_child(url: str, plan_out: Path | None) -> int:
     params = parse_db_url(url)
     rss_before = vm_status_kb("VmRSS")
     phases: dict[str, float] = {}
+    server0 = server_cpu_s()
     t0 = time.perf_counter()
     cloud = plan_both_in_process(params, phases)
     seconds = time.perf_counter() - t0
+    server_cpu = server_cpu_s() - server0
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     peak_kb = vm_status_kb("VmHWM")
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if _WORKERS["started"] else 0
     workers_kb = _WORKERS["most"] * children_kb
@@ -391,10 +416,12 @@ def plan_child(url: str, plan_out: Path | None) -> int:
     print(json.dumps({
         "seconds": seconds, "phases": phases, "copies": copies, "digest": cloud.digest,
         "rows_read": sum(c.plan.rows_read for c in cloud.copies), "changes": cloud.to_update,
-        "disagreeing": len(cloud.disagreeing_instances()),
+        "disagreeing": cloud.disagreement(sample=0).count,
         "vmhwm_kb": peak_kb + workers_kb, "planner_vmhwm_kb": peak_kb, "workers_maxrss_kb": children_kb,
         "workers_started": _WORKERS["started"], "workers_at_once": _WORKERS["most"],
         "rss_before_kb": rss_before, "sent": sent_total(),
+        "cpu_s": own.ru_utime + own.ru_stime, "workers_cpu_s": children.ru_utime + children.ru_stime,
+        "server_cpu_s": server_cpu,
     }))
     return 0
 
@@ -605,7 +632,8 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
         floors.append(floor)
         steps.append(m)
         print(f"  floor read #{attempt}: {floor['seconds']:.2f} s ("
-              + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in floor["per_table"].items()) + ")", flush=True)
+              + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in floor["per_table"].items())
+              + f"); CPU: client {floor['cpu_s']:.2f} s, server {floor['server_cpu_s']:.2f} s", flush=True)
         with Meter(monitor, f"plan, new process #{attempt}") as m:
             child = run_plan_child(url, plan_file if attempt == args.repeat else None)
         m.rows, m.seconds, m.extra = child["rows_read"], child["seconds"], child
@@ -615,7 +643,9 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
               + ", ".join(f"{k} {v:.2f}" for k, v in child["phases"].items())
               + f"), peak RSS {child['vmhwm_kb'] / 1024:.0f} MB (planner {child['planner_vmhwm_kb'] / 1024:.0f}"
               f" + {child['workers_at_once']} x {child['workers_maxrss_kb'] / 1024:.0f} MB of "
-              f"{child['workers_started']} workers), {child['changes']:,} changes", flush=True)
+              f"{child['workers_started']} workers), {child['changes']:,} changes; CPU: planner "
+              f"{child['cpu_s']:.2f} s, workers {child['workers_cpu_s']:.2f} s, server {child['server_cpu_s']:.2f} s",
+              flush=True)
     with Meter(monitor, "engine read only") as m:
         out["engine_read"] = engine_read(params)
     m.rows = warm["rows"]
