@@ -25,6 +25,7 @@ its class (checked against openstack/nova master at commit 00a030403f67).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -151,6 +152,9 @@ RULES: tuple[Rule, ...] = (
 del S, G, P, _SUFFIX, _LIBVIRT, _REQUEST_FILTER
 
 
+# A cloud has few distinct keys and a plan asks about each of them for every distinct flavor
+# copy it judges (thousands where flavors are many): each answer is worked out once.
+@functools.lru_cache(maxsize=4096)
 def rule_for(key: str) -> Rule:
     """The first rule of ``RULES`` that fully matches ``key`` (the last one always does)."""
     for rule in RULES:
