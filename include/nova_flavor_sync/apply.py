@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class RetryPolicy:
 class ApplyResult:
     """What happened to each row a run tried to write."""
 
-    updated: list[int] = field(default_factory=list)
+    # Most rows of a big run end here (450,000 at a million instances): 8 bytes an id, not 36.
+    updated: array[int] = field(default_factory=lambda: array("q"))
     already: list[int] = field(default_factory=list)  # had the new bytes before we wrote
     conflicts: list[int] = field(default_factory=list)  # changed since planned: not written
     gone: list[int] = field(default_factory=list)  # deleted since planned
@@ -226,7 +228,7 @@ class Prepared:
 
     def as_preview(self) -> ApplyResult:
         """The outcome as if every write had succeeded."""
-        self.outcome.updated += [write.id for write in self.writes]
+        self.outcome.updated.extend(write.id for write in self.writes)
         return self.outcome
 
 

@@ -102,7 +102,7 @@ def test_an_interrupted_rerun_counts_rows_already_written(demo_db):
         plan = plan_all_keys(db)
         first = apply_plan(db, plan)
         second = apply_plan(db, plan)
-    assert sorted(second.already) == sorted(first.updated) and second.updated == []
+    assert sorted(second.already) == sorted(first.updated) and not second.updated
 
 
 def hold_row_lock(params, row_id: int, seconds: float) -> threading.Thread:
