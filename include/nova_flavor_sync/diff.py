@@ -49,11 +49,14 @@ def make_plan(
     *,
     spool_dir: str | None = None,
     layout: CopyLayout = REQUEST_SPEC,
+    planner: RowPlanner | None = None,
 ) -> Plan:
     """Compare every row with its flavor; rows must come in ascending id order.
 
     ``spool_dir``: where long lists of changes and notes are spooled, by name (plan workers; see ChangeList).
     ``layout``: which kind of flavor copy the rows hold (RequestSpecs by default).
+    ``planner``: a RowPlanner of these flavors, scope and layout that judged earlier rows (a
+    plan worker's, kept from one id range to the next): its verdicts are reused.
     """
     plan = Plan(
         scope=scope, changes=ChangeList(spool_dir=spool_dir), held_back=NoteList(spool_dir=spool_dir),
@@ -61,7 +64,10 @@ def make_plan(
         left_alone=NoteList(spool_dir=spool_dir, count_reasons=True),
     )
     digest = PlanDigest(scope)
-    planner = RowPlanner(flavors, scope, layout)
+    if planner is None:
+        planner = RowPlanner(flavors, scope, layout)
+    elif planner.scope != scope or planner.layout != layout or planner.flavors is not flavors:
+        raise ValueError("a RowPlanner of other flavors, scope or copies")
     for row in rows:
         plan.rows_read += 1
         outcome = planner.plan_row(row)

@@ -14,8 +14,10 @@ grow with the size of the specs, and data that changed since planning is never w
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import struct
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -115,6 +117,8 @@ class _SpooledRows(Generic[R]):
 
     _HEAD: ClassVar[struct.Struct]  # a record's head; its last field is the length of its tail
     _SPOOL_NAME: ClassVar[str]  # names the spool file
+    _UUID_LENGTH: ClassVar[int]  # which field of a record (Chunk: its start first) is the length of
+    # its instance uuid, which every tail starts with
 
     def __init__(self, keep_in_memory: int = 2000, *, spool_dir: str | None = None) -> None:
         self._keep = keep_in_memory
@@ -137,6 +141,16 @@ class _SpooledRows(Generic[R]):
                 self._open_spool()
             return
         self._file.append(self._record(row))
+
+    def instance_uuids(self) -> Iterator[bytes]:
+        """Each row's instance uuid (ASCII), in order; cheaper than the rows themselves."""
+        if self._file is None:
+            yield from (row.instance_uuid.encode() for row in list(self._rows))  # type: ignore[attr-defined]
+            return
+        size, length = self._HEAD.size, self._UUID_LENGTH
+        for buffer, records in self._file.chunks():
+            for record in records:
+                yield buffer[record[0] + size : record[0] + size + record[length]]
 
     def per_diff(self) -> list[tuple[SpecDiff, int]]:
         """Each distinct SpecDiff and how many rows share it."""
@@ -215,6 +229,7 @@ class ChangeList(_SpooledRows[RowChange]):
 
     _HEAD = struct.Struct("<q32s32sIB")  # id, old sha256, new sha256, diff index, uuid length
     _SPOOL_NAME = "changes"
+    _UUID_LENGTH = 5
 
     def _counted(self, change: RowChange) -> None:
         self._index_of(change.diff)
@@ -277,6 +292,7 @@ class NoteList(_SpooledRows[RowNote]):
 
     _HEAD = struct.Struct("<qIHHI")  # id, diff index, uuid length, flavor length, length of all three texts
     _SPOOL_NAME = "notes"
+    _UUID_LENGTH = 3
     _NO_DIFF = 0xFFFFFFFF
 
     def __init__(
@@ -353,6 +369,11 @@ class Plan:
     in_sync: int = 0
     out_of_scope: int = 0  # rows outside --flavor / --instance
     digest: str = ""
+
+    def spec_diffs(self) -> Iterator[SpecDiff]:
+        """Every SpecDiff the plan's rows refer to (once per list that has it)."""
+        for rows in (self.changes, self.held_back, self.orphans, self.errors, self.left_alone):
+            yield from rows._diffs
 
     @property
     def skipped(self) -> int:
@@ -456,6 +477,18 @@ class CopyPlan:
         return self.cell_uuid or "nova_api"
 
 
+# How many instance uuids CloudPlan.disagreement holds at once (about 15 MB).
+UUIDS_AT_ONCE = 200_000
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """How many instances have copies that disagree, and the first ``instances`` of them by uuid."""
+
+    count: int
+    instances: list[str]
+
+
 @dataclass
 class CloudPlan:
     """Both copies of every instance: the RequestSpecs' plan and each cell's, under one digest.
@@ -477,24 +510,36 @@ class CloudPlan:
     def to_update(self) -> int:
         return sum(len(copy.plan.changes) for copy in self.copies)
 
-    def disagreeing_instances(self) -> list[str]:
+    def disagreement(self, sample: int | None = 5) -> Disagreement:
         """Instances stale in one copy and not in the other (e.g. after a run stopped between the two writes).
 
-        Only instances planned in both (not left alone, orphaned or unreadable in either) count.
+        Only instances planned in both (not left alone, orphaned or unreadable in either)
+        count. ``sample``: how many of them to name, the first in uuid order (None: all).
+        Memory stays flat: a plan of more than UUIDS_AT_ONCE changes is compared in as many
+        passes over its spooled lists, each for a share of the uuids (by their CRC-32).
         """
-        stale: dict[bool, set[str]] = {True: set(), False: set()}
-        for copy in self.copies:
-            stale[copy.cell_uuid is None].update(change.instance_uuid for change in copy.plan.changes)
-        one_sided = stale[True] ^ stale[False]
-        del stale
-        # The notes are read back against the few one-sided instances, not gathered: a
-        # plan's notes (its rows left alone, held back...) may be most of a cloud.
-        if one_sided:
+        changed = sum(len(copy.plan.changes) for copy in self.copies)
+        passes = max(1, -(-changed // UUIDS_AT_ONCE))
+        count, named = 0, []
+        for part in range(passes):
+            def share(uuids: Iterator[bytes], part: int = part) -> Iterable[bytes]:
+                return uuids if passes == 1 else (u for u in uuids if zlib.crc32(u) % passes == part)
+
+            stale: dict[bool, set[bytes]] = {True: set(), False: set()}
             for copy in self.copies:
-                plan = copy.plan
-                for note in chain(plan.left_alone, plan.orphans, plan.errors, plan.held_back):
-                    one_sided.discard(note.instance_uuid)
-        return sorted(one_sided)
+                stale[copy.cell_uuid is None].update(share(copy.plan.changes.instance_uuids()))
+            one_sided = stale[True] ^ stale[False]
+            del stale
+            # The notes are read back against the few one-sided instances, not gathered: a
+            # plan's notes (its rows left alone, held back...) may be most of a cloud.
+            if one_sided:
+                for copy in self.copies:
+                    plan = copy.plan
+                    for notes in (plan.left_alone, plan.orphans, plan.errors, plan.held_back):
+                        one_sided.difference_update(share(notes.instance_uuids()))
+            count += len(one_sided)
+            named = [*named, *one_sided] if sample is None else heapq.nsmallest(sample, chain(named, one_sided))
+        return Disagreement(count, sorted(uuid.decode() for uuid in named))
 
     def summary(self) -> dict[str, Any]:
         """Counts for reports and XCom: the totals, and each copy's summary by where it is."""
@@ -502,7 +547,7 @@ class CloudPlan:
             "digest": self.digest,
             "scope": self.scope.as_dict(),
             "to_update": self.to_update,
-            "disagreeing": len(self.disagreeing_instances()),
+            "disagreeing": self.disagreement(sample=0).count,
             "never_written": dict(self.never_written),
             "copies": {copy.where: {"what": copy.what, **copy.plan.summary()} for copy in self.copies},
         }

@@ -1,48 +1,49 @@
-"""Plan a big table in worker processes, one consecutive id range each, then merge.
+"""Plan big tables in worker processes, one consecutive id range at a time, then merge.
 
-The table is nova_api's request_specs or one cell's instance_extra (``cell=True``): the
-CLI plans one copy after the other, and the Airflow DAG each copy in its own task.
+The tables are nova_api's request_specs and each cell's instance_extra (``PlanJob.cell``):
+``service.plan_copies`` cuts every big copy of a plan into id ranges and gives them all to
+one set of workers (``PlanWorkers``), then merges each copy's ranges (``diff.merge_plans``):
+the same plan, the same digest, as one process would make.
 
 PyMySQL is pure Python: turning the server's packets into rows costs about as much CPU as
 planning them, and Python threads cannot do both at once (the GIL). One process planning a
 million rows took twice as long as a bare read of them. Here each worker reads and plans its
-own id range on its own connection, and the parent merges the plans (``diff.merge_plans``):
-the same plan, the same digest, as one process would make.
+own id range on its own connection.
 
 A worker is ``python -m nova_flavor_sync.plan_worker``, started with ``subprocess`` (Celery's
-daemonic workers forbid ``multiprocessing`` children). It gets PlanJobs pickled on stdin, one
-after the other (our own code on both ends; the password never appears in a command line or
-environment), plans each, and answers on stdout with frames ``<c kind><I length>payload``:
+daemonic workers forbid ``multiprocessing`` children). It gets a PlanContext (flavors, scope,
+the instances to leave alone), then PlanJobs, pickled on stdin, one after the other (our own
+code on both ends; the password never appears in a command line or environment), plans each,
+and answers on stdout with frames ``<c kind><I length>payload``:
 
     p  progress: rows of the current job planned so far (pickled int), every PROGRESS_EVERY rows
-    r  result: the current job's Plan, pickled; its changes stay in a file in the job's
-       spool_dir, which the parent adopts by name, so the parent's memory does not grow with them
+    r  result: the current job's Plan (``encode_result``): its long lists stay in files in
+       the context's spool_dir, which the parent adopts by name, so the parent's memory does
+       not grow with them; each SpecDiff is sent once per worker, then named by its number
     e  error: the exit code, a newline and a message free of secrets (UTF-8)
 
-It exits when its stdin closes. The parent keeps a few workers and gives each its next job
-when it answers one (``run_jobs``): a worker starts once for every copy of a cloud (a Python
-start is a fifth of a second), and no core waits while another finishes a copy's last range.
+It exits when its stdin closes.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import queue
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.diff import make_plan, merge_plans
+from nova_flavor_sync.diff import RowPlanner, make_plan
 from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.flavor import Flavor
-from nova_flavor_sync.plan import Plan
+from nova_flavor_sync.plan import Plan, SpecDiff
 from nova_flavor_sync.scope import Scope
 
 FRAME = struct.Struct("<cI")
@@ -61,20 +62,30 @@ class PlanWorkerError(NovaFlavorSyncError):
 
 
 @dataclass(frozen=True)
+class PlanContext:
+    """What every range of one plan shares; a worker gets it once, before its first PlanJob.
+
+    ``left_alone``: see NovaApiDb.iter_spec_rows. ``spool_dir``: where the workers spool
+    their plans' long lists, by name, for the parent to adopt.
+    """
+
+    flavors: Mapping[int, Flavor]
+    scope: Scope
+    left_alone: Mapping[str, str] | None
+    page_size: int
+    spool_dir: str
+
+
+@dataclass(frozen=True)
 class PlanJob:
-    """One worker's share: plan the rows with ids in ``id_range``, with these flavors and scope.
+    """One worker's share: plan the rows with ids in ``id_range`` of one database.
 
     ``cell``: the rows are a cell database's instance copies (``instance_extra.flavor``),
     not nova_api's RequestSpecs.
     """
 
     params: DbParams
-    flavors: Mapping[int, Flavor]
-    scope: Scope
     id_range: tuple[int, int]
-    page_size: int
-    spool_dir: str
-    left_alone: Mapping[str, str] | None = None  # see NovaApiDb.iter_spec_rows
     cell: bool = False
 
 
@@ -87,120 +98,147 @@ def split_ids(bounds: tuple[int, int], parts: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1] - 1) for i in range(parts)]
 
 
-def plan_in_workers(
-    params: DbParams,
-    flavors: Mapping[int, Flavor],
-    scope: Scope,
-    bounds: tuple[int, int],
-    *,
-    workers: int,
-    page_size: int,
-    progress: Callable[[int], None] | None = None,
-    left_alone: Mapping[str, str] | None = None,
-    cell: bool = False,
-) -> Plan:
-    """Plan every row with an id in ``bounds`` in ``workers`` processes; return the merged plan.
+class PlanWorkers:
+    """``count`` plan worker processes: start them, give them one plan's ranges (``run``), stop them.
 
-    ``cell``: ``params`` is a cell database and the rows its instance copies (instance_extra).
+    Started before the parent's own work for the plan (finding the instances to leave
+    alone), so that their start, a fifth of a second of imports each, overlaps it. Each
+    worker gets the PlanContext once and then one PlanJob after another, the next when it
+    answers one, so no core waits while another finishes a copy's last range; it keeps its
+    RowPlanners from one job to the next, so it judges each distinct flavor copy once.
     """
-    with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
-        jobs = [PlanJob(params, flavors, scope, ids, page_size, spool_dir, left_alone, cell=cell)
-                for ids in split_ids(bounds, workers)]
-        return merge_plans(scope, run_jobs(jobs, max_running=len(jobs), progress=progress))
 
+    def __init__(self, count: int) -> None:
+        self._env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._children: list[subprocess.Popen] = []
+        self._readers: list[threading.Thread] = []
+        self._messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
+        # One SpecDiff object per value over every worker's plans: equal diffs come from each
+        # worker and each copy (thousands where flavors are many); the merges keep one of each.
+        self._shared_diffs: dict[SpecDiff, SpecDiff] = {}
+        self._failed = False
+        try:
+            for _ in range(count):
+                self._start()
+        except BaseException:
+            self.close()
+            raise
 
-def run_jobs(
-    jobs: Sequence[PlanJob], *, max_running: int, progress: Callable[[int], None] | None = None
-) -> list[Plan]:
-    """Plan the jobs in at most ``max_running`` worker processes, each given its next job when
-    it answers one; the plans in job order.
+    def __enter__(self) -> PlanWorkers:
+        return self
 
-    Each plan's changes stay spooled in the jobs' ``spool_dir``: merge them (``merge_plans``)
-    before that directory goes. ``progress(rows)``: rows planned so far over every job.
-    """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    children: list[subprocess.Popen] = []
-    messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
-    readers: list[threading.Thread] = []
-    results: list[Plan | None] = [None] * len(jobs)
-    done = [0] * len(jobs)
-    pending = iter(range(len(jobs)))
-    current: list[int] = []  # each worker's job
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    def give_next(worker: int) -> None:
-        """The worker's next job on its stdin, or, when none is left, the end of its stdin."""
-        stdin = children[worker].stdin
-        assert stdin is not None
-        index = next(pending, None)
-        if index is None:
-            stdin.close()
-            return
-        current[worker] = index
-        pickle.dump(jobs[index], stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        stdin.flush()
+    def __len__(self) -> int:
+        return len(self._children)
 
-    def start() -> None:
+    def _start(self) -> None:
         # The child imports this package the way this process did (an Airflow worker
         # may have it on sys.path only).
         child = subprocess.Popen(
             [sys.executable, "-m", "nova_flavor_sync.plan_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env,
         )
-        children.append(child)
-        current.append(-1)
+        self._children.append(child)
         assert child.stdout is not None
-        reader = threading.Thread(target=_read_frames, args=(len(children) - 1, child.stdout, messages), daemon=True)
+        reader = threading.Thread(target=_read_frames, daemon=True,
+                                  args=(len(self._children) - 1, child.stdout, self._messages, self._shared_diffs))
         reader.start()
-        readers.append(reader)
-        give_next(len(children) - 1)
+        self._readers.append(reader)
 
-    try:
-        for _ in range(min(max(max_running, 1), len(jobs))):
-            start()
-        while any(result is None for result in results):
-            worker, kind, payload = messages.get()
-            index = current[worker]
-            if kind == PROGRESS:
-                done[index] = payload
-                if progress is not None:
-                    progress(sum(done))
-            elif kind == RESULT:
-                results[index] = payload
-                done[index] = payload.rows_read
+    def run(
+        self, context: PlanContext, jobs: Sequence[PlanJob], *, progress: Callable[[int], None] | None = None
+    ) -> list[Plan]:
+        """Plan the jobs; the plans in job order. Once per PlanWorkers.
+
+        Each plan's changes stay spooled in ``context.spool_dir``: merge them
+        (``merge_plans``) before that directory goes. The plans share their SpecDiffs (one
+        object per value). ``progress(rows)``: rows planned so far over every job.
+        """
+        results: list[Plan | None] = [None] * len(jobs)
+        done = [0] * len(jobs)
+        pending = iter(range(len(jobs)))
+        current = [-1] * len(self._children)  # each worker's job
+
+        def send(worker: int, message: bytes) -> None:
+            stdin = self._children[worker].stdin
+            assert stdin is not None
+            try:
+                stdin.write(message)
+                stdin.flush()
+            except BrokenPipeError:  # it stopped: its reader thread reports how
+                pass
+
+        def give_next(worker: int) -> None:
+            """The worker's next job on its stdin, or, when none is left, the end of its stdin."""
+            index = next(pending, None)
+            if index is None:
+                self._end_input(worker)
+                return
+            current[worker] = index
+            send(worker, pickle.dumps(jobs[index], protocol=pickle.HIGHEST_PROTOCOL))
+
+        try:
+            shared = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)  # once: thousands of flavors
+            for worker in range(len(self._children)):
+                send(worker, shared)
                 give_next(worker)
-            elif kind == STOPPED:
-                if index >= 0 and results[index] is None:
-                    stopped = "a plan worker stopped before it finished (see its output above)"
-                    raise PlanWorkerError(stopped, ExitCode.UNEXPECTED)
-            else:
-                code, _, message = payload.partition("\n")
-                raise PlanWorkerError(message, ExitCode(int(code)))
+            while any(result is None for result in results):
+                worker, kind, payload = self._messages.get()
+                index = current[worker]
+                if kind == PROGRESS:
+                    done[index] = payload
+                    if progress is not None:
+                        progress(sum(done))
+                elif kind == RESULT:
+                    results[index] = payload
+                    done[index] = payload.rows_read
+                    give_next(worker)
+                elif kind == STOPPED:
+                    if index < 0 or results[index] is None:
+                        stopped = "a plan worker stopped before it finished (see its output above)"
+                        raise PlanWorkerError(stopped, ExitCode.UNEXPECTED)
+                else:
+                    code, _, message = payload.partition("\n")
+                    raise PlanWorkerError(message, ExitCode(int(code)))
+        except BaseException:
+            self._failed = True
+            raise
         return [r for r in results if r is not None]
-    finally:
-        for child in children:
-            if child.stdin is not None and not child.stdin.closed:
-                try:
-                    child.stdin.close()
-                except OSError:
-                    pass
-            if child.poll() is None and any(r is None for r in results):
-                child.kill()  # only after a failure: a worker given no more work exits
-        for child in children:
+
+    def _end_input(self, worker: int) -> None:
+        stdin = self._children[worker].stdin
+        if stdin is not None and not stdin.closed:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop the workers: a worker whose input ends exits; after a failure, each is killed."""
+        for worker, child in enumerate(self._children):
+            self._end_input(worker)
+            if self._failed and child.poll() is None:
+                child.kill()
+        for child in self._children:
             try:
                 child.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:  # its answers are in (or a failure is raised): stop it
                 child.kill()
                 child.wait()
-        for reader in readers:
+        for reader in self._readers:
             reader.join(timeout=STOP_TIMEOUT_S)
+        self._children, self._readers = [], []
 
 
-def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue) -> None:
+def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue, shared_diffs: dict[SpecDiff, SpecDiff]) -> None:
     """A thread per worker: turn its frames into messages; anything else is an error message.
 
     A worker's output ends after the result of its last job: the end of the stream is an
-    error only while the parent still waits for one of its results (``run_jobs``).
+    error only while the parent still waits for one of its results (``PlanWorkers.run``).
     """
+    diffs: list[SpecDiff] = []  # this worker's SpecDiffs by number (see encode_result)
     try:
         with stream:
             while True:
@@ -215,10 +253,71 @@ def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue) -> None:
                 if kind == ERROR:
                     messages.put((worker, ERROR, payload.decode("utf-8", "replace")))
                     return
-                messages.put((worker, kind, pickle.loads(payload)))
+                if kind == RESULT:
+                    messages.put((worker, kind, decode_result(payload, diffs, shared_diffs)))
+                else:
+                    messages.put((worker, kind, pickle.loads(payload)))
     except Exception as exc:  # noqa: BLE001 (reported to the parent's loop, which raises it)
         failed = f"reading a plan worker's answer failed: {type(exc).__name__}"
         messages.put((worker, ERROR, f"{int(ExitCode.UNEXPECTED)}\n{failed}"))
+
+
+# A result frame: the length of the first part, the SpecDiffs the parent has not had from
+# this worker (a pickled list), then the Plan pickled with every SpecDiff as its number.
+_RESULT_HEAD = struct.Struct("<I")
+
+
+class _DiffsByNumber(pickle.Pickler):
+    def __init__(self, file: BinaryIO, numbers: Mapping[int, int]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._numbers = numbers
+
+    def persistent_id(self, obj: Any) -> int | None:
+        return self._numbers.get(id(obj)) if type(obj) is SpecDiff else None
+
+
+class _NumberedDiffs(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, diffs: Sequence[SpecDiff]) -> None:
+        super().__init__(file)
+        self._diffs = diffs
+
+    def persistent_load(self, pid: Any) -> SpecDiff:
+        return self._diffs[pid]
+
+
+class SentDiffs:
+    """A worker's SpecDiffs the parent has, by object, with their numbers (kept alive here)."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[int, int] = {}
+        self._kept: list[SpecDiff] = []
+
+    def add_new(self, diffs: Iterable[SpecDiff]) -> list[SpecDiff]:
+        new = []
+        for diff in diffs:
+            if id(diff) not in self.numbers:
+                self.numbers[id(diff)] = len(self._kept)
+                self._kept.append(diff)
+                new.append(diff)
+        return new
+
+
+def encode_result(plan: Plan, sent: SentDiffs) -> bytes:
+    """A Plan for the parent: a plan worker's many ranges share thousands of SpecDiffs (one
+    per distinct flavor copy that changes), each pickled and sent once, then named by number."""
+    new = pickle.dumps(sent.add_new(plan.spec_diffs()), protocol=pickle.HIGHEST_PROTOCOL)
+    body = io.BytesIO()
+    _DiffsByNumber(body, sent.numbers).dump(plan)
+    return _RESULT_HEAD.pack(len(new)) + new + body.getvalue()
+
+
+def decode_result(payload: bytes, diffs: list[SpecDiff], shared: dict[SpecDiff, SpecDiff]) -> Plan:
+    """``encode_result``'s Plan: ``diffs`` are the worker's SpecDiffs so far (the new ones are
+    added), each the object of ``shared`` that equals it."""
+    (length,) = _RESULT_HEAD.unpack_from(payload)
+    start = _RESULT_HEAD.size
+    diffs.extend(shared.setdefault(diff, diff) for diff in pickle.loads(payload[start:start + length]))
+    return _NumberedDiffs(io.BytesIO(payload[start + length:]), diffs).load()
 
 
 def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
@@ -226,15 +325,18 @@ def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
     out.flush()
 
 
-def _work(job: PlanJob, out: BinaryIO) -> None:
+def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], sent: SentDiffs,
+          out: BinaryIO) -> None:
     from nova_flavor_sync.db import NovaApiDb, NovaCellDb  # the parent process does not need it
     from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC
 
+    layout = INSTANCE_FLAVOR if job.cell else REQUEST_SPEC
+    planner = planners.get(job.cell)
+    if planner is None:
+        planner = planners[job.cell] = RowPlanner(context.flavors, context.scope, layout)
     with (NovaCellDb if job.cell else NovaApiDb)(job.params) as db:
-        if job.cell:
-            rows = db.iter_flavor_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
-        else:
-            rows = db.iter_spec_rows(page_size=job.page_size, id_range=job.id_range, left_alone=job.left_alone)
+        read = db.iter_flavor_rows if job.cell else db.iter_spec_rows
+        rows = read(page_size=context.page_size, id_range=job.id_range, left_alone=context.left_alone)
 
         def counted():
             for count, row in enumerate(rows, 1):
@@ -242,28 +344,39 @@ def _work(job: PlanJob, out: BinaryIO) -> None:
                 if count % PROGRESS_EVERY == 0:
                     _send(out, PROGRESS, pickle.dumps(count))
 
-        plan = make_plan(job.flavors, counted(), job.scope, spool_dir=job.spool_dir,
-                         layout=INSTANCE_FLAVOR if job.cell else REQUEST_SPEC)
-    _send(out, RESULT, pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
+        plan = make_plan(context.flavors, counted(), context.scope, spool_dir=context.spool_dir, layout=layout,
+                         planner=planner)
+    _send(out, RESULT, encode_result(plan, sent))
 
 
 def main() -> int:
+    """A worker: a PlanContext, then PlanJobs, on stdin until it ends; answers in frames on stdout."""
     out = sys.stdout.buffer
+    context: PlanContext | None = None
+    planners: dict[bool, RowPlanner] = {}  # by PlanJob.cell: the verdicts of every job so far
+    sent = SentDiffs()
     try:
         while True:
             try:
-                job = pickle.load(sys.stdin.buffer)
+                message = pickle.load(sys.stdin.buffer)
             except EOFError:  # the parent has no more work
                 return 0
-            _work(job, out)
+            if isinstance(message, PlanContext):
+                context, planners, sent = message, {}, SentDiffs()
+                continue
+            assert context is not None, "a PlanJob came before its PlanContext"
+            _work(context, message, planners, sent, out)
     except Exception as exc:  # reported to the parent, which raises it
         from nova_flavor_sync.db import describe_error
 
         code = getattr(exc, "exit_code", ExitCode.UNEXPECTED)
         _send(out, ERROR, f"{int(code)}\n{describe_error(exc)}".encode())
         return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the package's module, not as __main__: the parent pickles PlanContext and PlanJob
+    # as nova_flavor_sync.plan_worker's classes, which main() must recognise.
+    from nova_flavor_sync.plan_worker import main as worker_main
+
+    sys.exit(worker_main())

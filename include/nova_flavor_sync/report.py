@@ -132,12 +132,12 @@ def both_copies_lines(cloud: CloudPlan) -> list[str]:
             lines.append(f"  left alone in {copy.where}: " + _counts(reasons))
     for where, instances in cloud.never_written.items():
         lines.append(f"Cell {where}: {instances} instances that never scheduled; counted, never written")
-    disagreeing = cloud.disagreeing_instances()
-    if disagreeing:
+    disagreeing = cloud.disagreement(sample=5)
+    if disagreeing.count:
         lines.append(
-            f"Copies disagree for {len(disagreeing)} instances (stale in one copy only; a run that stopped "
-            f"between its two writes leaves this; run again): {', '.join(disagreeing[:5])}"
-            + (" ..." if len(disagreeing) > 5 else "")
+            f"Copies disagree for {disagreeing.count} instances (stale in one copy only; a run that stopped "
+            f"between its two writes leaves this; run again): {', '.join(disagreeing.instances)}"
+            + (" ..." if disagreeing.count > 5 else "")
         )
     guest_keys = any(copy.cell_uuid and copy.plan.summary()["by_risk"].get(RiskClass.GUEST.value)
                      for copy in cloud.copies)

@@ -48,7 +48,7 @@ from nova_flavor_sync.errors import BackupError, ConfigError, NovaFlavorSyncErro
 from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.plan import CloudPlan, CopyPlan, Plan, RowChange, RowNote, SpecRow, batched
 from nova_flavor_sync.plan_file import PlannedRow, SavedPlan, load_plan, save_plan
-from nova_flavor_sync.plan_worker import PlanJob, plan_in_workers, run_jobs, split_ids
+from nova_flavor_sync.plan_worker import PlanContext, PlanJob, PlanWorkers, split_ids
 from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
@@ -61,12 +61,6 @@ from nova_flavor_sync.value_changes import group_copies, group_lines, write_chan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Planning a big table: how many worker processes, from how many rows (by id) on. Two use
-# both cores of a small machine; the database server needs its share too.
-PLAN_WORKERS = 2
-PLAN_WORKERS_FROM = 50_000
-
 
 def connect(params: DbParams) -> NovaApiDb:
     """Open the database and check it has what the tool needs; nothing is written."""
@@ -106,33 +100,19 @@ def make_plan(
     flavors: dict[int, Flavor] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
-    workers: int | None = None,
     left_alone: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Read every request spec in scope, page by page, and plan what to change.
+    """Read every request spec in scope, page by page, in this process, and plan what to change.
 
     ``left_alone``: instances whose RequestSpecs must not be written, and why
     (``cells.instances_to_leave_alone``); by default those queued for delete.
-
-    ``progress(rows_read, rows_expected)`` is called after every page. A table of
-    PLAN_WORKERS_FROM rows or more (by its ids) is planned by PLAN_WORKERS processes, one id
-    range each (``plan_worker``); ``workers`` overrides that (1: in this process).
+    ``progress(rows_read, rows_expected)`` is called after every page. A whole cloud is
+    planned by ``plan_copies``, which gives big copies to worker processes.
     """
     flavors = db.load_flavors() if flavors is None else flavors
-    expected = db.count_specs() if progress is not None else 0
-    bounds = db.spec_id_bounds() if scope.instance_uuids is None and workers != 1 else None
-    if workers is None:
-        workers = PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1
-    if workers > 1 and bounds is not None:
-        report = None if progress is None else (lambda done: progress(done, max(expected, done)))
-        plan = plan_in_workers(db.params, flavors, scope, bounds, workers=workers, page_size=page_size,
-                               progress=report, left_alone=left_alone)
-        if progress is not None:
-            progress(plan.rows_read, max(expected, plan.rows_read))
-        return plan
     rows: Iterable[SpecRow] = _rows_in_scope(db, scope, page_size, left_alone=left_alone)
     if progress is not None:
-        rows = _counted(rows, expected, page_size, progress)
+        rows = _counted(rows, db.count_specs(), page_size, progress)
     return diff_make_plan(flavors, rows, scope)
 
 
@@ -143,25 +123,13 @@ def make_cell_plan(
     flavors: dict[int, Flavor],
     left_alone: Mapping[str, str] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
-    workers: int | None = None,
 ) -> Plan:
-    """Plan the instances' own flavor copies (``cur`` in instance_extra.flavor) of one cell.
+    """Plan the instances' own flavor copies (``cur`` in instance_extra.flavor) of one cell, in this process.
 
     ``flavors`` come from nova_api (where flavors live); ``left_alone`` is
     ``cells.instances_to_leave_alone``. Instances that are deleted or in the middle of a
     resize or migration are left alone too, with the reason (``db.instance_state_reason``).
-
-    As for the RequestSpecs (make_plan), a cell of PLAN_WORKERS_FROM rows or more (by its
-    instance_extra ids) is planned by PLAN_WORKERS processes, one id range each: reading
-    rows in PyMySQL costs about as much CPU as planning them. ``workers`` overrides that
-    (1: in this process). An instance-uuid scope is planned in this process.
     """
-    bounds = cell.flavor_id_bounds() if scope.instance_uuids is None and workers != 1 else None
-    if workers is None:
-        workers = PLAN_WORKERS if bounds and bounds[1] - bounds[0] + 1 >= PLAN_WORKERS_FROM else 1
-    if workers > 1 and bounds is not None:
-        return plan_in_workers(cell.params, flavors, scope, bounds, workers=workers, page_size=page_size,
-                               left_alone=left_alone, cell=True)
     rows = _rows_in_scope(cell, scope, page_size, left_alone=left_alone)
     return diff_make_plan(flavors, rows, scope, layout=INSTANCE_FLAVOR)
 
@@ -200,14 +168,12 @@ def plan_both_copies(
 
     ``cells`` are the open cells in cell_mappings order; cell0's instances are counted, never
     planned. Both copies of an instance that must be left alone are (``instances_to_leave_alone``).
-    ``progress`` follows the reading of the RequestSpecs (see make_plan). Without ``flavors``
-    they are read now (a verify after writing reads everything again). ``workers``: how many
-    plan worker processes a big copy gets (see make_plan, make_cell_plan; 1: none).
+    Without ``flavors`` they are read now (a verify after writing reads everything again).
+    ``progress`` and ``workers``: see plan_copies.
     """
     flavors = api.load_flavors() if flavors is None else flavors
-    left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
-    copies = plan_copies(api, cells, copy_keys(cells), scope, flavors=flavors, left_alone=left_alone,
-                         page_size=page_size, progress=progress, workers=workers)
+    copies = plan_copies(api, cells, copy_keys(cells), scope, flavors=flavors, page_size=page_size,
+                         progress=progress, workers=workers)
     never_written = {mapping.label: db.instance_counts()["total"] for mapping, db in cells if mapping.is_cell0}
     return CloudPlan(scope, copies, never_written)
 
@@ -224,21 +190,24 @@ def plan_copy(
     scope: Scope,
     *,
     flavors: dict[int, Flavor],
-    left_alone: Mapping[str, str],
+    left_alone: Mapping[str, str] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
 ) -> CopyPlan:
     """The plan of one copy: nova_api's RequestSpecs (``key`` "nova_api") or one cell's instance copies.
 
-    ``left_alone`` is ``cells.instances_to_leave_alone`` over every cell: the copies of one
-    instance are planned with the same reasons whichever is planned first, or elsewhere.
-    A big copy is planned in worker processes (``workers``: see make_plan, make_cell_plan).
+    The instances to leave alone are found over every cell (see plan_copies): the copies of
+    one instance are planned with the same reasons whichever is planned first, or elsewhere.
     """
     return plan_copies(api, cells, [key], scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
                        progress=progress, workers=workers)[0]
 
 
+# Planning big copies: how many worker processes, from how many rows (by id) on. Two use
+# both cores of a small machine; the database server needs its share too.
+PLAN_WORKERS = 2
+PLAN_WORKERS_FROM = 50_000
 # A big copy is cut into this many id ranges per worker: a worker that finishes its range
 # early takes the next one, of this copy or the next, instead of waiting for the others.
 RANGES_PER_WORKER = 2
@@ -251,48 +220,54 @@ def plan_copies(
     scope: Scope,
     *,
     flavors: dict[int, Flavor],
-    left_alone: Mapping[str, str],
+    left_alone: Mapping[str, str] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
 ) -> list[CopyPlan]:
-    """The plans of these copies (``copy_keys``), in order.
+    """The plans of these copies (``copy_keys``), in order: the one place that decides on plan workers.
 
-    When a copy is big (PLAN_WORKERS_FROM rows or more by id; ``workers`` overrides: 1 plans
-    everything in this process), the id ranges of every copy go to one set of PLAN_WORKERS
-    worker processes (``plan_worker.run_jobs``), which start once for the whole cloud and stay
+    ``left_alone``: the instances whose copies must not be written, and why; by default
+    found here (``cells.instances_to_leave_alone`` over every cell) while the workers start.
+    When a copy is big (PLAN_WORKERS_FROM rows or more by id), the id ranges of every copy go
+    to one set of PLAN_WORKERS worker processes (``plan_worker.PlanWorkers``), which stay
     busy from one copy to the next; each copy's ranges are merged into its plan
     (``diff.merge_plans``: the plan and digest one process would make). A small cloud, or an
-    instance-uuid scope, is planned in this process. ``progress(rows, expected)`` follows the
-    reading of the RequestSpecs when they are planned here, of every big copy otherwise.
+    instance-uuid scope, is planned in this process. ``workers`` overrides the count (1:
+    everything in this process). ``progress(rows, expected)`` follows the reading of the
+    RequestSpecs when they are planned here, of every copy otherwise.
     """
     targets = [_copy_database(api, cells, key) for key in keys]
-    with tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir:
-        jobs: list[PlanJob] = []
-        owners: list[int] = []  # jobs[i] is a range of targets[owners[i]]
-        expected = 0
-        bounds_of: dict[int, tuple[int, int]] = {}
+    bounds_of: dict[int, tuple[int, int]] = {}
+    if scope.instance_uuids is None and workers != 1:
         for index, (_, _, db) in enumerate(targets):
-            if scope.instance_uuids is None and workers != 1:
-                bounds = db.flavor_id_bounds() if isinstance(db, NovaCellDb) else db.spec_id_bounds()  # type: ignore[union-attr]
-                if bounds is not None:
-                    bounds_of[index] = bounds
-        big = any(high - low + 1 >= PLAN_WORKERS_FROM for low, high in bounds_of.values())
-        count = workers or (PLAN_WORKERS if big else 1)
+            bounds = db.flavor_id_bounds() if isinstance(db, NovaCellDb) else db.spec_id_bounds()  # type: ignore[union-attr]
+            if bounds is not None:
+                bounds_of[index] = bounds
+    big = any(high - low + 1 >= PLAN_WORKERS_FROM for low, high in bounds_of.values())
+    count = workers or (PLAN_WORKERS if big else 1)
+    if count == 1:
+        bounds_of = {}
+    with (tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir,
+          PlanWorkers(count if bounds_of else 0) as pool):
+        if left_alone is None:
+            left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
         # Once workers run, every copy goes to them, small ones too: planned here it would
         # wait for the workers' copies, or they for it.
-        for index, bounds in bounds_of.items() if count > 1 else ():
+        jobs: list[PlanJob] = []
+        owners: list[int] = []  # jobs[i] is a range of targets[owners[i]]
+        for index, bounds in bounds_of.items():
             db = targets[index][2]
             for ids in split_ids(bounds, count * RANGES_PER_WORKER):
-                jobs.append(PlanJob(db.params, flavors, scope, ids, page_size, spool_dir, left_alone,
-                                    cell=isinstance(db, NovaCellDb)))
+                jobs.append(PlanJob(db.params, ids, cell=isinstance(db, NovaCellDb)))
                 owners.append(index)
-            expected += bounds[1] - bounds[0] + 1
         planned: dict[int, Plan] = {}
         if jobs:
+            expected = sum(high - low + 1 for low, high in bounds_of.values())
             report = None if progress is None else (lambda done: progress(done, max(expected, done)))
-            parts = run_jobs(jobs, max_running=workers or PLAN_WORKERS, progress=report)
-            for index in dict.fromkeys(owners):
+            context = PlanContext(flavors, scope, left_alone, page_size, spool_dir)
+            parts = pool.run(context, jobs, progress=report)
+            for index in bounds_of:
                 planned[index] = merge_plans(scope, [part for part, owner in zip(parts, owners, strict=True)
                                                      if owner == index])
             if progress is not None:
@@ -302,11 +277,10 @@ def plan_copies(
         for index, (where, cell_uuid, db) in enumerate(targets):
             plan = planned.get(index)
             if plan is None and isinstance(db, NovaCellDb):
-                plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size,
-                                      workers=1)
+                plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size)
             elif plan is None:
                 plan = make_plan(db, scope, flavors=flavors, page_size=page_size, left_alone=left_alone,  # type: ignore[arg-type]
-                                 progress=progress, workers=1)
+                                 progress=progress)
             copies.append(CopyPlan(where, cell_uuid, plan))
     return copies
 
@@ -474,7 +448,7 @@ def apply_copies(
     state before the sync for live migration and evacuate, and a cold migration heals the
     RequestSpec from the instance. The other order would leave a fresh RequestSpec that the
     next cold migration overwrites with the stale instance copy. ``--verify`` and the drift
-    check report such instances (CloudPlan.disagreeing_instances); running again heals them.
+    check report such instances (CloudPlan.disagreement); running again heals them.
 
     ``exclude``: rows by database not to write (the backup's diverged rows): reported as
     conflicts. ``pacer_for`` gives each database's pacer (``pacers``).
@@ -801,10 +775,8 @@ def plan_copy_to_file(
         found, scope = resolve_scope(
             db, flavor_selectors=flavors, instance_uuids=instances, key_prefixes=key_prefixes, all_keys=all_keys
         )
-        left_alone = instances_to_leave_alone(db, {mapping.uuid: cell for mapping, cell in cells})
         reading = Progress(f"Read {key}", every=PROGRESS_EVERY)
-        copy = plan_copy(db, cells, key, scope, flavors=found, left_alone=left_alone,
-                                 progress=reading.update)
+        copy = plan_copy(db, cells, key, scope, flavors=found, progress=reading.update)
     for line in (report.plan_lines(copy.plan, verbose=True) + report.summary_lines(copy.plan, what=copy.rows_named)
                  + report.value_change_lines([copy], verbose=True)):
         log.info("%s", line)
@@ -921,7 +893,7 @@ def drift_summary(
         "value_changes": group_lines(group_copies(cloud.copies).groups(), more="the task log"),
         "digest": cloud.digest,
         "to_update": cloud.to_update,
-        "disagreeing": len(cloud.disagreeing_instances()),
+        "disagreeing": cloud.disagreement(sample=0).count,
         "by_flavor": summed(s["by_flavor"] for s in summaries.values()),
         "by_key": summed(s["by_key"] for s in summaries.values()),
         "copies": {where: {k: v for k, v in s.items() if k != "scope"} for where, s in summaries.items()},

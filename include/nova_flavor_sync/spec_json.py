@@ -114,13 +114,13 @@ class FlavorText:
 
     ``text`` is the flavor object's exact bytes; ``specs_start``/``specs_end`` are offsets of
     the extra_specs value within it. The same flavor copy has the same ``text`` in every spec
-    that carries it, which is what lets a planner recognise a copy it has already judged.
+    that carries it, which is what lets a planner recognise a copy it has already judged (it
+    keeps one FlavorText for each of thousands of copies: nothing more is kept here).
     """
 
     text: str
     specs_start: int
     specs_end: int
-    flavor: EmbeddedFlavor
 
     def splice(self, spec_text: str, at: int, new_specs_json: str) -> str:
         """``spec_text`` (whose flavor object starts at ``at``) with a new extra_specs value."""
@@ -217,7 +217,7 @@ def flavor_text_at(
         old, stop = None, start
     if old != flavor.extra_specs or json.dumps(old) != text[start:stop]:
         raise SpecShapeError("extra_specs is not stored where and how Nova writes it; refusing to rewrite it")
-    return FlavorText(text, start, stop, flavor)
+    return FlavorText(text, start, stop)
 
 
 def rewrite_extra_specs(

@@ -16,6 +16,7 @@ import pytest
 from dbtools import connect, opened_cloud
 from nova_flavor_sync import service
 from nova_flavor_sync.db import NovaCellDb
+from nova_flavor_sync.plan import Disagreement
 
 
 def plan_cell(cloud, cell: str, *, all_keys: bool = True):
@@ -107,7 +108,7 @@ def test_one_plan_for_both_copies_reports_each_cell_and_one_digest(demo_cloud):
     cloud = plan_cloud(demo_cloud)
     lines = both_copies_lines(cloud)
 
-    assert cloud.to_update == 726 * 2 and cloud.disagreeing_instances() == []
+    assert cloud.to_update == 726 * 2 and cloud.disagreement().count == 0
     assert [c.where.split()[0] for c in cloud.copies] == ["nova_api", "cell1", "cell2"]
     assert lines[0].startswith("RequestSpecs in nova_api: read 1500, 726 to update")
     assert any(line.startswith("Instance copies in cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca): read 884, "
@@ -135,7 +136,7 @@ def test_an_instance_synced_in_one_copy_only_is_reported_as_disagreeing(demo_clo
 
     again = plan_cloud(demo_cloud)
 
-    assert again.disagreeing_instances() == [first.instance_uuid]
+    assert again.disagreement() == Disagreement(1, [first.instance_uuid])
     assert again.digest != cloud.digest
     assert any(line.startswith("Copies disagree for 1 instances (stale in one copy only; ") and
                first.instance_uuid in line for line in both_copies_lines(again))

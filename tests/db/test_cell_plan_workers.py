@@ -22,7 +22,7 @@ def plan_both(cloud, workers):
     with opened_cloud(cloud.api) as (api, mapped, flavors, scope):
         both = service.plan_both_copies(api, mapped, scope, flavors=flavors, workers=workers)
         left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in mapped})
-        by_scan = service.make_plan(api, scope, flavors=flavors, left_alone=left_alone, workers=1)
+        by_scan = service.make_plan(api, scope, flavors=flavors, left_alone=left_alone)
     return both, by_scan
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from dbtools import connect
 from nova_flavor_sync import service
+from nova_flavor_sync.backup import API_DATABASE
 from nova_flavor_sync.db import NovaApiDb
 from nova_flavor_sync.dburl import parse_db_url
 from nova_flavor_sync.errors import DatabaseUnavailableError, ExitCode, SchemaError
@@ -72,9 +73,9 @@ def test_plan_workers_make_exactly_the_plan_one_process_makes(demo_db, workers):
     seen = []
     with service.connect(demo_db) as db:
         flavors, scope = service.resolve_scope(db, all_keys=True)
-        alone = service.make_plan(db, scope, flavors=flavors, workers=1)
-        together = service.make_plan(db, scope, flavors=flavors, workers=workers,
-                                     progress=lambda done, expected: seen.append((done, expected)))
+        alone = service.plan_copy(db, [], API_DATABASE, scope, flavors=flavors, workers=1).plan
+        together = service.plan_copy(db, [], API_DATABASE, scope, flavors=flavors, workers=workers,
+                                     progress=lambda done, expected: seen.append((done, expected))).plan
     assert together.digest == alone.digest and list(together.changes) == list(alone.changes)
     assert together.summary() == alone.summary() and together.errors == alone.errors
     assert together.errors and together.orphans == alone.orphans and together.rows_read == 1500
@@ -88,7 +89,7 @@ def test_a_plan_worker_that_fails_raises_a_clear_error_without_secrets(demo_db):
         flavors, scope = service.resolve_scope(db)
         db.params = dataclasses.replace(demo_db, user="nfs_nobody", password=secret)
         with pytest.raises(PlanWorkerError, match="cannot connect to .*nfs_nobody:\\*\\*\\*@") as caught:
-            service.make_plan(db, scope, flavors=flavors, workers=2)
+            service.plan_copy(db, [], API_DATABASE, scope, flavors=flavors, workers=2)
     assert secret not in str(caught.value) and caught.value.exit_code == ExitCode.REFUSED
     assert not psutil.Process().children()
 

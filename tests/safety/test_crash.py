@@ -148,7 +148,7 @@ class Lane:
         self.params, self.reset, self.workdir = params, reset, workdir
         self.original = read_copies(params)
         cloud, self.cell_names = plan_both(params)
-        assert not cloud.disagreeing_instances()  # the demo's stale instances are stale in both copies
+        assert not cloud.disagreement().count  # the demo's stale instances are stale in both copies
         self.new_text, self.instance = {}, {}
         for copy in cloud.copies:
             label = self.cell_names.get(copy.cell_uuid, "nova_api")

@@ -1,4 +1,4 @@
-"""CloudPlan.disagreeing_instances: stale in one copy only, among the instances both copies judged."""
+"""CloudPlan.disagreement: stale in one copy only, among the instances both copies judged."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from nova_flavor_sync.plan import ChangeList, CloudPlan, CopyPlan, Plan, RowChange, RowNote, SpecDiff
+from nova_flavor_sync import plan as plan_module
+from nova_flavor_sync.plan import ChangeList, CloudPlan, CopyPlan, Disagreement, Plan, RowChange, RowNote, SpecDiff
 from nova_flavor_sync.scope import Scope
 
 DIFF = SpecDiff(1, "f", "m1", (), (), ())
@@ -34,8 +35,10 @@ def _as_gathered(cloud: CloudPlan) -> list[str]:
     return sorted((stale[True] ^ stale[False]) - judged[True] - judged[False])
 
 
+@pytest.mark.parametrize("uuids_at_once", [200_000, 25])  # 25: the big plan's way, several passes
 @pytest.mark.parametrize("seed", range(20))
-def test_disagreeing_instances_are_those_stale_in_one_copy_and_judged_in_both(seed):
+def test_disagreeing_instances_are_those_stale_in_one_copy_and_judged_in_both(seed, uuids_at_once, monkeypatch):
+    monkeypatch.setattr(plan_module, "UUIDS_AT_ONCE", uuids_at_once)
     rng = random.Random(seed)
     uuids = [f"uuid-{i}" for i in range(200)]
     copies = []
@@ -45,7 +48,9 @@ def test_disagreeing_instances_are_those_stale_in_one_copy_and_judged_in_both(se
         copies.append(CopyPlan(key, None if key == "nova_api" else key, _plan(stale, untouched, rng)))
     cloud = CloudPlan(Scope(), copies)
 
-    assert cloud.disagreeing_instances() == _as_gathered(cloud)
+    expected = _as_gathered(cloud)
+    assert cloud.disagreement(sample=None) == Disagreement(len(expected), expected)
+    assert cloud.disagreement(sample=3) == Disagreement(len(expected), expected[:3])
 
 
 def test_no_disagreement_when_both_copies_are_stale_alike():
@@ -53,4 +58,4 @@ def test_no_disagreement_when_both_copies_are_stale_alike():
     stale = [f"uuid-{i}" for i in range(50)]
     cloud = CloudPlan(Scope(), [CopyPlan("nova_api", None, _plan(stale, [], rng)),
                                 CopyPlan("cell1", "c1", _plan(stale[::-1], ["uuid-x"], rng))])
-    assert cloud.disagreeing_instances() == []
+    assert cloud.disagreement() == Disagreement(0, [])
