@@ -143,40 +143,51 @@ def instances_to_leave_alone(api: NovaApiDb, cells: Mapping[str, NovaCellDb]) ->
     deleted and busy instances. ``cells`` are the open cells by uuid (cell0's is skipped:
     its instances are left alone as a whole).
 
-    Each cell's scan for busy instances runs on its own connection in a thread of its own
-    while nova_api is asked the rest: the scans are the servers' work (instance_extra's
-    flavor column is read through), so the cells are scanned side by side. The reasons are
-    the same, in the same order of precedence, as one scan after the other would give.
+    Every query runs at once, on a connection of its own, in a thread of its own: each
+    cell's scan for busy instances (on the cell's connection), the anti-join of each cell's
+    missing instances and the instances without a cell (each on a new connection to
+    nova_api), the queued-for-delete uuids (on nova_api's). They are the servers' work (a
+    million instances: each a few seconds, instance_extra's flavor column read through),
+    and one after the other they added up. The reasons are the same, in the same order of
+    precedence, as one query after the other would give.
     """
     scanned = {uuid: cell for uuid, cell in cells.items() if uuid != CELL0_UUID}
-    # A connection serves one thread at a time: each cell's thread alone uses that cell's
-    # connection until its result is in; this thread alone uses nova_api's.
     same = {uuid: same_server(api.server_identity(), cell.server_identity()) for uuid, cell in scanned.items()}
-    with ThreadPoolExecutor(max_workers=max(1, len(scanned)), thread_name_prefix="busy-scan") as pool:
+    # A connection serves one thread at a time: each cell's busy scan alone uses that cell's
+    # connection until its result is in; this thread alone uses nova_api's.
+    with ThreadPoolExecutor(max_workers=2 * len(scanned) + 1, thread_name_prefix="leave-alone") as pool:
         busy = {uuid: pool.submit(cell.busy_instances) for uuid, cell in scanned.items()}
+        missing = {uuid: pool.submit(_on_own_connection, api, _missing_by_join, uuid, cell.params.database)
+                   for uuid, cell in scanned.items() if same[uuid]}
+        without_a_cell = pool.submit(_on_own_connection, api, NovaApiDb.instances_without_a_cell)
         reasons = dict.fromkeys(api.queued_for_delete(), "instance is queued for delete")
-        for uuid, reason in api.instances_without_a_cell().items():
+        for uuid, reason in without_a_cell.result().items():
             reasons.setdefault(uuid, reason)
-        missing = {uuid: _missing_by_join(api, uuid, cell) if same[uuid] else None for uuid, cell in scanned.items()}
         for cell_uuid, cell in scanned.items():
             for uuid, reason in busy[cell_uuid].result().items():
                 reasons.setdefault(uuid, reason)
-            found = missing[cell_uuid]
+            found = missing[cell_uuid].result() if cell_uuid in missing else None
             for uuid in instances_missing_from_cell(api, cell_uuid, cell) if found is None else found:
                 reasons.setdefault(uuid, MISSING_FROM_CELL)
     return reasons
+
+
+def _on_own_connection(api: NovaApiDb, query, *args):
+    """``query(db, *args)`` on a new connection to ``api``'s database, closed after."""
+    with NovaApiDb(api.params) as db:
+        return query(db, *args)
 
 
 # Why an instance whose mapping names a cell that has no row for it is left alone (both copies).
 MISSING_FROM_CELL = MISSING_INSTANCE_ROW  # the reason db.iter_flavor_rows gives such a row too
 
 
-def _missing_by_join(api: NovaApiDb, cell_uuid: str, cell: NovaCellDb) -> list[str] | None:
+def _missing_by_join(api: NovaApiDb, cell_uuid: str, cell_schema: str) -> list[str] | None:
     """``instances_missing_from_cell`` in one anti-join from nova_api's connection, for a cell
-    whose database is on nova_api's server (as often); None where nova_api's user may not
-    read it. Uses only nova_api's connection."""
+    whose database (``cell_schema``) is on nova_api's server (as often); None where nova_api's
+    user may not read it."""
     try:
-        return api.mapped_instances_missing_from(cell_uuid, cell.params.database)
+        return api.mapped_instances_missing_from(cell_uuid, cell_schema)
     except pymysql.err.MySQLError as exc:  # no SELECT on the cell's schema, collations that do not compare
         log.debug("Cell %s: no anti-join from nova_api (%s); merging uuid lists instead", cell_uuid, exc)
         return None

@@ -89,7 +89,7 @@ def test_a_plan_worker_that_fails_raises_a_clear_error_without_secrets(demo_db):
         flavors, scope = service.resolve_scope(db)
         db.params = dataclasses.replace(demo_db, user="nfs_nobody", password=secret)
         with pytest.raises(PlanWorkerError, match="cannot connect to .*nfs_nobody:\\*\\*\\*@") as caught:
-            service.plan_copy(db, [], API_DATABASE, scope, flavors=flavors, workers=2)
+            service.plan_copy(db, [], API_DATABASE, scope, flavors=flavors, left_alone={}, workers=2)
     assert secret not in str(caught.value) and caught.value.exit_code == ExitCode.REFUSED
     assert not psutil.Process().children()
 
