@@ -659,6 +659,10 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
     out["floor_per_table"] = best_floor["per_table"]
     out["plan_s"] = best_plan["seconds"]
     out["plan_phases"] = best_plan["phases"]
+    # CPU seconds of the best attempts: what they cost whatever else the machine ran
+    out["floor_cpu_s"] = {"client": best_floor["cpu_s"], "server": best_floor["server_cpu_s"]}
+    out["plan_cpu_s"] = {"planner": best_plan["cpu_s"], "workers": best_plan["workers_cpu_s"],
+                         "server": best_plan["server_cpu_s"]}
     out["plan_ratio"] = out["plan_s"] / out["floor_s"]
     out["plan_ratios"] = [p["seconds"] / f["seconds"] for p, f in zip(plans, floors)]
     out["peak_rss_mb"] = max(p["vmhwm_kb"] for p in plans) / 1024
