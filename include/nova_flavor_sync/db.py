@@ -638,16 +638,19 @@ class NovaCellDb(NovaDb):
             )
             for uuid, deleted, vm_state, task_state in cur.fetchall():
                 found[uuid] = instance_state_reason(bool(deleted), vm_state, task_state, None)
-            # old or new set: Nova writes '..., "old": null, "new": null}' when neither is. The
-            # server compares only each flavor's last bytes (a LIKE '%...' matches through
-            # all of them: twice the time); BINARY: byte for byte, so every other ending,
-            # whatever its case, comes back and is judged here (instance_state_reason).
+        # old or new set: Nova writes '..., "old": null, "new": null}' when neither is. The
+        # server compares only each flavor's last bytes (a LIKE '%...' matches through all of
+        # them: twice the time); BINARY: byte for byte, so every other ending, whatever its
+        # case, comes back and is judged here (instance_state_reason). Streamed (unbuffered):
+        # each such row brings its whole flavor text (tens of thousands of them at a million
+        # instances), and a buffered result stays with the connection until its next query.
+        with self.conn.cursor(pymysql.cursors.SSCursor) as cur:
             cur.execute(
                 "SELECT e.instance_uuid, e.flavor FROM instance_extra e "
                 "WHERE e.deleted = 0 AND RIGHT(e.flavor, %s) <> BINARY %s" + among.format("e.instance_uuid"),
                 (len(NOT_IN_FLUX_END), NOT_IN_FLUX_END, *params),
             )
-            for uuid, flavor in cur.fetchall():
+            for uuid, flavor in cur:
                 reason = instance_state_reason(False, None, None, flavor)
                 if reason:
                     found.setdefault(uuid, reason)

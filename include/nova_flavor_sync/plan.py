@@ -477,8 +477,8 @@ class CopyPlan:
         return self.cell_uuid or "nova_api"
 
 
-# How many instance uuids CloudPlan.disagreement holds at once (about 15 MB).
-UUIDS_AT_ONCE = 200_000
+# How many instance uuids CloudPlan.disagreement holds at once (about 10 MB).
+UUIDS_AT_ONCE = 100_000
 
 
 @dataclass(frozen=True)
