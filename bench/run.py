@@ -319,7 +319,7 @@ def timed_phases(phases: dict[str, float]) -> Iterator[None]:
     labels = {
         "instances_to_leave_alone": lambda a, k: "instances to leave alone",
         # every big copy's id ranges in one set of workers: no time per table any more
-        "plan_copies": lambda a, k: "copies (workers started, then the instances to leave alone)",
+        "plan_copies": lambda a, k: "copies (the instances to leave alone found meanwhile)",
         "make_plan": lambda a, k: "request_specs",
         "plan_cells": lambda a, k: "cells (" + ", ".join(db.params.database for db in a[0]) + ")",
         "make_cell_plan": lambda a, k: f"{a[0].params.database} instance_extra",

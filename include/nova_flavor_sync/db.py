@@ -727,6 +727,17 @@ def same_server(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool | None:
 SERVER_IDENTITY_KEYS = (("galera_cluster_uuid",), ("server_uuid",), ("server_hostname", "server_port", "server_id"))
 
 
+def left_alone_reason(row: SpecRow, left_alone: Mapping[str, str]) -> str:
+    """Why a row read without the instances to leave alone (``left_alone={}``) must be left
+    alone once they are known, or "": what ``iter_flavor_rows`` and ``iter_spec_rows`` give
+    when they are given them. An instance_extra row without its instance row, for that; else
+    the reason given for its instance; else the row's own (its instance's state, in a cell).
+    """
+    if row.left_alone == MISSING_INSTANCE_ROW:
+        return row.left_alone
+    return left_alone.get(row.instance_uuid) or row.left_alone
+
+
 # How Nova's instance_extra.flavor ends when the instance has neither an old nor a new flavor.
 NOT_IN_FLUX_END = '"old": null, "new": null}'
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.plan import (
@@ -42,6 +43,25 @@ OUT_OF_SCOPE = "out_of_scope"  # ... and for a row outside --flavor / --instance
 RowOutcome = RowChange | tuple[str, RowNote] | str
 
 
+class LeftAloneLater(Protocol):
+    """The instances to leave alone, which may come while the rows are planned (a plan worker's:
+    the parent finds them while its workers start planning)."""
+
+    def known(self) -> Mapping[str, str] | None:
+        """The instances and reasons if they have come, else None (without waiting)."""
+
+    def wait(self) -> Mapping[str, str]:
+        """The instances and reasons, waiting for them."""
+
+    def reason(self, row: SpecRow, known: Mapping[str, str]) -> str:
+        """Why ``row`` must be left alone (its own reason as read, or one of ``known``), or ""."""
+
+
+# How many rows a plan judges before the instances to leave alone have come: each waits as a
+# small record (about 400 bytes) for its verdict; past this many, the plan waits too.
+PENDING_ROWS = 50_000
+
+
 def make_plan(
     flavors: Mapping[int, Flavor],
     rows: Iterable[SpecRow],
@@ -50,6 +70,7 @@ def make_plan(
     spool_dir: str | None = None,
     layout: CopyLayout = REQUEST_SPEC,
     planner: RowPlanner | None = None,
+    left_alone: LeftAloneLater | None = None,
 ) -> Plan:
     """Compare every row with its flavor; rows must come in ascending id order.
 
@@ -57,6 +78,10 @@ def make_plan(
     ``layout``: which kind of flavor copy the rows hold (RequestSpecs by default).
     ``planner``: a RowPlanner of these flavors, scope and layout that judged earlier rows (a
     plan worker's, kept from one id range to the next): its verdicts are reused.
+    ``left_alone``: the instances to leave alone, when they are still being found: rows
+    are judged meanwhile (at most PENDING_ROWS), and each one's outcome is decided when they
+    come, as it would have been had they been there from the start. Without it, each row
+    says itself why it is left alone (``SpecRow.left_alone``).
     """
     plan = Plan(
         scope=scope, changes=ChangeList(spool_dir=spool_dir), held_back=NoteList(spool_dir=spool_dir),
@@ -68,9 +93,8 @@ def make_plan(
         planner = RowPlanner(flavors, scope, layout)
     elif planner.scope != scope or planner.layout != layout or planner.flavors is not flavors:
         raise ValueError("a RowPlanner of other flavors, scope or copies")
-    for row in rows:
-        plan.rows_read += 1
-        outcome = planner.plan_row(row)
+
+    def record(outcome: RowOutcome) -> None:
         if outcome == IN_SYNC:
             plan.in_sync += 1
         elif outcome == OUT_OF_SCOPE:
@@ -81,8 +105,44 @@ def make_plan(
         else:
             kind, note = outcome
             getattr(plan, kind).append(note)
+
+    known = None if left_alone is not None else {}
+    pending: list[tuple[SpecRow, RowOutcome]] = []  # judged before the instances to leave alone came
+    for row in rows:
+        plan.rows_read += 1
+        if known is None:
+            assert left_alone is not None
+            known = left_alone.known() if len(pending) < PENDING_ROWS else left_alone.wait()
+            if known is None:  # judged now, decided when they come; the spec is not kept
+                pending.append((SpecRow(row.id, row.instance_uuid, "", None, row.left_alone), planner.plan_row(row)))
+                continue
+            for waiting, outcome in pending:
+                record(_decided(waiting, outcome, left_alone.reason(waiting, known)))
+            pending = []
+        if left_alone is not None:
+            reason = left_alone.reason(row, known)
+            if reason != row.left_alone:
+                row = SpecRow(row.id, row.instance_uuid, row.spec, row.updated_at, reason)
+        record(planner.plan_row(row))
+    if pending:
+        assert left_alone is not None
+        known = left_alone.wait()
+        for waiting, outcome in pending:
+            record(_decided(waiting, outcome, left_alone.reason(waiting, known)))
     plan.digest = digest.hexdigest()
     return plan
+
+
+def _decided(row: SpecRow, outcome: RowOutcome, reason: str) -> RowOutcome:
+    """A row's outcome, judged before the instances to leave alone came, now that ``reason`` is known.
+
+    What plan_row gives: outside the scope first, then left alone for ``reason``, else the verdict.
+    """
+    if outcome == OUT_OF_SCOPE or reason == row.left_alone:
+        return outcome
+    if reason:
+        return "left_alone", RowNote(row.id, row.instance_uuid, reason)
+    return outcome
 
 
 def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:

@@ -17,6 +17,7 @@ import hashlib
 import heapq
 import json
 import struct
+import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -479,6 +480,16 @@ class CopyPlan:
 
 # How many instance uuids CloudPlan.disagreement holds at once (about 10 MB).
 UUIDS_AT_ONCE = 100_000
+_STALE_IN_NOVA_API, _STALE_IN_A_CELL, _NOTED = 0, 1, 2  # what a uuid record of disagreement says
+
+
+def _uuid_records(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The (kind, uuid) records CloudPlan._uuids_by_share wrote: kind, length, uuid."""
+    at = 0
+    while at < len(data):
+        end = at + 2 + data[at + 1]
+        yield data[at], data[at + 2 : end]
+        at = end
 
 
 @dataclass(frozen=True)
@@ -515,31 +526,53 @@ class CloudPlan:
 
         Only instances planned in both (not left alone, orphaned or unreadable in either)
         count. ``sample``: how many of them to name, the first in uuid order (None: all).
-        Memory stays flat: a plan of more than UUIDS_AT_ONCE changes is compared in as many
-        passes over its spooled lists, each for a share of the uuids (by their CRC-32).
+        Memory stays flat: the lists are read once, and a plan of more than UUIDS_AT_ONCE
+        such rows is compared a share of the instances at a time (by their uuids' CRC-32),
+        each share's uuids written to a temporary file of its own as they are read.
         """
-        changed = sum(len(copy.plan.changes) for copy in self.copies)
-        passes = max(1, -(-changed // UUIDS_AT_ONCE))
+        rows = sum(len(rows) for copy in self.copies for rows in (
+            copy.plan.changes, copy.plan.left_alone, copy.plan.orphans, copy.plan.errors, copy.plan.held_back))
+        shares = max(1, -(-rows // UUIDS_AT_ONCE))
         count, named = 0, []
-        for part in range(passes):
-            def share(uuids: Iterator[bytes], part: int = part) -> Iterable[bytes]:
-                return uuids if passes == 1 else (u for u in uuids if zlib.crc32(u) % passes == part)
-
+        for share in self._uuids_by_share(shares):
             stale: dict[bool, set[bytes]] = {True: set(), False: set()}
-            for copy in self.copies:
-                stale[copy.cell_uuid is None].update(share(copy.plan.changes.instance_uuids()))
-            one_sided = stale[True] ^ stale[False]
-            del stale
-            # The notes are read back against the few one-sided instances, not gathered: a
-            # plan's notes (its rows left alone, held back...) may be most of a cloud.
-            if one_sided:
-                for copy in self.copies:
-                    plan = copy.plan
-                    for notes in (plan.left_alone, plan.orphans, plan.errors, plan.held_back):
-                        one_sided.difference_update(share(notes.instance_uuids()))
+            noted: set[bytes] = set()
+            for kind, uuid in share:
+                (noted if kind == _NOTED else stale[kind == _STALE_IN_NOVA_API]).add(uuid)
+            one_sided = (stale[True] ^ stale[False]) - noted
             count += len(one_sided)
             named = [*named, *one_sided] if sample is None else heapq.nsmallest(sample, chain(named, one_sided))
         return Disagreement(count, sorted(uuid.decode() for uuid in named))
+
+    def _uuids_by_share(self, shares: int) -> Iterator[Iterable[tuple[int, bytes]]]:
+        """Each share's (kind, uuid) of every row of every copy's plan: stale in nova_api, stale in
+        a cell, or noted (left alone, orphaned, unreadable, held back); one share: read as it goes."""
+        every = chain.from_iterable(
+            chain(((_STALE_IN_NOVA_API if copy.cell_uuid is None else _STALE_IN_A_CELL, uuid)
+                   for uuid in copy.plan.changes.instance_uuids()),
+                  ((_NOTED, uuid) for notes in (copy.plan.left_alone, copy.plan.orphans, copy.plan.errors,
+                                                copy.plan.held_back) for uuid in notes.instance_uuids()))
+            for copy in self.copies
+        )
+        if shares == 1:
+            yield every
+            return
+        files = [tempfile.TemporaryFile(prefix="nova-flavor-sync-uuids-") for _ in range(shares)]
+        try:
+            waiting: list[list[bytes]] = [[] for _ in range(shares)]
+            for kind, uuid in every:
+                share = zlib.crc32(uuid) % shares
+                waiting[share].append(bytes((kind, len(uuid))) + uuid)
+                if len(waiting[share]) >= 4096:
+                    files[share].write(b"".join(waiting[share]))
+                    waiting[share].clear()
+            for file, records in zip(files, waiting, strict=True):
+                file.write(b"".join(records))
+                file.seek(0)
+                yield _uuid_records(file.read())
+        finally:
+            for file in files:
+                file.close()
 
     def summary(self) -> dict[str, Any]:
         """Counts for reports and XCom: the totals, and each copy's summary by where it is."""

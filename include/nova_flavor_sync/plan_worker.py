@@ -43,7 +43,7 @@ from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import RowPlanner, make_plan
 from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.flavor import Flavor
-from nova_flavor_sync.plan import Plan, SpecDiff
+from nova_flavor_sync.plan import Plan, SpecDiff, SpecRow
 from nova_flavor_sync.scope import Scope
 
 FRAME = struct.Struct("<cI")
@@ -65,15 +65,25 @@ class PlanWorkerError(NovaFlavorSyncError):
 class PlanContext:
     """What every range of one plan shares; a worker gets it once, before its first PlanJob.
 
-    ``left_alone``: see NovaApiDb.iter_spec_rows. ``spool_dir``: where the workers spool
-    their plans' long lists, by name, for the parent to adopt.
+    ``spool_dir``: where the workers spool their plans' long lists, by name, for the parent
+    to adopt.
     """
 
     flavors: Mapping[int, Flavor]
     scope: Scope
-    left_alone: Mapping[str, str] | None
     page_size: int
     spool_dir: str
+
+
+@dataclass(frozen=True)
+class LeftAlone:
+    """The instances whose copies must be left alone, and why (``cells.instances_to_leave_alone``).
+
+    Sent to each worker once the parent has found them, which it does while its workers
+    already plan (see diff.make_plan's ``left_alone``).
+    """
+
+    reasons: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -101,11 +111,12 @@ def split_ids(bounds: tuple[int, int], parts: int) -> list[tuple[int, int]]:
 class PlanWorkers:
     """``count`` plan worker processes: start them, give them one plan's ranges (``run``), stop them.
 
-    Started before the parent's own work for the plan (finding the instances to leave
-    alone), so that their start, a fifth of a second of imports each, overlaps it. Each
-    worker gets the PlanContext once and then one PlanJob after another, the next when it
-    answers one, so no core waits while another finishes a copy's last range; it keeps its
-    RowPlanners from one job to the next, so it judges each distinct flavor copy once.
+    Each worker gets the PlanContext once and then one PlanJob after another, the next when
+    it answers one, so no core waits while another finishes a copy's last range; it keeps
+    its RowPlanners from one job to the next, so it judges each distinct flavor copy once.
+    The instances to leave alone (a few seconds of the servers' work at a million
+    instances) are found while the workers start and plan their first rows, and sent to
+    them when found (``LeftAlone``).
     """
 
     def __init__(self, count: int) -> None:
@@ -148,9 +159,17 @@ class PlanWorkers:
         self._readers.append(reader)
 
     def run(
-        self, context: PlanContext, jobs: Sequence[PlanJob], *, progress: Callable[[int], None] | None = None
+        self,
+        context: PlanContext,
+        jobs: Sequence[PlanJob],
+        *,
+        left_alone: Callable[[], Mapping[str, str]],
+        progress: Callable[[int], None] | None = None,
     ) -> list[Plan]:
         """Plan the jobs; the plans in job order. Once per PlanWorkers.
+
+        ``left_alone()`` finds the instances to leave alone: it is called here once the
+        workers have their first jobs, and its answer sent to each of them.
 
         Each plan's changes stay spooled in ``context.spool_dir``: merge them
         (``merge_plans``) before that directory goes. The plans share their SpecDiffs (one
@@ -184,6 +203,9 @@ class PlanWorkers:
             for worker in range(len(self._children)):
                 send(worker, shared)
                 give_next(worker)
+            found = pickle.dumps(LeftAlone(left_alone()), protocol=pickle.HIGHEST_PROTOCOL)
+            for worker in range(len(self._children)):
+                send(worker, found)
             while any(result is None for result in results):
                 worker, kind, payload = self._messages.get()
                 index = current[worker]
@@ -325,7 +347,54 @@ def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
     out.flush()
 
 
-def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], sent: SentDiffs,
+class _Inbox:
+    """A worker's stdin, read by a thread of its own: the PlanContext and the PlanJobs in order
+    (``next``), and the instances to leave alone whenever they come (``known``, ``wait``),
+    while a job is being planned (diff.LeftAloneLater)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._messages: queue.Queue[PlanContext | PlanJob | None] = queue.Queue()
+        self._left_alone: Mapping[str, str] | None = None
+        self._came = threading.Event()
+        self._stream = stream
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = pickle.load(self._stream)
+                if isinstance(message, LeftAlone):
+                    self._left_alone = message.reasons
+                    self._came.set()
+                else:
+                    self._messages.put(message)
+        except EOFError:  # the parent has no more work
+            pass
+        finally:
+            self._came.set()  # a worker waiting for them stops waiting (and fails: see wait)
+            self._messages.put(None)
+
+    def next(self) -> PlanContext | PlanJob | None:
+        """The next PlanContext or PlanJob; None once the parent has no more."""
+        return self._messages.get()
+
+    def known(self) -> Mapping[str, str] | None:
+        return self._left_alone
+
+    def wait(self) -> Mapping[str, str]:
+        self._came.wait()
+        if self._left_alone is None:
+            raise EOFError("the parent stopped before it sent the instances to leave alone")
+        return self._left_alone
+
+    @staticmethod
+    def reason(row: SpecRow, known: Mapping[str, str]) -> str:
+        from nova_flavor_sync.db import left_alone_reason
+
+        return left_alone_reason(row, known)
+
+
+def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], sent: SentDiffs, inbox: _Inbox,
           out: BinaryIO) -> None:
     from nova_flavor_sync.db import NovaApiDb, NovaCellDb  # the parent process does not need it
     from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, REQUEST_SPEC
@@ -336,7 +405,9 @@ def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], 
         planner = planners[job.cell] = RowPlanner(context.flavors, context.scope, layout)
     with (NovaCellDb if job.cell else NovaApiDb)(job.params) as db:
         read = db.iter_flavor_rows if job.cell else db.iter_spec_rows
-        rows = read(page_size=context.page_size, id_range=job.id_range, left_alone=context.left_alone)
+        # Read without the instances to leave alone (they may not have come yet): make_plan
+        # decides each row's fate with them (inbox.reason: what the read would have given).
+        rows = read(page_size=context.page_size, id_range=job.id_range, left_alone={})
 
         def counted():
             for count, row in enumerate(rows, 1):
@@ -345,27 +416,26 @@ def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], 
                     _send(out, PROGRESS, pickle.dumps(count))
 
         plan = make_plan(context.flavors, counted(), context.scope, spool_dir=context.spool_dir, layout=layout,
-                         planner=planner)
+                         planner=planner, left_alone=inbox)
     _send(out, RESULT, encode_result(plan, sent))
 
 
 def main() -> int:
     """A worker: a PlanContext, then PlanJobs, on stdin until it ends; answers in frames on stdout."""
     out = sys.stdout.buffer
+    inbox = _Inbox(sys.stdin.buffer)
     context: PlanContext | None = None
     planners: dict[bool, RowPlanner] = {}  # by PlanJob.cell: the verdicts of every job so far
     sent = SentDiffs()
     try:
-        while True:
-            try:
-                message = pickle.load(sys.stdin.buffer)
-            except EOFError:  # the parent has no more work
-                return 0
+        while (message := inbox.next()) is not None:
             if isinstance(message, PlanContext):
-                context, planners, sent = message, {}, SentDiffs()
+                assert context is None, "one PlanContext per worker"
+                context = message
                 continue
             assert context is not None, "a PlanJob came before its PlanContext"
-            _work(context, message, planners, sent, out)
+            _work(context, message, planners, sent, inbox, out)
+        return 0
     except Exception as exc:  # reported to the parent, which raises it
         from nova_flavor_sync.db import describe_error
 

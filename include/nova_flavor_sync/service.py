@@ -8,6 +8,7 @@ own connections: one Airflow task calls one of them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -228,7 +229,8 @@ def plan_copies(
     """The plans of these copies (``copy_keys``), in order: the one place that decides on plan workers.
 
     ``left_alone``: the instances whose copies must not be written, and why; by default
-    found here (``cells.instances_to_leave_alone`` over every cell) while the workers start.
+    found here (``cells.instances_to_leave_alone`` over every cell), while the workers
+    already plan (``PlanWorkers.run``).
     When a copy is big (PLAN_WORKERS_FROM rows or more by id), the id ranges of every copy go
     to one set of PLAN_WORKERS worker processes (``plan_worker.PlanWorkers``), which stay
     busy from one copy to the next; each copy's ranges are merged into its plan
@@ -248,10 +250,15 @@ def plan_copies(
     count = workers or (PLAN_WORKERS if big else 1)
     if count == 1:
         bounds_of = {}
+
+    @functools.cache
+    def find_left_alone() -> Mapping[str, str]:
+        if left_alone is not None:
+            return left_alone
+        return instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
+
     with (tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir,
           PlanWorkers(count if bounds_of else 0) as pool):
-        if left_alone is None:
-            left_alone = instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
         # Once workers run, every copy goes to them, small ones too: planned here it would
         # wait for the workers' copies, or they for it.
         jobs: list[PlanJob] = []
@@ -265,8 +272,8 @@ def plan_copies(
         if jobs:
             expected = sum(high - low + 1 for low, high in bounds_of.values())
             report = None if progress is None else (lambda done: progress(done, max(expected, done)))
-            context = PlanContext(flavors, scope, left_alone, page_size, spool_dir)
-            parts = pool.run(context, jobs, progress=report)
+            context = PlanContext(flavors, scope, page_size, spool_dir)
+            parts = pool.run(context, jobs, left_alone=find_left_alone, progress=report)
             for index in bounds_of:
                 planned[index] = merge_plans(scope, [part for part, owner in zip(parts, owners, strict=True)
                                                      if owner == index])
@@ -277,9 +284,9 @@ def plan_copies(
         for index, (where, cell_uuid, db) in enumerate(targets):
             plan = planned.get(index)
             if plan is None and isinstance(db, NovaCellDb):
-                plan = make_cell_plan(db, scope, flavors=flavors, left_alone=left_alone, page_size=page_size)
+                plan = make_cell_plan(db, scope, flavors=flavors, left_alone=find_left_alone(), page_size=page_size)
             elif plan is None:
-                plan = make_plan(db, scope, flavors=flavors, page_size=page_size, left_alone=left_alone,  # type: ignore[arg-type]
+                plan = make_plan(db, scope, flavors=flavors, page_size=page_size, left_alone=find_left_alone(),  # type: ignore[arg-type]
                                  progress=progress)
             copies.append(CopyPlan(where, cell_uuid, plan))
     return copies

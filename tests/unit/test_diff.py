@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from nova_flavor_sync import diff
+from nova_flavor_sync.db import MISSING_INSTANCE_ROW, left_alone_reason
 from nova_flavor_sync.demo import load_sample_specs
 from nova_flavor_sync.diff import RowPlanner, make_plan
 from nova_flavor_sync.flavor import Flavor
@@ -274,3 +276,51 @@ def test_plans_of_consecutive_id_ranges_merge_into_the_plan_of_all_rows():
     merged = merge_plans(Scope(), parts)
     assert merged.digest == whole.digest and list(merged.changes) == list(whole.changes)
     assert merged.summary() == whole.summary() and merged.orphans == whole.orphans
+
+
+class LeftAloneLater:
+    """The instances to leave alone, coming only after ``after`` rows were judged (as in a plan worker)."""
+
+    def __init__(self, reasons: dict[str, str], after: int) -> None:
+        self.reasons, self.after, self.asked, self.waited = reasons, after, 0, False
+
+    def known(self):
+        self.asked += 1
+        return self.reasons if self.asked > self.after else None
+
+    def wait(self):
+        self.waited = True
+        return self.reasons
+
+    reason = staticmethod(left_alone_reason)
+
+
+def plan_outcome(plan):
+    return (plan.digest, list(plan.changes), list(plan.left_alone), list(plan.errors), plan.in_sync,
+            plan.out_of_scope, plan.rows_read)
+
+
+@pytest.mark.parametrize("pending_rows", [50_000, 3])  # 3: the plan waits for them
+@pytest.mark.parametrize("after", [0, 1, 4, 100])  # 100: they come only after the last row
+def test_rows_judged_before_the_instances_to_leave_alone_came_are_decided_as_if_they_had(
+        after, pending_rows, monkeypatch):
+    monkeypatch.setattr(diff, "PENDING_ROWS", pending_rows)
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    busy = "an operation is under way (task_state migrating)"
+    rows = [row(1), row(2, wanted), row(3), row(4, left_alone=busy), row(5, left_alone=MISSING_INSTANCE_ROW),
+            row(6), row(7, wanted), row(8, left_alone=busy), row(9)]
+    uuid = {r.id: r.instance_uuid for r in rows}
+    # queued for delete: a stale row, an in-sync one, a busy one, one without its instance row
+    reasons = {uuid[i]: "instance is queued for delete" for i in (1, 2, 4, 5)} | {"elsewhere": "x"}
+    known_from_the_start = [SpecRow(r.id, r.instance_uuid, r.spec, r.updated_at, left_alone_reason(r, reasons))
+                            for r in rows]
+
+    expected = make_plan(flavors(wanted), known_from_the_start, Scope())
+    later = LeftAloneLater(reasons, after)
+    judged_first = make_plan(flavors(wanted), rows, Scope(), left_alone=later)
+
+    assert plan_outcome(judged_first) == plan_outcome(expected)
+    assert [n.reason for n in expected.left_alone] == ["instance is queued for delete"] * 3 + [
+        MISSING_INSTANCE_ROW, busy]
+    assert len(expected.changes) == 3 and expected.in_sync == 1
+    assert later.waited == (after >= min(pending_rows, len(rows)))
