@@ -75,6 +75,18 @@ def airflow_db(airflow_home: Path) -> Iterator[Path]:
     yield airflow_home / "airflow.db"
 
 
+@pytest.fixture(scope="session")
+def api_app(airflow_db: Path):
+    """Airflow's API server app, in process, where the plugins' pages are mounted; built once (about 4 s).
+
+    Only the UI's API (``core``), not the execution API. It reads the settings the pages
+    depend on (storage, directories, Connections) on each request, so tests may change them.
+    """
+    from airflow.api_fastapi.app import create_app
+
+    return create_app(apps="core")
+
+
 @pytest.fixture
 def nova_env(demo_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: Path):
     """The demo database as the ``nova_api_db`` Connection, plans and backups under tmp_path.
