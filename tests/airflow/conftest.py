@@ -115,6 +115,20 @@ def nova_env(demo_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_d
     return demo_db
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that use the shared running Airflow run last in the session, one after another.
+
+    A session fixture is stopped only at the end of the session; run last, it is started when
+    the first of them runs and stopped right after the last, instead of running idle (four
+    polling processes, on 2 cores) under the other tests: the Celery and demo tests' own
+    Airflows, the Galera cluster, the timing-sensitive tests. They do not depend on the order.
+    """
+    users = [item for item in items if "running_airflow" in getattr(item, "fixturenames", ())]
+    if users:
+        last = {id(item) for item in users}
+        items[:] = [item for item in items if id(item) not in last] + users
+
+
 @pytest.fixture(scope="session")
 def running_airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Airflow]:
     """One running Airflow (LocalExecutor, SQLite) for the session's end-to-end tests; always stopped.
