@@ -90,6 +90,7 @@ class Rest:
         self.tis = client.TaskInstanceApi(self.api_client)
         self.xcoms = client.XComApi(self.api_client)
         self.connections = client.ConnectionApi(self.api_client)
+        self.variables = client.VariableApi(self.api_client)
         self.import_errors = client.ImportErrorApi(self.api_client)
         self.run_prefix = run_prefix
         self.check = check
@@ -128,6 +129,10 @@ class Rest:
     def unpause(self, dag_id: str) -> None:
         if self.dags.patch_dag(dag_id, client.DAGPatchBody(is_paused=False)).is_paused:
             raise AirflowError(f"{dag_id} is still paused after PATCH is_paused=false")
+
+    def pause(self, dag_id: str) -> None:
+        if not self.dags.patch_dag(dag_id, client.DAGPatchBody(is_paused=True)).is_paused:
+            raise AirflowError(f"{dag_id} is still unpaused after PATCH is_paused=true")
 
     def replace_connection(self, body: client.ConnectionBody) -> None:
         """Create the connection ``body`` names, replacing one of the same id."""

@@ -334,7 +334,10 @@ class FlowControl:
         self.origin.sql(f"CREATE DATABASE IF NOT EXISTS {self.database}",
                         f"CREATE TABLE IF NOT EXISTS {self.database}.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)")
         self.lagging.wait_synced(10)
-        self.lagging.sql(f"SELECT COUNT(*) FROM {self.database}.t")  # the table is there too
+        # The table is there too. Synced does not mean every write set is applied yet: the read
+        # waits until the node has applied the CREATE TABLE (a causal read), else it can fail
+        # with "Table ... doesn't exist" (seen once under load).
+        self.lagging.sql("SET SESSION wsrep_sync_wait = 1", f"SELECT COUNT(*) FROM {self.database}.t")
         self.lagging.sql("SET GLOBAL wsrep_provider_options = 'gcs.fc_limit=1; gcs.fc_factor=1.0'")
         self._lock_conn = self.lagging.connect(read_timeout=None)
         with self._lock_conn.cursor() as cur:

@@ -7,9 +7,40 @@ official client: ``rest`` is the launcher's ``Airflow.rest``.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import airflow_client.client as client
 from airflow_rest import TERMINAL_RUN_STATES, AirflowError, Rest
+from local_airflow import Airflow
+
+DAG_IDS = ("nova_flavor_sync", "nova_flavor_restore", "nova_flavor_drift_check")
+
+
+@contextmanager
+def printed_on_failure(airflow: Airflow, run_id: str | None = None) -> Iterator[None]:
+    """On any failure (a timeout too), print the components' output and the failed tasks' logs.
+
+    ``run_id``: only that run's task logs (a shared Airflow holds other tests' runs too).
+    """
+    try:
+        yield
+    except BaseException:
+        print("\n" + airflow.diagnostics(run_id=run_id))
+        raise
+
+
+def data_dir(airflow: Airflow) -> Path:
+    """Where a running Airflow's tasks write plans and backups ($NOVA_FLAVOR_SYNC_DIR)."""
+    return Path(airflow.env["NOVA_FLAVOR_SYNC_DIR"])
+
+
+def end_active_runs(rest: Rest) -> None:
+    """Mark every queued or running run of our DAGs failed, as the UI's "Mark run as failed" does."""
+    for dag_id in DAG_IDS:
+        for run in rest.active_runs(dag_id):
+            rest.fail_run(dag_id, run.dag_run_id)
 
 
 def wait_for_input(rest: Rest, dag_id: str, run_id: str, task_id: str = "approve", *, settle: float = 0,

@@ -2,18 +2,19 @@
 
 The server is started by each test on a free port of 127.0.0.1; Airflow reaches it through
 an SMTP Connection, and the Variable ``nova_flavor_sync_alerts`` names that Connection and
-the recipients, both set as an operator would without code (here as AIRFLOW_CONN_* and
-AIRFLOW_VAR_* environment variables). The DAGs run with dag.test() on the demo cloud.
+the recipients, both set as an operator would without code: as AIRFLOW_CONN_* and
+AIRFLOW_VAR_* environment variables where the DAGs run with dag.test() on the demo cloud,
+through the REST API in the session's running Airflow (tests/airflow/conftest.py).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -28,6 +29,7 @@ from dbtools import sync_both_copies
 DRIFT = "nova_flavor_drift_check"
 SYNC = "nova_flavor_sync"
 SMTP_CONN_ID = "nova_alerts_smtp"
+ALERTS_VARIABLE = "nova_flavor_sync_alerts"
 FROM = "airflow@nova.example"
 TO = ["ops@nova.example", "oncall@nova.example"]
 CELL1 = "cell1 (835ce9b0-6a5b-5709-b701-5eb36f22fdca)"
@@ -38,6 +40,7 @@ CELL2 = "cell2 (ada1b992-1bb5-5458-b47a-3407ad251e9e)"
 class Inbox:
     """What the SMTP server received: (envelope recipients, parsed message) per mail."""
 
+    port: int
     mails: list[tuple[list[str], EmailMessage]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -51,8 +54,8 @@ class Inbox:
 def inbox(monkeypatch) -> Iterator[Inbox]:
     from aiosmtpd.controller import Controller
 
-    received = Inbox()
     port = free_port()
+    received = Inbox(port)
     controller = Controller(received, hostname="127.0.0.1", port=port)
     controller.start()
     try:
@@ -61,7 +64,7 @@ def inbox(monkeypatch) -> Iterator[Inbox]:
             "conn_type": "smtp", "host": "127.0.0.1", "port": port,
             "extra": {"disable_ssl": True, "disable_tls": True, "from_email": FROM, "timeout": 10, "retry_limit": 0},
         }))
-        monkeypatch.setenv("AIRFLOW_VAR_NOVA_FLAVOR_SYNC_ALERTS",
+        monkeypatch.setenv(f"AIRFLOW_VAR_{ALERTS_VARIABLE.upper()}",
                            json.dumps({"email": {"to": TO, "conn_id": SMTP_CONN_ID}}))
         yield received
     finally:
@@ -204,47 +207,53 @@ def test_an_unset_or_empty_variable_means_no_alert_and_email_alone_is_enough(air
         '<p>line &lt;b&gt;</p>\n<p>Log: <a href="http://airflow/x?a=1">http://airflow/x?a=1</a></p>')
 
 
-def mysql_uri(params, database: str) -> str:
-    auth = params.user + (f":{params.password}" if params.password else "")
-    return f"mysql://{auth}@{params.host}:{params.port}/{database}"
+@contextmanager
+def alerts_by_mail_in(airflow: Airflow, smtp_port: int) -> Iterator[None]:
+    """The SMTP Connection and the alerts Variable in the running Airflow's metadata DB, as an
+    operator sets them in the UI; removed after, so that the next test's runs send nothing."""
+    rest = airflow.rest
+    rest.replace_connection(client.ConnectionBody(
+        connection_id=SMTP_CONN_ID, conn_type="smtp", host="127.0.0.1", port=smtp_port,
+        extra=json.dumps({"disable_ssl": True, "disable_tls": True, "from_email": FROM, "timeout": 10,
+                          "retry_limit": 0})))
+    rest.variables.post_variable(client.VariableBody(
+        key=ALERTS_VARIABLE, value=json.dumps({"email": {"to": TO, "conn_id": SMTP_CONN_ID}})))
+    try:
+        yield
+    finally:
+        rest.variables.delete_variable(ALERTS_VARIABLE)
+        rest.connections.delete_connection(SMTP_CONN_ID)
 
 
 @pytest.mark.timeout(900)
-def test_a_running_airflow_keeps_the_night_as_an_asset_event_and_mails_it(demo_db, inbox, tmp_path):
+def test_a_running_airflow_keeps_the_night_as_an_asset_event_and_mails_it(airflow_on_demo_db, demo_db, inbox):
     """The real thing: scheduler, LocalExecutor, task processes, the API server's REST API."""
-    env = {
-        "AIRFLOW_CONN_NOVA_API_DB": mysql_uri(demo_db, demo_db.database),
-        "AIRFLOW_CONN_NOVA_DATABASE": mysql_uri(demo_db, "nova"),  # cell2's template is filled from it
-        "NOVA_FLAVOR_SYNC_DIR": str(tmp_path / "data"),
-        **{name: os.environ[name] for name in (f"AIRFLOW_CONN_{SMTP_CONN_ID.upper()}",
-                                               "AIRFLOW_VAR_NOVA_FLAVOR_SYNC_ALERTS")},
-    }
-    airflow = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env)
+    airflow = airflow_on_demo_db
+    rest = airflow.rest
+    run_id = None
     try:
-        airflow.start(timeout=300)  # minutes on a loaded 2-core machine
-        rest = airflow.rest
-        rest.wait_for_dags(DRIFT)
-        # Unpaused, it may also start the latest nightly run (catchup=False): ours is the manual one.
-        rest.unpause(DRIFT)
-        run_id = rest.trigger(DRIFT, {})
-        run = rest.wait_for_run(DRIFT, run_id, timeout=240)
-        assert run.state == "failed"
-        assert rest.task_states(DRIFT, run_id) == {"check_drift": "success", "fail_on_drift": "failed"}
-        record = rest.xcom(DRIFT, run_id, "check_drift")
-        events = client.AssetApi(rest.api_client).get_asset_events(source_run_id=run_id).asset_events
-        (event,) = events
-        assert (event.uri, event.source_task_id) == ("nova_flavor_sync://drift", "check_drift")
-        assert event.extra == record and record["summary"]["to_update"] > 600
+        with alerts_by_mail_in(airflow, inbox.port):
+            # Unpaused, it may also start the latest nightly run (catchup=False): ours is the manual one.
+            rest.unpause(DRIFT)
+            run_id = rest.trigger(DRIFT, {})
+            run = rest.wait_for_run(DRIFT, run_id, timeout=240)
+            assert run.state == "failed"
+            assert rest.task_states(DRIFT, run_id) == {"check_drift": "success", "fail_on_drift": "failed"}
+            record = rest.xcom(DRIFT, run_id, "check_drift")
+            events = client.AssetApi(rest.api_client).get_asset_events(source_run_id=run_id).asset_events
+            (event,) = events
+            assert (event.uri, event.source_task_id) == ("nova_flavor_sync://drift", "check_drift")
+            assert event.extra == record and record["summary"]["to_update"] > 600
 
-        def our_mail():  # the callback runs as the task process ends: maybe after the run did
-            return [mail for _, mail in inbox.mails if f"DAG run: {DRIFT} / {run_id}" in body_text(mail)] or None
+            def our_mail():  # the callback runs as the task process ends: maybe after the run did
+                return [mail for _, mail in inbox.mails if f"DAG run: {DRIFT} / {run_id}" in body_text(mail)] or None
 
-        (mail,) = wait_for("the drift mail", our_mail, timeout=60)
+            (mail,) = wait_for("the drift mail", our_mail, timeout=60)
     except BaseException:
-        print("\n" + airflow.diagnostics())
+        print("\n" + airflow.diagnostics(run_id=run_id))
         raise
     finally:
-        airflow.stop()
+        rest.pause(DRIFT)  # back as the shared Airflow had it: no nightly run of its own
     assert mail["Subject"] == (f"[nova-flavor-sync] Flavor drift: {record['summary']['to_update']} stale flavor "
                                f"copies in nova_api_db (127.0.0.1:{demo_db.port}/{demo_db.database})")
     assert f"Log: http://localhost:8080/dags/{DRIFT}/runs/{run_id}/tasks/fail_on_drift" in body_text(mail)

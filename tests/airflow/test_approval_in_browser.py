@@ -1,8 +1,9 @@
 """A person approves, or rejects, a sync in Airflow's own UI, in a real browser.
 
-One Airflow for the module (scripts/local_airflow.py, as ``make demo`` and the end-to-end
-test start it); each test gets a fresh demo cloud in MariaDB, set as the ``nova_api_db`` and
-``nova_database`` Connections through the REST API (as ``make demo`` sets them). The REST
+The session's running Airflow (tests/airflow/conftest.py, ``running_airflow``: started by
+scripts/local_airflow.py, as ``make demo`` starts it); each test gets a fresh demo cloud in
+MariaDB, set as the ``nova_api_db`` and ``nova_database`` Connections through the REST API (as
+``make demo`` sets them). The REST
 API triggers a run with dry_run=false and waits for the approve task to await input; then
 headless Chromium, driven by Selenium, does what a person does: logs in on Airflow's login
 page, opens Browse > Required Actions, clicks the run's subject, reads the approval's body
@@ -13,10 +14,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
-from demo_airflow import set_connection
 from local_airflow import Airflow
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
@@ -38,38 +37,10 @@ from operator_rest import hitl_detail, wait_for_input
 
 SYNC = "nova_flavor_sync"
 TASK = "approve"
-# Bounds, not durations: each test takes about 75 s (the first also starts Airflow: 60 s), but
-# on a shared 2-core machine with a load of 15 and more, Chromium and Airflow took ten times that.
+# Bounds, not durations: each test takes about 20-75 s (the first to use the session's Airflow
+# also starts it: 60 s), but on a shared 2-core machine with a load of 15 and more, Chromium
+# and Airflow took ten times that.
 TEST_TIMEOUT_S = 1200
-
-
-@pytest.fixture(scope="module")
-def airflow(tmp_path_factory) -> Iterator[Airflow]:
-    """One running Airflow for the module's runs; always stopped."""
-    base = tmp_path_factory.mktemp("browser")
-    env = {"NOVA_FLAVOR_SYNC_DIR": str(base / "data")}
-    running = Airflow(base / "airflow-home", base / "airflow-logs", env=env)
-    try:
-        try:
-            running.start(timeout=240)
-            running.rest.wait_for_dags(SYNC)
-            running.rest.unpause(SYNC)
-        except BaseException:
-            print("\n" + running.diagnostics())
-            raise
-        yield running
-    finally:
-        survivors = running.stop()
-    assert not survivors, f"still running after stop(): {survivors}"
-
-
-@pytest.fixture
-def cloud(airflow, demo_db):
-    """``demo_db`` as the Airflow's Connections; no run of an earlier test left to hold the next back."""
-    set_connection(airflow, demo_db)
-    for run in airflow.rest.active_runs(SYNC):  # max_active_runs=1
-        airflow.rest.fail_run(SYNC, run.dag_run_id)
-    return demo_db
 
 
 def approval_lines(plan: dict, *, request_specs: int, instance_copies: int) -> list[str]:
@@ -155,22 +126,8 @@ def check_answer(airflow: Airflow, run_id: str, option: str) -> None:
     assert answer["choice"] == option and answer["by"] == airflow.username, answer
 
 
-@pytest.mark.timeout(TEST_TIMEOUT_S)
-def test_approve_pressed_in_the_page_writes_both_copies(airflow, cloud, tmp_path):
-    started = time.monotonic()
-    before = copies_hash(cloud)
-    try:
-        run_id, lines, stale = run_to_the_approval(airflow, cloud)
-
-        answer_in_the_browser(airflow, run_id, lines, "Approve", tmp_path / "chromedriver.log")
-
-        run = airflow.rest.wait_for_run(SYNC, run_id, timeout=600)
-        states = airflow.rest.task_states(SYNC, run_id)
-    except BaseException:
-        print("\n" + airflow.diagnostics())
-        raise
-    assert run.state == "success", states
-    check_answer(airflow, run_id, "Approve")
+def check_approved(airflow: Airflow, cloud, run_id: str, states: dict, stale: int, before: str) -> None:
+    """Both copies written, in every cell, and the run says so."""
     assert states["verify"] == "success", states
     applied = {task: state for task, state in states.items() if task.startswith("apply_")}
     assert {task.split("[")[0] for task in applied} == {"apply_cells", "apply_request_specs"}, states
@@ -179,26 +136,10 @@ def test_approve_pressed_in_the_page_writes_both_copies(airflow, cloud, tmp_path
     assert outcome["outcome"] == "applied" and outcome["updated"] == stale, outcome
     assert stale_copies(cloud, all_keys=False) == 0  # both copies, in every cell
     assert copies_hash(cloud) != before
-    print(f"\napproved in the browser; test body {time.monotonic() - started:.0f} s")
 
 
-@pytest.mark.timeout(TEST_TIMEOUT_S)
-def test_reject_pressed_in_the_page_writes_nothing(airflow, cloud, tmp_path):
-    started = time.monotonic()
-    before = copies_hash(cloud)
-    try:
-        run_id, lines, _ = run_to_the_approval(airflow, cloud)
-
-        answer_in_the_browser(airflow, run_id, lines, "Reject", tmp_path / "chromedriver.log")
-
-        run = airflow.rest.wait_for_run(SYNC, run_id, timeout=600)
-        states = airflow.rest.task_states(SYNC, run_id)
-    except BaseException:
-        print("\n" + airflow.diagnostics())
-        raise
-    # As the DAG's doc says a rejected run ends: success, nothing written, report_outcome says so.
-    assert run.state == "success", states
-    check_answer(airflow, run_id, "Reject")
+def check_rejected(airflow: Airflow, cloud, run_id: str, states: dict, stale: int, before: str) -> None:
+    """As the DAG's doc says a rejected run ends: success, nothing written, report_outcome says so."""
     assert copies_hash(cloud) == before
     for task in ("cell_ranges", "request_spec_ranges", "apply_cells", "apply_request_specs", "verify"):
         assert states[task] == "skipped", states
@@ -206,4 +147,27 @@ def test_reject_pressed_in_the_page_writes_nothing(airflow, cloud, tmp_path):
     assert outcome["outcome"] == "rejected", outcome
     assert outcome["message"].startswith(f"REJECTED by {airflow.username} at ") and "nothing was written" in \
         outcome["message"], outcome
-    print(f"\nrejected in the browser; test body {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+@pytest.mark.parametrize(("option", "check_outcome"), [("Approve", check_approved), ("Reject", check_rejected)],
+                         ids=["approve_writes_both_copies", "reject_writes_nothing"])
+def test_pressed_in_the_page(airflow_on_demo_db, demo_db, tmp_path, option, check_outcome):
+    airflow, cloud = airflow_on_demo_db, demo_db
+    started = time.monotonic()
+    before = copies_hash(cloud)
+    run_id = None
+    try:
+        run_id, lines, stale = run_to_the_approval(airflow, cloud)
+
+        answer_in_the_browser(airflow, run_id, lines, option, tmp_path / "chromedriver.log")
+
+        run = airflow.rest.wait_for_run(SYNC, run_id, timeout=600)
+        states = airflow.rest.task_states(SYNC, run_id)
+    except BaseException:
+        print("\n" + airflow.diagnostics(run_id=run_id))
+        raise
+    assert run.state == "success", states  # a rejected run too: it ends as its doc says
+    check_answer(airflow, run_id, option)
+    check_outcome(airflow, cloud, run_id, states, stale, before)
+    print(f"\n{option} pressed in the browser; test body {time.monotonic() - started:.0f} s")

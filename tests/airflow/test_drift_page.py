@@ -25,8 +25,10 @@ from local_airflow import free_port
 
 from approval_answer import REPO
 from dbtools import connect, sync_both_copies
+from ui_tokens import as_admin_api, as_ui, token
 
 DRIFT = "nova_flavor_drift_check"
+# Who may see these three: test_plugin_access.py.
 PAGE = "/nova-flavor-sync-drift/history"
 JSON = "/nova-flavor-sync-drift/history.json"
 CHART_JS = "/nova-flavor-sync-drift/static/chart.umd.min.js"
@@ -39,29 +41,11 @@ CHROMIUM = "/usr/lib/chromium/chromium"  # the real binary: /usr/bin/chromium is
 WIDTH, HEIGHT = 1440, 1250
 
 
-@pytest.fixture(scope="module")
-def app(airflow_db):
-    from airflow.api_fastapi.app import create_app
-
-    return create_app(apps="core")  # the UI's API, where plugins are mounted
-
-
 @pytest.fixture
-def client(app):
+def client(api_app):
     from fastapi.testclient import TestClient
 
-    return TestClient(app)
-
-
-def token(role: str | None) -> str:
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-
-    return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=f"test-{role}", role=role))
-
-
-def as_ui(role: str | None = "viewer") -> dict[str, str]:
-    return {"Cookie": f"_token={token(role)}"}
+    return TestClient(api_app)
 
 
 def run_drift_check() -> dict:
@@ -142,8 +126,7 @@ def test_each_drift_check_keeps_its_summary_and_the_page_shows_them(nova_env, tw
     assert second["summary"]["by_key"] == {CHANGED_KEY: second["summary"]["to_update"]}
 
     # Airflow keeps one event per run, with the summary (what its REST API lists).
-    admin = {"Authorization": f"Bearer {token('admin')}"}
-    events = client.get("/api/v2/assets/events", params={"limit": 1000}, headers=admin)
+    events = client.get("/api/v2/assets/events", params={"limit": 1000}, headers=as_admin_api())
     assert events.status_code == 200, events.text
     kept = [e for e in events.json()["asset_events"]
             if e["uri"] == "nova_flavor_sync://drift" and e["source_run_id"] in (first["run_id"], second["run_id"])]
@@ -200,17 +183,8 @@ def test_a_flavor_name_cannot_inject_markup(airflow_db):
     assert "{{7*7}}" in page  # text, never evaluated
 
 
-@pytest.mark.parametrize("url", [PAGE, JSON, CHART_JS])
-def test_only_airflow_users_who_may_read_the_drift_dag_see_it(client, url):
-    assert client.get(url).status_code == 401  # anonymous
-    assert client.get(url, headers={"Cookie": "_token=forged"}).status_code in (401, 403)
-    assert client.get(url, headers=as_ui(role=None)).status_code == 403  # logged in, no permission
-    assert client.get(url, headers=as_ui("viewer")).status_code == 200
-    assert client.get("/nova-flavor-sync-drift/openapi.json", headers=as_ui()).status_code == 404
-
-
 def test_the_plugin_is_registered_with_its_nav_entry(client):
-    auth = {"Authorization": f"Bearer {token('admin')}"}
+    auth = as_admin_api()
     plugins = client.get("/api/v2/plugins", headers=auth).json()["plugins"]
     (plugin,) = [p for p in plugins if p["name"] == "nova_flavor_sync_drift"]
     (view,) = plugin["external_views"]
@@ -278,7 +252,7 @@ return ["by-flavor", "by-copy"].map((id) => {
 
 
 @pytest.mark.timeout(300)
-def test_the_page_draws_the_charts_in_a_browser_and_its_screenshot_is_taken(nova_env, two_checks, app, tmp_path):
+def test_the_page_draws_the_charts_in_a_browser_and_its_screenshot_is_taken(nova_env, two_checks, api_app, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     first, second = two_checks
@@ -286,7 +260,7 @@ def test_the_page_draws_the_charts_in_a_browser_and_its_screenshot_is_taken(nova
     third = run_drift_check()  # a clean night
     assert third["state"] == "success" and third["summary"]["to_update"] == 0
     target = SCREENSHOT if os.environ.get("NFS_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
-    with serving(app) as base, chromium() as browser:
+    with serving(api_app) as base, chromium() as browser:
         browser.get(base + PAGE)
         assert "Not authenticated" in browser.page_source  # no cookie yet: 401
         browser.add_cookie({"name": "_token", "value": token("viewer"), "path": "/"})

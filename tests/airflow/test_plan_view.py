@@ -25,6 +25,7 @@ from nova_flavor_sync_airflow import approval_body
 
 from approval_answer import run_with_answer
 from dbtools import connect
+from ui_tokens import as_ui, token
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "images" / "plan-view.png"
@@ -85,17 +86,6 @@ def test_a_copy_whose_lines_were_cut_makes_the_count_a_lower_bound():
 # -- the plan view of a real run --------------------------------------------------------------
 
 
-def token(role: str | None) -> str:
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-
-    return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=f"test-{role}", role=role))
-
-
-def as_ui(role: str | None = "viewer") -> dict[str, str]:
-    return {"Cookie": f"_token={token(role)}"}
-
-
 class Page(HTMLParser):
     """The tags, the text, the links and the body rows (cell texts) of a page."""
 
@@ -143,8 +133,7 @@ def flavor_gains_a_nasty_value(params) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_the_plan_view_of_a_real_run(nova_env, tmp_path, monkeypatch):
-    from airflow.api_fastapi.app import create_app
+def test_the_plan_view_of_a_real_run(api_app, nova_env, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
     monkeypatch.delenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS")  # nova_env's: here roles matter
@@ -152,8 +141,7 @@ def test_the_plan_view_of_a_real_run(nova_env, tmp_path, monkeypatch):
     dag_run, states, _ = run_with_answer("nova_flavor_sync", {"dry_run": True}, None)
     assert dag_run.state == "success", states
     combined = dag_run.get_task_instance("combine_plans").xcom_pull(task_ids="combine_plans")
-    app = create_app(apps="core")
-    client = TestClient(app)
+    client = TestClient(api_app)
     url = f"/nova-flavor-sync/plans/{quote(dag_run.run_id, safe='')}"
 
     # Who may see it: the backups page's checks, for the sync DAG.
@@ -213,7 +201,7 @@ def test_the_plan_view_of_a_real_run(nova_env, tmp_path, monkeypatch):
            "scheduling | 61 | 38 | 23 |" in body
 
     # The same page in headless Chromium: the README's screenshot.
-    png = screenshot(app, url, token("viewer"), tmp_path)
+    png = screenshot(api_app, url, token("viewer"), tmp_path)
     width, height = struct.unpack(">II", png[16:24])
     assert png[12:16] == b"IHDR" and width == WIDTH and height > 800, (width, height)
 
@@ -240,7 +228,7 @@ def screenshot(app, path: str, session_token: str, tmp_path: Path) -> bytes:
     from selenium.webdriver.chrome.service import Service
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
