@@ -21,6 +21,10 @@ export DB_HOST DB_PORT DB_USER
 
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="tests/db -x"
 PYTEST_ARGS ?=
+# The suite runs in two pytest processes (pytest-xdist): most of it waits on servers, browsers
+# and timers, so two share 2 cores well; each test file runs whole in one of them (see
+# tests/conftest.py). TEST_PROCESSES= runs it in one.
+TEST_PROCESSES ?= -n 2 --dist loadgroup
 # Extra arguments for pip-compile, e.g. make lock LOCK_ARGS=--upgrade
 LOCK_ARGS ?=
 LOCK_VENV ?= /tmp/nova-flavor-sync-lock-venv
@@ -88,7 +92,7 @@ db-up:
 	bash scripts/ensure-mariadb
 
 test: install db-up
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(TEST_PROCESSES) $(PYTEST_ARGS)
 
 # Takes the README's screenshots again: the approval page (docs/images/approval-page.png) and
 # the drift page (docs/images/drift-history.png) and the plan view (docs/images/plan-view.png).

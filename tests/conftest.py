@@ -41,11 +41,22 @@ from nova_flavor_sync.demo import (
 _DB_FIXTURES = {"server_kwargs", "nova_db", "demo_db", "other_demo_db", "secret_account", "demo_cloud"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses the database ``db``, so ``-m "not db"`` runs without one."""
+    """Mark every test that uses the database ``db``, so ``-m "not db"`` runs without one.
+
+    And give each test its ``xdist_group``: ``make test`` runs the suite in two processes
+    (pytest-xdist, ``--dist loadgroup``), and a group runs whole in one of them. A test file
+    is a group (its module fixtures, a Galera cluster say, start once); so are the tests that
+    share one running Airflow (``running_airflow``), whatever their file.
+    """
     for item in items:
-        if _DB_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if _DB_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.db)
+        if item.get_closest_marker("xdist_group") is None:
+            group = "running_airflow" if "running_airflow" in fixtures else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
