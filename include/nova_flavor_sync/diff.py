@@ -7,7 +7,9 @@ costs two substring searches and a string compare (see RowPlanner).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import pickle
+import struct
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +39,7 @@ from nova_flavor_sync.spec_json import (
     locate_flavor,
     read_embedded_flavor,
 )
+from nova_flavor_sync.spool import SpoolFile
 
 IN_SYNC = "in_sync"  # plan_row's result for a row that needs nothing
 OUT_OF_SCOPE = "out_of_scope"  # ... and for a row outside --flavor / --instance
@@ -57,9 +60,51 @@ class LeftAloneLater(Protocol):
         """Why ``row`` must be left alone (its own reason as read, or one of ``known``), or ""."""
 
 
-# How many rows a plan judges before the instances to leave alone have come: each waits as a
-# small record (about 400 bytes) for its verdict; past this many, the plan waits too.
-PENDING_ROWS = 50_000
+# How many rows a plan judges before the instances to leave alone have come; past this many,
+# it waits for them. The rows wait in a temporary file (PendingRows), not in memory.
+PENDING_ROWS = 500_000
+
+
+class PendingRows:
+    """Rows judged before the instances to leave alone came, with their outcomes, in order: in a
+    temporary file (a million-instance cloud takes seconds to scan for them, tens of thousands
+    of rows; a few hundred bytes each), pickled a batch at a time."""
+
+    BATCH = 1000
+    _HEAD = struct.Struct("<I")  # a record: its length, then a pickled batch
+
+    def __init__(self) -> None:
+        self._file = SpoolFile(self._HEAD, name="pending")
+        self._batch: list[tuple[int, str, str, RowOutcome]] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, row: SpecRow, outcome: RowOutcome) -> None:
+        self._batch.append((row.id, row.instance_uuid, row.left_alone, outcome))
+        self._count += 1
+        if len(self._batch) >= self.BATCH:
+            self._spool()
+
+    def _spool(self) -> None:
+        if self._batch:
+            data = pickle.dumps(self._batch, protocol=pickle.HIGHEST_PROTOCOL)
+            self._file.append(self._HEAD.pack(len(data)) + data)
+            self._batch = []
+
+    def drain(self) -> Iterator[tuple[SpecRow, RowOutcome]]:
+        """Every row and outcome, in order; the file is closed after."""
+        self._spool()
+        try:
+            for buffer, records in self._file.chunks():
+                for at, length in records:
+                    start = at + self._HEAD.size
+                    for row_id, uuid, reason, outcome in pickle.loads(buffer[start : start + length]):
+                        yield SpecRow(row_id, uuid, "", None, reason), outcome
+        finally:
+            self._file.close()
+            self._count = 0
 
 
 def make_plan(
@@ -79,8 +124,9 @@ def make_plan(
     ``planner``: a RowPlanner of these flavors, scope and layout that judged earlier rows (a
     plan worker's, kept from one id range to the next): its verdicts are reused.
     ``left_alone``: the instances to leave alone, when they are still being found: rows
-    are judged meanwhile (at most PENDING_ROWS), and each one's outcome is decided when they
-    come, as it would have been had they been there from the start. Without it, each row
+    are judged meanwhile (at most PENDING_ROWS; they wait in a file, PendingRows), and each
+    one's outcome is decided when they come, as it would have been had they been there from
+    the start. Without it, each row
     says itself why it is left alone (``SpecRow.left_alone``).
     """
     plan = Plan(
@@ -107,27 +153,26 @@ def make_plan(
             getattr(plan, kind).append(note)
 
     known = None if left_alone is not None else {}
-    pending: list[tuple[SpecRow, RowOutcome]] = []  # judged before the instances to leave alone came
+    pending = PendingRows() if left_alone is not None else None  # judged before they came
     for row in rows:
         plan.rows_read += 1
         if known is None:
-            assert left_alone is not None
+            assert left_alone is not None and pending is not None
             known = left_alone.known() if len(pending) < PENDING_ROWS else left_alone.wait()
-            if known is None:  # judged now, decided when they come; the spec is not kept
-                pending.append((SpecRow(row.id, row.instance_uuid, "", None, row.left_alone), planner.plan_row(row)))
+            if known is None:  # judged now, decided when they come
+                pending.add(row, planner.plan_row(row))
                 continue
-            for waiting, outcome in pending:
+            for waiting, outcome in pending.drain():
                 record(_decided(waiting, outcome, left_alone.reason(waiting, known)))
-            pending = []
         if left_alone is not None:
             reason = left_alone.reason(row, known)
             if reason != row.left_alone:
                 row = SpecRow(row.id, row.instance_uuid, row.spec, row.updated_at, reason)
         record(planner.plan_row(row))
-    if pending:
+    if pending is not None and len(pending):
         assert left_alone is not None
         known = left_alone.wait()
-        for waiting, outcome in pending:
+        for waiting, outcome in pending.drain():
             record(_decided(waiting, outcome, left_alone.reason(waiting, known)))
     plan.digest = digest.hexdigest()
     return plan

@@ -183,6 +183,8 @@ class PlanWorkers:
         def send(worker: int, message: bytes) -> None:
             stdin = self._children[worker].stdin
             assert stdin is not None
+            if stdin.closed:  # it has had every job it will get
+                return
             try:
                 stdin.write(message)
                 stdin.flush()
@@ -218,7 +220,7 @@ class PlanWorkers:
                     done[index] = payload.rows_read
                     give_next(worker)
                 elif kind == STOPPED:
-                    if index < 0 or results[index] is None:
+                    if index >= 0 and results[index] is None:  # a worker given no job stops, rightly
                         stopped = "a plan worker stopped before it finished (see its output above)"
                         raise PlanWorkerError(stopped, ExitCode.UNEXPECTED)
                 else:

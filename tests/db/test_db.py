@@ -13,7 +13,7 @@ from nova_flavor_sync.backup import API_DATABASE
 from nova_flavor_sync.db import NovaApiDb
 from nova_flavor_sync.dburl import parse_db_url
 from nova_flavor_sync.errors import DatabaseUnavailableError, ExitCode, SchemaError
-from nova_flavor_sync.plan_worker import PlanWorkerError, split_ids
+from nova_flavor_sync.plan_worker import PlanContext, PlanJob, PlanWorkerError, PlanWorkers, split_ids
 
 pytestmark = pytest.mark.db
 
@@ -132,3 +132,14 @@ def test_a_url_asking_for_tls_is_refused_by_a_server_without_it(nova_db):
     url = f"mysql+pymysql://{nova_db.user}@{nova_db.host}:{nova_db.port}/{nova_db.database}?ssl=true"
     with pytest.raises(DatabaseUnavailableError, match="is not encrypted, but its settings ask for TLS"):
         service.connect(parse_db_url(url))
+
+
+def test_plan_workers_with_more_workers_than_ranges_plan_them_and_stop(demo_db, tmp_path):
+    with service.connect(demo_db) as db:
+        flavors, scope = service.resolve_scope(db, all_keys=True)
+        alone = service.make_plan(db, scope, flavors=flavors, left_alone={})
+        with PlanWorkers(3) as workers:
+            context = PlanContext(flavors, scope, 100, str(tmp_path))
+            (plan,) = workers.run(context, [PlanJob(demo_db, db.spec_id_bounds())], left_alone=dict)
+    assert plan.digest == alone.digest and plan.rows_read == 1500
+    assert not psutil.Process().children()  # the two given no range have stopped too
