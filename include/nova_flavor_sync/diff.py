@@ -126,8 +126,7 @@ def make_plan(
     ``left_alone``: the instances to leave alone, when they are still being found: rows
     are judged meanwhile (at most PENDING_ROWS; they wait in a file, PendingRows), and each
     one's outcome is decided when they come, as it would have been had they been there from
-    the start. Without it, each row
-    says itself why it is left alone (``SpecRow.left_alone``).
+    the start. Without it, each row says itself why it is left alone (``SpecRow.left_alone``).
     """
     plan = Plan(
         scope=scope, changes=ChangeList(spool_dir=spool_dir), held_back=NoteList(spool_dir=spool_dir),
@@ -153,27 +152,33 @@ def make_plan(
             getattr(plan, kind).append(note)
 
     known = None if left_alone is not None else {}
-    pending = PendingRows() if left_alone is not None else None  # judged before they came
+    pending: PendingRows | None = None  # rows judged before they came
+
+    def decide_pending(known: Mapping[str, str]) -> None:
+        assert left_alone is not None and pending is not None
+        for waiting, outcome in pending.drain():
+            record(_decided(waiting, outcome, left_alone.reason(waiting, known)))
+
     for row in rows:
         plan.rows_read += 1
         if known is None:
-            assert left_alone is not None and pending is not None
-            known = left_alone.known() if len(pending) < PENDING_ROWS else left_alone.wait()
+            assert left_alone is not None
+            known = left_alone.known() if pending is None or len(pending) < PENDING_ROWS else left_alone.wait()
             if known is None:  # judged now, decided when they come
+                pending = pending or PendingRows()
                 pending.add(row, planner.plan_row(row))
                 continue
-            for waiting, outcome in pending.drain():
-                record(_decided(waiting, outcome, left_alone.reason(waiting, known)))
+            if pending is not None:
+                decide_pending(known)
+                pending = None
         if left_alone is not None:
             reason = left_alone.reason(row, known)
             if reason != row.left_alone:
                 row = SpecRow(row.id, row.instance_uuid, row.spec, row.updated_at, reason)
         record(planner.plan_row(row))
-    if pending is not None and len(pending):
+    if pending is not None:  # every row came before they did
         assert left_alone is not None
-        known = left_alone.wait()
-        for waiting, outcome in pending.drain():
-            record(_decided(waiting, outcome, left_alone.reason(waiting, known)))
+        decide_pending(left_alone.wait())
     plan.digest = digest.hexdigest()
     return plan
 

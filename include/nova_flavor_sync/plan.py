@@ -17,7 +17,6 @@ import hashlib
 import heapq
 import json
 import struct
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -371,9 +370,14 @@ class Plan:
     out_of_scope: int = 0  # rows outside --flavor / --instance
     digest: str = ""
 
+    @property
+    def notes(self) -> tuple[NoteList, ...]:
+        """The lists of rows the plan does not touch: left alone, orphans, errors, held back."""
+        return self.left_alone, self.orphans, self.errors, self.held_back
+
     def spec_diffs(self) -> Iterator[SpecDiff]:
         """Every SpecDiff the plan's rows refer to (once per list that has it)."""
-        for rows in (self.changes, self.held_back, self.orphans, self.errors, self.left_alone):
+        for rows in (self.changes, *self.notes):
             yield from rows._diffs
 
     @property
@@ -481,15 +485,7 @@ class CopyPlan:
 # How many instance uuids CloudPlan.disagreement holds at once (about 10 MB).
 UUIDS_AT_ONCE = 100_000
 _STALE_IN_NOVA_API, _STALE_IN_A_CELL, _NOTED = 0, 1, 2  # what a uuid record of disagreement says
-
-
-def _uuid_records(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The (kind, uuid) records CloudPlan._uuids_by_share wrote: kind, length, uuid."""
-    at = 0
-    while at < len(data):
-        end = at + 2 + data[at + 1]
-        yield data[at], data[at + 2 : end]
-        at = end
+_UUID_RECORD = struct.Struct("<BB")  # a share's record (spool.SpoolFile): the kind, the uuid's length
 
 
 @dataclass(frozen=True)
@@ -528,10 +524,9 @@ class CloudPlan:
         count. ``sample``: how many of them to name, the first in uuid order (None: all).
         Memory stays flat: the lists are read once, and a plan of more than UUIDS_AT_ONCE
         such rows is compared a share of the instances at a time (by their uuids' CRC-32),
-        each share's uuids written to a temporary file of its own as they are read.
+        each share's uuids spooled to a file of its own (``spool.SpoolFile``) as they are read.
         """
-        rows = sum(len(rows) for copy in self.copies for rows in (
-            copy.plan.changes, copy.plan.left_alone, copy.plan.orphans, copy.plan.errors, copy.plan.held_back))
+        rows = sum(len(rows) for copy in self.copies for rows in (copy.plan.changes, *copy.plan.notes))
         shares = max(1, -(-rows // UUIDS_AT_ONCE))
         count, named = 0, []
         for share in self._uuids_by_share(shares):
@@ -550,26 +545,19 @@ class CloudPlan:
         every = chain.from_iterable(
             chain(((_STALE_IN_NOVA_API if copy.cell_uuid is None else _STALE_IN_A_CELL, uuid)
                    for uuid in copy.plan.changes.instance_uuids()),
-                  ((_NOTED, uuid) for notes in (copy.plan.left_alone, copy.plan.orphans, copy.plan.errors,
-                                                copy.plan.held_back) for uuid in notes.instance_uuids()))
+                  ((_NOTED, uuid) for notes in copy.plan.notes for uuid in notes.instance_uuids()))
             for copy in self.copies
         )
         if shares == 1:
             yield every
             return
-        files = [tempfile.TemporaryFile(prefix="nova-flavor-sync-uuids-") for _ in range(shares)]
+        files = [SpoolFile(_UUID_RECORD, name="uuids") for _ in range(shares)]
         try:
-            waiting: list[list[bytes]] = [[] for _ in range(shares)]
             for kind, uuid in every:
-                share = zlib.crc32(uuid) % shares
-                waiting[share].append(bytes((kind, len(uuid))) + uuid)
-                if len(waiting[share]) >= 4096:
-                    files[share].write(b"".join(waiting[share]))
-                    waiting[share].clear()
-            for file, records in zip(files, waiting, strict=True):
-                file.write(b"".join(records))
-                file.seek(0)
-                yield _uuid_records(file.read())
+                files[zlib.crc32(uuid) % shares].append(_UUID_RECORD.pack(kind, len(uuid)) + uuid)
+            for file in files:
+                yield ((kind, buffer[at + _UUID_RECORD.size : at + _UUID_RECORD.size + length])
+                       for buffer, records in file.chunks() for at, kind, length in records)
         finally:
             for file in files:
                 file.close()

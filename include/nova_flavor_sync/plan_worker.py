@@ -39,11 +39,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from nova_flavor_sync.db import left_alone_reason
 from nova_flavor_sync.dburl import DbParams
 from nova_flavor_sync.diff import RowPlanner, make_plan
 from nova_flavor_sync.errors import ExitCode, NovaFlavorSyncError
 from nova_flavor_sync.flavor import Flavor
-from nova_flavor_sync.plan import Plan, SpecDiff, SpecRow
+from nova_flavor_sync.plan import Plan, SpecDiff
 from nova_flavor_sync.scope import Scope
 
 FRAME = struct.Struct("<cI")
@@ -389,11 +390,7 @@ class _Inbox:
             raise EOFError("the parent stopped before it sent the instances to leave alone")
         return self._left_alone
 
-    @staticmethod
-    def reason(row: SpecRow, known: Mapping[str, str]) -> str:
-        from nova_flavor_sync.db import left_alone_reason
-
-        return left_alone_reason(row, known)
+    reason = staticmethod(left_alone_reason)  # asked for every row: imported once
 
 
 def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], sent: SentDiffs, inbox: _Inbox,
