@@ -27,7 +27,9 @@ from nova_flavor_sync.plan_file import save_plan
 from nova_flavor_sync.server_load import ReplicaDb
 from nova_flavor_sync.throttle import Pacer, PaceSettings, ReplicaLag, ServerBusyError, ServerLoad
 
-pytestmark = pytest.mark.db
+# serial: their timings (batches growing, waits of a second) do not hold beside another test
+# process; make test runs them after the others, in a process of their own.
+pytestmark = [pytest.mark.db, pytest.mark.serial]
 
 # Only what a test turns on is checked.
 NO_CHECKS = {"max_threads_running": None, "max_replica_lag_s": None, "pause_on_flow_control": False}
