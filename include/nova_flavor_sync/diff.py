@@ -201,19 +201,36 @@ def merge_plans(scope: Scope, parts: Iterable[Plan]) -> Plan:
     The same as make_plan over all the rows at once: counts add up, lists follow each
     other, and the digest is computed again over every change in order.
     """
-    plan = Plan(scope=scope)
-    digest = PlanDigest(scope)
+    merged = PlanMerger(scope)
     for part in parts:
+        merged.add(part)
+    return merged.plan()
+
+
+class PlanMerger:
+    """merge_plans a part at a time: the plan workers' parts are merged as they come in, while
+    the workers plan the next ones, so that only the last part is merged after they finish."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._plan = Plan(scope=scope)
+        self._digest = PlanDigest(scope)
+
+    def add(self, part: Plan) -> None:
+        """The plan of the next id range (its lists are emptied into the merged plan)."""
+        plan = self._plan
         plan.rows_read += part.rows_read
         plan.in_sync += part.in_sync
         plan.out_of_scope += part.out_of_scope
-        for kind in ("held_back", "orphans", "errors", "left_alone"):
-            getattr(plan, kind).extend(getattr(part, kind))
-            getattr(part, kind).close()
-        plan.changes.extend_from(part.changes, digest)
+        for notes, part_notes in zip(plan.notes, part.notes, strict=True):
+            notes.extend(part_notes)
+            part_notes.close()
+        plan.changes.extend_from(part.changes, self._digest)
         part.changes.close()
-    plan.digest = digest.hexdigest()
-    return plan
+
+    def plan(self) -> Plan:
+        """The merged plan, with its digest."""
+        self._plan.digest = self._digest.hexdigest()
+        return self._plan
 
 
 class RowPlanner:

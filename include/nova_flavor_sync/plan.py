@@ -29,7 +29,7 @@ from nova_flavor_sync.policy import RiskClass
 from nova_flavor_sync.scope import Scope
 from nova_flavor_sync.spool import Chunk, SpoolFile
 
-PLAN_DIGEST_VERSION = "nova-flavor-sync plan v1"
+PLAN_DIGEST_VERSION = "nova-flavor-sync plan v2"
 T = TypeVar("T")
 R = TypeVar("R")  # the rows of a plan's spooled list: RowChange or RowNote
 
@@ -227,7 +227,9 @@ class _SpooledRows(Generic[R]):
 class ChangeList(_SpooledRows[RowChange]):
     """A plan's changed rows in id order; spooled, each a 77-byte record plus its instance uuid."""
 
-    _HEAD = struct.Struct("<q32s32sIB")  # id, old sha256, new sha256, diff index, uuid length
+    # id, old sha256, new sha256, diff index, uuid length: its first bytes are the change as
+    # PlanDigest hashes it (CHANGE_KEY), so that merging hashes a slice of each record
+    _HEAD = struct.Struct("<q32s32sIB")
     _SPOOL_NAME = "changes"
     _UUID_LENGTH = 5
 
@@ -268,16 +270,16 @@ class ChangeList(_SpooledRows[RowChange]):
             self._open_spool()
         assert self._file is not None
         self._count += other._count
-        head = self._HEAD
+        head, key = self._HEAD, CHANGE_KEY.size
         for buffer, records in other._file.chunks():
-            copied, lines = [], []
-            for at, row_id, old, new, index, uuid_len in records:
+            copied, keys = [], []
+            for at, _, _, _, index, uuid_len in records:
                 end = at + head.size + uuid_len
-                copied.append(head.pack(row_id, old, new, remap[index], uuid_len) + buffer[at + head.size : end])
-                lines.append(f"{row_id} {old.hex()} {new.hex()}\n")
+                copied.append(buffer[at : at + key] + _DIFF_INDEX.pack(remap[index]) + buffer[at + key + 4 : end])
+                keys.append(buffer[at : at + key])
             self._file.extend(copied)
             if digest is not None:
-                digest.add_lines("".join(lines).encode())
+                digest.add_keys(b"".join(keys))
 
 
 class NoteList(_SpooledRows[RowNote]):
@@ -421,8 +423,14 @@ class Plan:
         }
 
 
+# A change as PlanDigest hashes it: the row id, the sha256 of the bytes it was planned from,
+# the sha256 of the bytes it will get (binary: a ChangeList record starts with it).
+CHANGE_KEY = struct.Struct("<q32s32s")
+_DIFF_INDEX = struct.Struct("<I")
+
+
 class PlanDigest:
-    """sha256 over the scope and policy, then each change's id, old hash and new hash.
+    """sha256 over the scope and policy, then each change's id, old hash and new hash (CHANGE_KEY).
 
     Two plans have the same digest only if they would write the same bytes over the same
     bytes: an approval bound to a digest is bound to exactly those writes.
@@ -433,11 +441,11 @@ class PlanDigest:
         self._hash.update(json.dumps(scope.as_dict(), sort_keys=True).encode() + b"\n")
 
     def add(self, row_id: int, old_sha256: str, new_sha256: str) -> None:
-        self._hash.update(f"{row_id} {old_sha256} {new_sha256}\n".encode())
+        self._hash.update(CHANGE_KEY.pack(row_id, bytes.fromhex(old_sha256), bytes.fromhex(new_sha256)))
 
-    def add_lines(self, lines: bytes) -> None:
-        """Many changes at once: their ``add`` lines, concatenated."""
-        self._hash.update(lines)
+    def add_keys(self, keys: bytes) -> None:
+        """Many changes at once: each packed as CHANGE_KEY, concatenated."""
+        self._hash.update(keys)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

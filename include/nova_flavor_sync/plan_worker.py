@@ -2,7 +2,7 @@
 
 The tables are nova_api's request_specs and each cell's instance_extra (``PlanJob.cell``):
 ``service.plan_copies`` cuts every big copy of a plan into id ranges and gives them all to
-one set of workers (``PlanWorkers``), then merges each copy's ranges (``diff.merge_plans``):
+one set of workers (``PlanWorkers``), and merges each copy's ranges as they come in (``diff.PlanMerger``):
 the same plan, the same digest, as one process would make.
 
 PyMySQL is pure Python: turning the server's packets into rows costs about as much CPU as
@@ -35,7 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -166,17 +166,19 @@ class PlanWorkers:
         *,
         left_alone: Callable[[], Mapping[str, str]],
         progress: Callable[[int], None] | None = None,
-    ) -> list[Plan]:
-        """Plan the jobs; the plans in job order. Once per PlanWorkers.
+    ) -> Iterator[Plan]:
+        """Plan the jobs; yield their plans in job order, each as soon as it and those before it
+        are in (the workers go on meanwhile). Once per PlanWorkers.
 
         ``left_alone()`` finds the instances to leave alone: it is called here once the
         workers have their first jobs, and its answer sent to each of them.
 
         Each plan's changes stay spooled in ``context.spool_dir``: merge them
-        (``merge_plans``) before that directory goes. The plans share their SpecDiffs (one
+        (``diff.PlanMerger``) before that directory goes. The plans share their SpecDiffs (one
         object per value). ``progress(rows)``: rows planned so far over every job.
         """
         results: list[Plan | None] = [None] * len(jobs)
+        yielded = 0
         done = [0] * len(jobs)
         pending = iter(range(len(jobs)))
         current = [-1] * len(self._children)  # each worker's job
@@ -209,7 +211,12 @@ class PlanWorkers:
             found = pickle.dumps(LeftAlone(left_alone()), protocol=pickle.HIGHEST_PROTOCOL)
             for worker in range(len(self._children)):
                 send(worker, found)
-            while any(result is None for result in results):
+            while yielded < len(jobs):
+                if results[yielded] is not None:
+                    plan, results[yielded] = results[yielded], None  # the caller has it now
+                    yielded += 1
+                    yield plan
+                    continue
                 worker, kind, payload = self._messages.get()
                 index = current[worker]
                 if kind == PROGRESS:
@@ -221,16 +228,15 @@ class PlanWorkers:
                     done[index] = payload.rows_read
                     give_next(worker)
                 elif kind == STOPPED:
-                    if index >= 0 and results[index] is None:  # a worker given no job stops, rightly
+                    if index >= yielded and results[index] is None:  # a worker given no job stops, rightly
                         stopped = "a plan worker stopped before it finished (see its output above)"
                         raise PlanWorkerError(stopped, ExitCode.UNEXPECTED)
                 else:
                     code, _, message = payload.partition("\n")
                     raise PlanWorkerError(message, ExitCode(int(code)))
-        except BaseException:
+        except BaseException:  # GeneratorExit too: a caller that stops early
             self._failed = True
             raise
-        return [r for r in results if r is not None]
 
     def _end_input(self, worker: int) -> None:
         stdin = self._children[worker].stdin

@@ -43,7 +43,7 @@ from nova_flavor_sync.cells import (
 )
 from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams
-from nova_flavor_sync.diff import IN_SYNC, RowPlanner, merge_plans
+from nova_flavor_sync.diff import IN_SYNC, PlanMerger, RowPlanner
 from nova_flavor_sync.diff import make_plan as diff_make_plan
 from nova_flavor_sync.errors import BackupError, ConfigError, NovaFlavorSyncError
 from nova_flavor_sync.flavor import Flavor
@@ -234,7 +234,7 @@ def plan_copies(
     When a copy is big (PLAN_WORKERS_FROM rows or more by id), the id ranges of every copy go
     to one set of PLAN_WORKERS worker processes (``plan_worker.PlanWorkers``), which stay
     busy from one copy to the next; each copy's ranges are merged into its plan
-    (``diff.merge_plans``: the plan and digest one process would make). A small cloud, or an
+    (``diff.PlanMerger``, as they come in: the plan and digest one process would make). A small cloud, or an
     instance-uuid scope, is planned in this process. ``workers`` overrides the count (1:
     everything in this process). ``progress(rows, expected)`` follows the reading of the
     RequestSpecs when they are planned here, of every copy otherwise.
@@ -273,10 +273,11 @@ def plan_copies(
             expected = sum(high - low + 1 for low, high in bounds_of.values())
             report = None if progress is None else (lambda done: progress(done, max(expected, done)))
             context = PlanContext(flavors, scope, page_size, spool_dir)
-            parts = pool.run(context, jobs, left_alone=find_left_alone, progress=report)
-            for index in bounds_of:
-                planned[index] = merge_plans(scope, [part for part, owner in zip(parts, owners, strict=True)
-                                                     if owner == index])
+            merged = {index: PlanMerger(scope) for index in bounds_of}
+            for owner, part in zip(owners, pool.run(context, jobs, left_alone=find_left_alone, progress=report),
+                                   strict=True):
+                merged[owner].add(part)
+            planned = {index: merger.plan() for index, merger in merged.items()}
             if progress is not None:
                 read = sum(plan.rows_read for plan in planned.values())
                 progress(read, read)
