@@ -68,24 +68,46 @@ PENDING_ROWS = 500_000
 class PendingRows:
     """Rows judged before the instances to leave alone came, with their outcomes, in order: in a
     temporary file (a million-instance cloud takes seconds to scan for them, tens of thousands
-    of rows; a few hundred bytes each), pickled a batch at a time."""
+    of rows; a few hundred bytes each), pickled a batch at a time.
+
+    An outcome is kept as plain values (pickled fast, in C), its SpecDiff as a number: the
+    diffs are the planner's shared objects, kept here once each, and drained as themselves.
+    """
 
     BATCH = 1000
     _HEAD = struct.Struct("<I")  # a record: its length, then a pickled batch
 
     def __init__(self) -> None:
         self._file = SpoolFile(self._HEAD, name="pending")
-        self._batch: list[tuple[int, str, str, RowOutcome]] = []
+        self._batch: list[tuple] = []
         self._count = 0
+        self._diffs: list[SpecDiff | None] = [None]  # by number; 0: no diff
+        self._diff_numbers: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self._count
 
     def add(self, row: SpecRow, outcome: RowOutcome) -> None:
-        self._batch.append((row.id, row.instance_uuid, row.left_alone, outcome))
+        head = (row.id, row.instance_uuid, row.left_alone)
+        if isinstance(outcome, str):
+            self._batch.append((*head, outcome))
+        elif isinstance(outcome, RowChange):
+            self._batch.append((*head, _CHANGE, outcome.old_sha256, outcome.new_sha256, self._number(outcome.diff)))
+        else:
+            kind, note = outcome
+            self._batch.append((*head, kind, note.reason, note.flavor, self._number(note.diff)))
         self._count += 1
         if len(self._batch) >= self.BATCH:
             self._spool()
+
+    def _number(self, diff: SpecDiff | None) -> int:
+        if diff is None:
+            return 0
+        number = self._diff_numbers.get(id(diff))
+        if number is None:
+            number = self._diff_numbers[id(diff)] = len(self._diffs)
+            self._diffs.append(diff)
+        return number
 
     def _spool(self) -> None:
         if self._batch:
@@ -96,15 +118,27 @@ class PendingRows:
     def drain(self) -> Iterator[tuple[SpecRow, RowOutcome]]:
         """Every row and outcome, in order; the file is closed after."""
         self._spool()
+        diffs = self._diffs
         try:
             for buffer, records in self._file.chunks():
                 for at, length in records:
                     start = at + self._HEAD.size
-                    for row_id, uuid, reason, outcome in pickle.loads(buffer[start : start + length]):
-                        yield SpecRow(row_id, uuid, "", None, reason), outcome
+                    for row_id, uuid, reason, kind, *rest in pickle.loads(buffer[start : start + length]):
+                        row = SpecRow(row_id, uuid, "", None, reason)
+                        if not rest:
+                            yield row, kind
+                        elif kind == _CHANGE:
+                            old, new, diff = rest
+                            yield row, RowChange(row_id, uuid, old, new, diffs[diff])  # type: ignore[arg-type]
+                        else:
+                            note_reason, flavor, diff = rest
+                            yield row, (kind, RowNote(row_id, uuid, note_reason, flavor, diffs[diff]))
         finally:
             self._file.close()
             self._count = 0
+
+
+_CHANGE = "change"  # PendingRows' name for a RowChange outcome (the others: a plan list's name)
 
 
 def make_plan(

@@ -296,8 +296,8 @@ class LeftAloneLater:
 
 
 def plan_outcome(plan):
-    return (plan.digest, list(plan.changes), list(plan.left_alone), list(plan.errors), plan.in_sync,
-            plan.out_of_scope, plan.rows_read)
+    return (plan.digest, list(plan.changes), list(plan.left_alone), list(plan.errors), list(plan.held_back),
+            plan.in_sync, plan.out_of_scope, plan.rows_read)
 
 
 @pytest.mark.parametrize("pending_rows", [50_000, 3])  # 3: the plan waits for them
@@ -308,7 +308,7 @@ def test_rows_judged_before_the_instances_to_leave_alone_came_are_decided_as_if_
     wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
     busy = "an operation is under way (task_state migrating)"
     rows = [row(1), row(2, wanted), row(3), row(4, left_alone=busy), row(5, left_alone=MISSING_INSTANCE_ROW),
-            row(6), row(7, wanted), row(8, left_alone=busy), row(9)]
+            row(6), row(7, wanted), row(8, left_alone=busy), row(9), row(10, {**wanted, "hw:cpu_policy": "dedicated"})]
     uuid = {r.id: r.instance_uuid for r in rows}
     # queued for delete: a stale row, an in-sync one, a busy one, one without its instance row
     reasons = {uuid[i]: "instance is queued for delete" for i in (1, 2, 4, 5)} | {"elsewhere": "x"}
@@ -323,4 +323,6 @@ def test_rows_judged_before_the_instances_to_leave_alone_came_are_decided_as_if_
     assert [n.reason for n in expected.left_alone] == ["instance is queued for delete"] * 3 + [
         MISSING_INSTANCE_ROW, busy]
     assert len(expected.changes) == 3 and expected.in_sync == 1
+    (held_back,) = judged_first.held_back  # a note with its SpecDiff: the planner's own object
+    assert [c.key for c in held_back.diff.held_back] == ["hw:cpu_policy"]
     assert later.waited == (after >= min(pending_rows, len(rows)))
