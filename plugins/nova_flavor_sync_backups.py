@@ -27,7 +27,6 @@ its Connection.
 
 from __future__ import annotations
 
-import html
 import os
 import re
 import shlex
@@ -106,31 +105,10 @@ app.include_router(backups)
 app.include_router(plan_view.router, dependencies=[Depends(may_read_dag(plan_view.SYNC_DAG_ID))])
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 def _taken_at(created_at: str) -> str:
     """``2026-01-06T14:32:10Z`` -> ``2026-01-06 14:32:10 UTC``; anything else as it is."""
     found = re.fullmatch(r"(\d{4}-\d\d-\d\d)T(\d\d:\d\d:\d\d)Z", created_at or "")
     return f"{found[1]} {found[2]} UTC" if found else created_at
-
-
-def _row(entry: dict[str, Any]) -> str:
-    if "problem" in entry:
-        return (
-            f'<tr class="damaged"><td><code>{_e(entry["file"])}</code></td>'
-            f'<td colspan="5">{_e(entry["problem"])}</td></tr>'
-        )
-    digest = entry.get("plan_digest") or ""
-    return (
-        f'<tr><td><code title="{_e(entry["path"])}">{_e(entry["file"])}</code></td>'
-        f'<td class="num">{_e(entry["records"])}</td>'
-        f"<td>{_e(_copies(entry.get('records_by_copy') or {}))}</td>"
-        f'<td title="{_e(entry["created_at"])}">{_e(_taken_at(entry["created_at"]))}</td>'
-        f'<td><code title="{_e(digest)}">{_e(digest[:DIGEST_SHOWN])}</code></td>'
-        f"<td>{_e(entry.get('schema'))}</td></tr>"
-    )
 
 
 def _copies(by_copy: dict[str, int]) -> str:
@@ -139,53 +117,26 @@ def _copies(by_copy: dict[str, int]) -> str:
 
 
 def render(data: dict[str, Any]) -> str:
-    """The page: every value escaped (file names and problems come from disk)."""
-    entries = data["backups"]
+    """The page (the template escapes every value: file names and problems come from disk)."""
+    entries = [
+        entry if "problem" in entry else {
+            **entry,
+            "per_copy": _copies(entry.get("records_by_copy") or {}),
+            "taken_at": _taken_at(entry["created_at"]),
+            "digest": entry.get("plan_digest") or "",
+            "schema": "" if entry.get("schema") is None else entry["schema"],
+        }
+        for entry in data["backups"]
+    ]
     good = sum("problem" not in entry for entry in entries)
-    directory = _e(data["directory"])
     newest = [entry["path"] for entry in entries if "problem" not in entry][-1:]
-    example = f", e.g. <code>{_e(newest[0])}</code> for the newest" if newest else ""
-    if entries:
-        damaged = len(entries) - good
-        counts = f"{good} backup{'' if good == 1 else 's'}" + (
-            f" and {damaged} damaged or incomplete file{'' if damaged == 1 else 's'}" if damaged else ""
-        )
-        body = (
-            f"<p>{counts} in <code>{directory}</code>, oldest first "
-            "(as <code>nova-flavor-sync --list-backups</code> lists them).</p>"
-            "<table><thead><tr><th>File</th><th>Records</th><th>Per copy</th><th>Taken at</th><th>Plan digest</th>"
-            "<th>Schema</th></tr></thead><tbody>" + "".join(_row(entry) for entry in entries) + "</tbody></table>"
-        )
-    else:
-        missing = "" if data["exists"] else " (the directory does not exist on the API server)"
-        body = f"<p>No backups in <code>{directory}</code>{missing}.</p>"
-        if data.get("problem"):
-            body = f'<p class="problem">{_e(data["problem"])}</p>'
     # The CLI has no Airflow Connections: it reads s3://bucket/... with credentials from its environment.
     cli_directory = re.sub(r"^([a-z0-9+.-]+://)[^@/]*@", r"\1", data["directory"])
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Flavor sync backups</title>
-<style>
-:root {{ color-scheme: light dark; font-family: system-ui, sans-serif; font-size: 14px; }}
-body {{ margin: 1rem 1.5rem; }}
-h1 {{ font-size: 1.3rem; }}
-table {{ border-collapse: collapse; }}
-th, td {{ padding: .35rem .8rem; border-bottom: 1px solid #8884; text-align: left; vertical-align: top; }}
-td.num {{ text-align: right; }}
-tr.damaged td, p.problem {{ color: #c0392b; }}
-code {{ font-size: .95em; }}
-.note {{ max-width: 60rem; line-height: 1.5; }}
-</style></head>
-<body>
-<h1>Flavor sync backups</h1>
-{body}
-<p class="note">To restore one, trigger the DAG <code>{RESTORE_DAG_ID}</code> with <code>backup_path</code> set to
-the backup's full path: <code>{directory}/</code><i>file</i>{example}. It checks the backup and shows what it would put
-back (<code>dry_run</code>, the default); with <code>dry_run</code> off it asks for an
-approval, then restores. The file list is read from storage on every visit; backup contents are never shown here.
-From a shell: <code>nova-flavor-sync --list-backups --backup-dir {_e(shlex.quote(cli_directory))}</code>.</p>
-</body></html>
-"""
+    return plan_view.templates.get_template("nova_flavor_sync_backups.html").render(
+        backups=entries, good=good, damaged=len(entries) - good, directory=data["directory"],
+        exists=data["exists"], problem=data.get("problem") or "", newest=newest[0] if newest else "",
+        digest_shown=DIGEST_SHOWN, restore_dag_id=RESTORE_DAG_ID, cli_directory=shlex.quote(cli_directory),
+    )
 
 
 class NovaFlavorSyncBackupsPlugin(AirflowPlugin):
