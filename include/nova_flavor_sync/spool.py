@@ -28,13 +28,17 @@ class SpoolFile:
     """Records appended to a temporary file and read back in order, a chunk at a time."""
 
     READ_SIZE = 1 << 20
-    WRITE_EVERY = 4096  # records: appends are buffered and written this many at a time
+    # Appends are buffered and written this many records at a time, or once they hold this
+    # many bytes (a record may be big: PendingRows appends a thousand rows as one).
+    WRITE_EVERY = 4096
+    WRITE_BYTES = 1 << 20
 
     def __init__(self, head: struct.Struct, *, directory: str | None = None, name: str = "rows") -> None:
         """``head``: a record's head; its last field is the length of the record's tail."""
         self.head = head
         self.name = name
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._path: str | None = None
         if directory is None:
             self._file: Any = tempfile.TemporaryFile(prefix=f"nova-flavor-sync-{name}-")
@@ -44,12 +48,15 @@ class SpoolFile:
 
     def append(self, record: bytes) -> None:
         self._pending.append(record)
-        if len(self._pending) >= self.WRITE_EVERY:
+        self._pending_bytes += len(record)
+        if len(self._pending) >= self.WRITE_EVERY or self._pending_bytes >= self.WRITE_BYTES:
             self._flush()
 
     def extend(self, records: Iterable[bytes]) -> None:
+        records = list(records)
         self._pending.extend(records)
-        if len(self._pending) >= self.WRITE_EVERY:
+        self._pending_bytes += sum(map(len, records))
+        if len(self._pending) >= self.WRITE_EVERY or self._pending_bytes >= self.WRITE_BYTES:
             self._flush()
 
     def chunks(self) -> Iterator[Chunk]:
@@ -82,6 +89,7 @@ class SpoolFile:
         if self._pending:
             self._file.write(b"".join(self._pending))
             self._pending = []
+            self._pending_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled as its name if it has one (a plan worker's), else with its records as bytes."""
@@ -95,7 +103,7 @@ class SpoolFile:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.head, self.name = struct.Struct(state["head"]), state["name"]
-        self._pending = []
+        self._pending, self._pending_bytes = [], 0
         self._path = None
         if state["path"] is not None:  # a worker's file: this process owns it from now on
             self._file = open(state["path"], "r+b")  # noqa: SIM115 (closed with the list)
