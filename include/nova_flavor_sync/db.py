@@ -620,11 +620,14 @@ class NovaCellDb(NovaDb):
                 return
             last = page[-1]
 
-    def busy_instances(self, uuids: Sequence[str] | None = None) -> dict[str, str]:
+    def busy_instances(self, uuids: Sequence[str] | None = None, *, in_flux: bool = True) -> dict[str, str]:
         """The cell's instances whose copies must be left alone now, with the reason (few, normally).
 
         Deleted, or in the middle of a resize or migration (``instance_state_reason``).
         ``uuids``: only among these instances (by their uuid indexes), not the whole cell.
+        ``in_flux=False``: not those whose flavor alone says so (``old`` or ``new`` set), which
+        takes reading every flavor: a plan of the cell's copies reads them anyway
+        (``cells.instances_in_flux``).
         """
         found: dict[str, str] = {}
         if uuids is not None and not uuids:
@@ -638,6 +641,8 @@ class NovaCellDb(NovaDb):
             )
             for uuid, deleted, vm_state, task_state in cur.fetchall():
                 found[uuid] = instance_state_reason(bool(deleted), vm_state, task_state, None)
+        if not in_flux:
+            return found
         # old or new set: Nova writes '..., "old": null, "new": null}' when neither is. The
         # server compares only each flavor's last bytes (a LIKE '%...' matches through all of
         # them: twice the time); BINARY: byte for byte, so every other ending, whatever its
@@ -740,6 +745,8 @@ def left_alone_reason(row: SpecRow, left_alone: Mapping[str, str]) -> str:
 
 # How Nova's instance_extra.flavor ends when the instance has neither an old nor a new flavor.
 NOT_IN_FLUX_END = '"old": null, "new": null}'
+# Why an instance whose flavor has ``old`` or ``new`` set is left alone (instance_state_reason).
+IN_FLUX = "resize or migration under way (old or new flavor set)"
 
 
 def instance_state_reason(deleted: bool, vm_state: str | None, task_state: str | None, flavor: str | None) -> str:
@@ -757,7 +764,7 @@ def instance_state_reason(deleted: bool, vm_state: str | None, task_state: str |
         return f"an operation is under way (task_state {task_state})"
     try:
         if flavor is not None and instance_flavor_in_flux(flavor):
-            return "resize or migration under way (old or new flavor set)"
+            return IN_FLUX
     except SpecShapeError:
         pass  # unreadable: the planner reports it as an error
     return ""

@@ -81,10 +81,14 @@ class LeftAlone:
     """The instances whose copies must be left alone, and why (``cells.instances_to_leave_alone``).
 
     Sent to each worker once the parent has found them, which it does while its workers
-    already plan (see diff.make_plan's ``left_alone``).
+    already plan (see diff.make_plan's ``left_alone``). ``in_flux=False``: without the
+    instances whose flavor alone says they are busy, which the plans of the cells' copies
+    find (``cells.with_instances_in_flux``): enough for those plans, whose rows say it
+    themselves, not for the RequestSpecs', which wait for a LeftAlone with them.
     """
 
     reasons: Mapping[str, str]
+    in_flux: bool = True
 
 
 @dataclass(frozen=True)
@@ -165,13 +169,16 @@ class PlanWorkers:
         jobs: Sequence[PlanJob],
         *,
         left_alone: Callable[[], Mapping[str, str]],
+        in_flux: bool = True,
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[Plan]:
         """Plan the jobs; yield their plans in job order, each as soon as it and those before it
         are in (the workers go on meanwhile). Once per PlanWorkers.
 
         ``left_alone()`` finds the instances to leave alone: it is called here once the
-        workers have their first jobs, and its answer sent to each of them.
+        workers have their first jobs, and its answer sent to each of them. ``in_flux=False``:
+        it does not have the instances in flux (LeftAlone); the RequestSpecs' jobs wait for
+        ``send_left_alone`` with them (the cells' jobs, which do not, come first).
 
         Each plan's changes stay spooled in ``context.spool_dir``: merge them
         (``diff.PlanMerger``) before that directory goes. The plans share their SpecDiffs (one
@@ -208,9 +215,7 @@ class PlanWorkers:
             for worker in range(len(self._children)):
                 send(worker, shared)
                 give_next(worker)
-            found = pickle.dumps(LeftAlone(left_alone()), protocol=pickle.HIGHEST_PROTOCOL)
-            for worker in range(len(self._children)):
-                send(worker, found)
+            self.send_left_alone(left_alone(), in_flux=in_flux)
             while yielded < len(jobs):
                 if results[yielded] is not None:
                     plan, results[yielded] = results[yielded], None  # the caller has it now
@@ -237,6 +242,18 @@ class PlanWorkers:
         except BaseException:  # GeneratorExit too: a caller that stops early
             self._failed = True
             raise
+
+    def send_left_alone(self, reasons: Mapping[str, str], *, in_flux: bool = True) -> None:
+        """The instances to leave alone, to every worker (``run`` sends the first; see LeftAlone)."""
+        found = pickle.dumps(LeftAlone(reasons, in_flux), protocol=pickle.HIGHEST_PROTOCOL)
+        for child in self._children:
+            if child.stdin is None or child.stdin.closed:  # it has had every job it will get
+                continue
+            try:
+                child.stdin.write(found)
+                child.stdin.flush()
+            except BrokenPipeError:  # it stopped: its reader thread reports how
+                pass
 
     def _end_input(self, worker: int) -> None:
         stdin = self._children[worker].stdin
@@ -358,14 +375,14 @@ def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
 
 class _Inbox:
     """A worker's stdin, read by a thread of its own: the PlanContext and the PlanJobs in order
-    (``next``), and the instances to leave alone whenever they come (``known``, ``wait``),
-    while a job is being planned (diff.LeftAloneLater)."""
+    (``next``), and the instances to leave alone whenever they come (``LeftAlone``), while a
+    job is being planned: ``for_job`` is what make_plan waits on (diff.LeftAloneLater)."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self._messages: queue.Queue[PlanContext | PlanJob | None] = queue.Queue()
-        self._left_alone: Mapping[str, str] | None = None
-        self._came = threading.Event()
         self._stream = stream
+        # Those without the instances in flux, enough for a cell's copies; those with them.
+        self._cells, self._all = _LeftAloneSoFar(), _LeftAloneSoFar()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -373,28 +390,48 @@ class _Inbox:
             while True:
                 message = pickle.load(self._stream)
                 if isinstance(message, LeftAlone):
-                    self._left_alone = message.reasons
-                    self._came.set()
+                    for came in (self._cells, self._all) if message.in_flux else (self._cells,):
+                        came.set(message.reasons)
                 else:
                     self._messages.put(message)
         except EOFError:  # the parent has no more work
             pass
         finally:
-            self._came.set()  # a worker waiting for them stops waiting (and fails: see wait)
+            for came in (self._cells, self._all):  # a worker waiting for them stops waiting (and
+                came.end()  # fails: see wait)
             self._messages.put(None)
 
     def next(self) -> PlanContext | PlanJob | None:
         """The next PlanContext or PlanJob; None once the parent has no more."""
         return self._messages.get()
 
+    def for_job(self, job: PlanJob) -> _LeftAloneSoFar:
+        return self._cells if job.cell else self._all
+
+
+class _LeftAloneSoFar:
+    """The instances to leave alone once they have come (diff.LeftAloneLater)."""
+
+    def __init__(self) -> None:
+        self._reasons: Mapping[str, str] | None = None
+        self._came = threading.Event()
+
+    def set(self, reasons: Mapping[str, str]) -> None:
+        if self._reasons is None:  # the first wins: a cell's job may already have used it
+            self._reasons = reasons
+        self._came.set()
+
+    def end(self) -> None:
+        self._came.set()
+
     def known(self) -> Mapping[str, str] | None:
-        return self._left_alone
+        return self._reasons
 
     def wait(self) -> Mapping[str, str]:
         self._came.wait()
-        if self._left_alone is None:
+        if self._reasons is None:
             raise EOFError("the parent stopped before it sent the instances to leave alone")
-        return self._left_alone
+        return self._reasons
 
     reason = staticmethod(left_alone_reason)  # asked for every row: imported once
 
@@ -411,7 +448,7 @@ def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], 
     with (NovaCellDb if job.cell else NovaApiDb)(job.params) as db:
         read = db.iter_flavor_rows if job.cell else db.iter_spec_rows
         # Read without the instances to leave alone (they may not have come yet): make_plan
-        # decides each row's fate with them (inbox.reason: what the read would have given).
+        # decides each row's fate with them (its reason(): what the read would have given).
         rows = read(page_size=context.page_size, id_range=job.id_range, left_alone={})
 
         def counted():
@@ -421,7 +458,7 @@ def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], 
                     _send(out, PROGRESS, pickle.dumps(count))
 
         plan = make_plan(context.flavors, counted(), context.scope, spool_dir=context.spool_dir, layout=layout,
-                         planner=planner, left_alone=inbox)
+                         planner=planner, left_alone=inbox.for_job(job))
     _send(out, RESULT, encode_result(plan, sent))
 
 

@@ -40,6 +40,7 @@ from nova_flavor_sync.cells import (
     locate_cells,
     open_cells,
     read_cell_mappings,
+    with_instances_in_flux,
 )
 from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams
@@ -230,7 +231,9 @@ def plan_copies(
 
     ``left_alone``: the instances whose copies must not be written, and why; by default
     found here (``cells.instances_to_leave_alone`` over every cell), while the workers
-    already plan (``PlanWorkers.run``).
+    already plan (``PlanWorkers.run``). When every copy is planned, the cells' come first,
+    and the instances in flux their plans find go to the RequestSpecs' plan instead of a
+    scan of every flavor (``cells.with_instances_in_flux``).
     When a copy is big (PLAN_WORKERS_FROM rows or more by id), the id ranges of every copy go
     to one set of PLAN_WORKERS worker processes (``plan_worker.PlanWorkers``), which stay
     busy from one copy to the next; each copy's ranges are merged into its plan
@@ -251,46 +254,76 @@ def plan_copies(
     if count == 1:
         bounds_of = {}
 
+    # Planning every copy at once, the RequestSpecs wait for the cells' plans: those find the
+    # instances in flux (old or new flavor set) as they read every flavor, which the scan for
+    # the instances to leave alone would read again (cells.with_instances_in_flux).
+    every_cell = {mapping.uuid for mapping, _ in cells if not mapping.is_cell0}
+    flux_from_cells = left_alone is None and API_DATABASE in keys and every_cell <= set(keys)
+    cells_first = sorted(range(len(targets)), key=lambda index: targets[index][1] is None)
+
     @functools.cache
     def find_left_alone() -> Mapping[str, str]:
+        """What a cell's copies are planned with (and, unless flux_from_cells, the RequestSpecs)."""
         if left_alone is not None:
             return left_alone
-        return instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells})
+        return instances_to_leave_alone(api, {mapping.uuid: db for mapping, db in cells}, in_flux=not flux_from_cells)
+
+    def plan_here(index: int, reasons: Mapping[str, str]) -> Plan:
+        db = targets[index][2]
+        if isinstance(db, NovaCellDb):
+            return make_cell_plan(db, scope, flavors=flavors, left_alone=reasons, page_size=page_size)
+        return make_plan(db, scope, flavors=flavors, page_size=page_size, left_alone=reasons,  # type: ignore[arg-type]
+                         progress=progress)
+
+    planned: dict[int, Plan] = {}
+
+    def left_alone_with_flux() -> Mapping[str, str]:
+        """What the RequestSpecs are planned with, once every cell's plan is made."""
+        for index in cells_first:
+            if targets[index][1] is not None and index not in planned:  # no worker had it
+                planned[index] = plan_here(index, find_left_alone())
+        if not flux_from_cells:
+            return find_left_alone()
+        return with_instances_in_flux(find_left_alone(), (planned[i] for i in cells_first if targets[i][1]))
 
     with (tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir,
           PlanWorkers(count if bounds_of else 0) as pool):
         # Once workers run, every copy goes to them, small ones too: planned here it would
-        # wait for the workers' copies, or they for it.
+        # wait for the workers' copies, or they for it. The cells' ranges come first.
         jobs: list[PlanJob] = []
         owners: list[int] = []  # jobs[i] is a range of targets[owners[i]]
-        for index, bounds in bounds_of.items():
-            db = targets[index][2]
-            for ids in split_ids(bounds, count * RANGES_PER_WORKER):
-                jobs.append(PlanJob(db.params, ids, cell=isinstance(db, NovaCellDb)))
-                owners.append(index)
-        planned: dict[int, Plan] = {}
+        for index in cells_first:
+            if index in bounds_of:
+                db = targets[index][2]
+                for ids in split_ids(bounds_of[index], count * RANGES_PER_WORKER):
+                    jobs.append(PlanJob(db.params, ids, cell=isinstance(db, NovaCellDb)))
+                    owners.append(index)
         if jobs:
             expected = sum(high - low + 1 for low, high in bounds_of.values())
             report = None if progress is None else (lambda done: progress(done, max(expected, done)))
             context = PlanContext(flavors, scope, page_size, spool_dir)
             merged = {index: PlanMerger(scope) for index in bounds_of}
-            for owner, part in zip(owners, pool.run(context, jobs, left_alone=find_left_alone, progress=report),
-                                   strict=True):
+            parts_left = Counter(owners)
+            cell_jobs_left = sum(1 for owner in owners if targets[owner][1] is not None)
+            parts = pool.run(context, jobs, left_alone=find_left_alone, in_flux=not flux_from_cells, progress=report)
+            if flux_from_cells and not cell_jobs_left:
+                pool.send_left_alone(left_alone_with_flux())
+            for owner, part in zip(owners, parts, strict=True):
                 merged[owner].add(part)
-            planned = {index: merger.plan() for index, merger in merged.items()}
+                parts_left[owner] -= 1
+                if not parts_left[owner]:
+                    planned[owner] = merged[owner].plan()
+                if targets[owner][1] is not None:
+                    cell_jobs_left -= 1
+                    if flux_from_cells and not cell_jobs_left:  # the RequestSpecs' ranges wait for it
+                        pool.send_left_alone(left_alone_with_flux())
             if progress is not None:
-                read = sum(plan.rows_read for plan in planned.values())
+                read = sum(planned[index].rows_read for index in bounds_of)
                 progress(read, read)
-        copies = []
-        for index, (where, cell_uuid, db) in enumerate(targets):
-            plan = planned.get(index)
-            if plan is None and isinstance(db, NovaCellDb):
-                plan = make_cell_plan(db, scope, flavors=flavors, left_alone=find_left_alone(), page_size=page_size)
-            elif plan is None:
-                plan = make_plan(db, scope, flavors=flavors, page_size=page_size, left_alone=find_left_alone(),  # type: ignore[arg-type]
-                                 progress=progress)
-            copies.append(CopyPlan(where, cell_uuid, plan))
-    return copies
+        for index in cells_first:
+            if index not in planned:
+                planned[index] = plan_here(index, find_left_alone() if targets[index][1] else left_alone_with_flux())
+    return [CopyPlan(where, cell_uuid, planned[index]) for index, (where, cell_uuid, _) in enumerate(targets)]
 
 
 def _copy_database(

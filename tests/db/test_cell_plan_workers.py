@@ -124,3 +124,34 @@ def test_a_cell_is_read_in_id_ranges_without_gaps_or_overlaps(demo_cloud):
         parts = [[r.id for r in db.iter_flavor_rows(page_size=7, id_range=ids)] for ids in ranges]
         every = [r.id for r in db.iter_flavor_rows()]
     assert [i for part in parts for i in part] == every and len(every) == 884
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_instance_whose_flavor_alone_says_it_is_in_flux_is_left_alone_in_both_copies(
+        demo_cloud, workers, monkeypatch):
+    # Planned together, the cells' plans find such instances as they read their flavors (no
+    # scan of every flavor): the RequestSpecs wait for them. A failed resize can leave an
+    # instance active, with no task_state, and its new flavor set.
+    import json
+
+    from nova_flavor_sync.db import IN_FLUX, NOT_IN_FLUX_END
+
+    monkeypatch.setattr(service, "PLAN_WORKERS_FROM", 100)  # the demo's cells are small: force the workers
+    with connect(demo_cloud.cells["cell2"]) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT e.instance_uuid, e.flavor FROM instance_extra e JOIN instances i ON i.uuid = e.instance_uuid "
+            "WHERE i.deleted = 0 AND i.task_state IS NULL AND i.vm_state = 'active' ORDER BY e.id LIMIT 1"
+        )
+        uuid, flavor = cur.fetchone()
+        assert flavor.endswith(NOT_IN_FLUX_END)
+        document = json.loads(flavor)
+        document["new"] = document["cur"]
+        cur.execute("UPDATE instance_extra SET flavor = %s WHERE instance_uuid = %s", (json.dumps(document), uuid))
+
+    both, by_scan = plan_both(demo_cloud, workers)
+
+    for copy in both.copies:
+        notes = {note.instance_uuid: note.reason for note in copy.plan.left_alone}
+        assert notes.get(uuid) == (IN_FLUX if copy.cell_uuid in (None, both.copies[2].cell_uuid) else None), copy.where
+    assert summary(both.copies[0].plan) == summary(by_scan)  # what the scan for them gives
+    assert not psutil.Process().children()
