@@ -83,12 +83,21 @@ class LeftAlone:
     Sent to each worker once the parent has found them, which it does while its workers
     already plan (see diff.make_plan's ``left_alone``). ``in_flux=False``: without the
     instances whose flavor alone says they are busy, which the plans of the cells' copies
-    find (``cells.with_instances_in_flux``): enough for those plans, whose rows say it
-    themselves, not for the RequestSpecs', which wait for a LeftAlone with them.
+    find (``cells.instances_in_flux``): enough for those plans, whose rows say it
+    themselves, not for the RequestSpecs', which wait for InstancesInFlux.
     """
 
     reasons: Mapping[str, str]
     in_flux: bool = True
+
+
+@dataclass(frozen=True)
+class InstancesInFlux:
+    """What completes a LeftAlone without them (``cells.instances_in_flux``); sent once every
+    cell's copies are planned, so no job planned with the LeftAlone alone still runs (its
+    map is completed in place: a million instances' is 10 MB in each worker)."""
+
+    reasons: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,7 @@ class PlanWorkers:
         ``left_alone()`` finds the instances to leave alone: it is called here once the
         workers have their first jobs, and its answer sent to each of them. ``in_flux=False``:
         it does not have the instances in flux (LeftAlone); the RequestSpecs' jobs wait for
-        ``send_left_alone`` with them (the cells' jobs, which do not, come first).
+        ``send_instances_in_flux`` (the cells' jobs, which do not, come first).
 
         Each plan's changes stay spooled in ``context.spool_dir``: merge them
         (``diff.PlanMerger``) before that directory goes. The plans share their SpecDiffs (one
@@ -215,7 +224,7 @@ class PlanWorkers:
             for worker in range(len(self._children)):
                 send(worker, shared)
                 give_next(worker)
-            self.send_left_alone(left_alone(), in_flux=in_flux)
+            self._send_all(LeftAlone(left_alone(), in_flux))
             while yielded < len(jobs):
                 if results[yielded] is not None:
                     plan, results[yielded] = results[yielded], None  # the caller has it now
@@ -243,9 +252,12 @@ class PlanWorkers:
             self._failed = True
             raise
 
-    def send_left_alone(self, reasons: Mapping[str, str], *, in_flux: bool = True) -> None:
-        """The instances to leave alone, to every worker (``run`` sends the first; see LeftAlone)."""
-        found = pickle.dumps(LeftAlone(reasons, in_flux), protocol=pickle.HIGHEST_PROTOCOL)
+    def send_instances_in_flux(self, reasons: Mapping[str, str]) -> None:
+        """What completes ``run``'s ``in_flux=False`` LeftAlone, once every cell's job is done."""
+        self._send_all(InstancesInFlux(reasons))
+
+    def _send_all(self, message: LeftAlone | InstancesInFlux) -> None:
+        found = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         for child in self._children:
             if child.stdin is None or child.stdin.closed:  # it has had every job it will get
                 continue
@@ -392,6 +404,11 @@ class _Inbox:
                 if isinstance(message, LeftAlone):
                     for came in (self._cells, self._all) if message.in_flux else (self._cells,):
                         came.set(message.reasons)
+                elif isinstance(message, InstancesInFlux):  # every cell's job is done: complete
+                    reasons = self._cells.known()  # their map in place, for the RequestSpecs'
+                    assert reasons is not None, "InstancesInFlux before its LeftAlone"
+                    reasons.update(message.reasons)  # type: ignore[attr-defined]
+                    self._all.set(reasons)
                 else:
                     self._messages.put(message)
         except EOFError:  # the parent has no more work

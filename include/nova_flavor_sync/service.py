@@ -36,11 +36,11 @@ from nova_flavor_sync.cells import (
     DATABASE_CONNECTION_ENV,
     CellMapping,
     CellSources,
+    instances_in_flux,
     instances_to_leave_alone,
     locate_cells,
     open_cells,
     read_cell_mappings,
-    with_instances_in_flux,
 )
 from nova_flavor_sync.db import DEFAULT_PAGE_SIZE, NovaApiDb, NovaCellDb, NovaDb
 from nova_flavor_sync.dburl import DbParams
@@ -233,7 +233,7 @@ def plan_copies(
     found here (``cells.instances_to_leave_alone`` over every cell), while the workers
     already plan (``PlanWorkers.run``). When every copy is planned, the cells' come first,
     and the instances in flux their plans find go to the RequestSpecs' plan instead of a
-    scan of every flavor (``cells.with_instances_in_flux``).
+    scan of every flavor (``cells.instances_in_flux``).
     When a copy is big (PLAN_WORKERS_FROM rows or more by id), the id ranges of every copy go
     to one set of PLAN_WORKERS worker processes (``plan_worker.PlanWorkers``), which stay
     busy from one copy to the next; each copy's ranges are merged into its plan
@@ -256,7 +256,7 @@ def plan_copies(
 
     # Planning every copy at once, the RequestSpecs wait for the cells' plans: those find the
     # instances in flux (old or new flavor set) as they read every flavor, which the scan for
-    # the instances to leave alone would read again (cells.with_instances_in_flux).
+    # the instances to leave alone would read again (cells.instances_in_flux).
     every_cell = {mapping.uuid for mapping, _ in cells if not mapping.is_cell0}
     flux_from_cells = left_alone is None and API_DATABASE in keys and every_cell <= set(keys)
     cells_first = sorted(range(len(targets)), key=lambda index: targets[index][1] is None)
@@ -277,14 +277,13 @@ def plan_copies(
 
     planned: dict[int, Plan] = {}
 
-    def left_alone_with_flux() -> Mapping[str, str]:
-        """What the RequestSpecs are planned with, once every cell's plan is made."""
+    def flux_found() -> dict[str, str]:
+        """The instances in flux the cells' plans found, once every cell's plan is made: the
+        RequestSpecs are planned with them and ``find_left_alone()``."""
         for index in cells_first:
             if targets[index][1] is not None and index not in planned:  # no worker had it
                 planned[index] = plan_here(index, find_left_alone())
-        if not flux_from_cells:
-            return find_left_alone()
-        return with_instances_in_flux(find_left_alone(), (planned[i] for i in cells_first if targets[i][1]))
+        return instances_in_flux(planned[i] for i in cells_first if targets[i][1]) if flux_from_cells else {}
 
     with (tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir,
           PlanWorkers(count if bounds_of else 0) as pool):
@@ -305,9 +304,9 @@ def plan_copies(
             merged = {index: PlanMerger(scope) for index in bounds_of}
             parts_left = Counter(owners)
             cell_jobs_left = sum(1 for owner in owners if targets[owner][1] is not None)
-            parts = pool.run(context, jobs, left_alone=find_left_alone, in_flux=not flux_from_cells, progress=report)
-            if flux_from_cells and not cell_jobs_left:
-                pool.send_left_alone(left_alone_with_flux())
+            # Without a cell's job, every cell is empty: none is in flux.
+            parts = pool.run(context, jobs, left_alone=find_left_alone, progress=report,
+                             in_flux=not (flux_from_cells and cell_jobs_left))
             for owner, part in zip(owners, parts, strict=True):
                 merged[owner].add(part)
                 parts_left[owner] -= 1
@@ -315,14 +314,15 @@ def plan_copies(
                     planned[owner] = merged[owner].plan()
                 if targets[owner][1] is not None:
                     cell_jobs_left -= 1
-                    if flux_from_cells and not cell_jobs_left:  # the RequestSpecs' ranges wait for it
-                        pool.send_left_alone(left_alone_with_flux())
+                    if flux_from_cells and not cell_jobs_left:  # the RequestSpecs' ranges wait for them
+                        pool.send_instances_in_flux(flux_found())
             if progress is not None:
                 read = sum(planned[index].rows_read for index in bounds_of)
                 progress(read, read)
         for index in cells_first:
             if index not in planned:
-                planned[index] = plan_here(index, find_left_alone() if targets[index][1] else left_alone_with_flux())
+                planned[index] = plan_here(index, find_left_alone() if targets[index][1]
+                                           else {**find_left_alone(), **flux_found()})
     return [CopyPlan(where, cell_uuid, planned[index]) for index, (where, cell_uuid, _) in enumerate(targets)]
 
 
