@@ -148,8 +148,8 @@ def instances_to_leave_alone(
 
     ``in_flux=False``: without the instances whose flavor alone says they are busy (``old``
     or ``new`` set): finding them means reading every flavor of every cell, most of the
-    servers' work here (at 100,000 instances, 0.6 of its 1.0 server seconds), and a plan of the cells' copies reads
-    them anyway; ``instances_in_flux`` finds them in those plans.
+    servers' work here (at 100,000 instances, 0.6 of its 1.0 server seconds), and a plan of
+    the cells' copies reads them anyway; ``instances_in_flux`` finds them in those plans.
 
     Every query runs at once, on a connection of its own, in a thread of its own: each
     cell's scan for busy instances (on the cell's connection), the anti-join of each cell's

@@ -2,8 +2,8 @@
 
 The tables are nova_api's request_specs and each cell's instance_extra (``PlanJob.cell``):
 ``service.plan_copies`` cuts every big copy of a plan into id ranges and gives them all to
-one set of workers (``PlanWorkers``), and merges each copy's ranges as they come in (``diff.PlanMerger``):
-the same plan, the same digest, as one process would make.
+one set of workers (``PlanWorkers``), and merges each copy's ranges as they come in
+(``diff.PlanMerger``): the same plan, the same digest, as one process would make.
 
 PyMySQL is pure Python: turning the server's packets into rows costs about as much CPU as
 planning them, and Python threads cannot do both at once (the GIL). One process planning a
@@ -199,17 +199,6 @@ class PlanWorkers:
         pending = iter(range(len(jobs)))
         current = [-1] * len(self._children)  # each worker's job
 
-        def send(worker: int, message: bytes) -> None:
-            stdin = self._children[worker].stdin
-            assert stdin is not None
-            if stdin.closed:  # it has had every job it will get
-                return
-            try:
-                stdin.write(message)
-                stdin.flush()
-            except BrokenPipeError:  # it stopped: its reader thread reports how
-                pass
-
         def give_next(worker: int) -> None:
             """The worker's next job on its stdin, or, when none is left, the end of its stdin."""
             index = next(pending, None)
@@ -217,12 +206,12 @@ class PlanWorkers:
                 self._end_input(worker)
                 return
             current[worker] = index
-            send(worker, pickle.dumps(jobs[index], protocol=pickle.HIGHEST_PROTOCOL))
+            self._write_to(worker, pickle.dumps(jobs[index], protocol=pickle.HIGHEST_PROTOCOL))
 
         try:
             shared = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)  # once: thousands of flavors
             for worker in range(len(self._children)):
-                send(worker, shared)
+                self._write_to(worker, shared)
                 give_next(worker)
             self._send_all(LeftAlone(left_alone(), in_flux))
             while yielded < len(jobs):
@@ -258,14 +247,19 @@ class PlanWorkers:
 
     def _send_all(self, message: LeftAlone | InstancesInFlux) -> None:
         found = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        for child in self._children:
-            if child.stdin is None or child.stdin.closed:  # it has had every job it will get
-                continue
-            try:
-                child.stdin.write(found)
-                child.stdin.flush()
-            except BrokenPipeError:  # it stopped: its reader thread reports how
-                pass
+        for worker in range(len(self._children)):
+            self._write_to(worker, found)
+
+    def _write_to(self, worker: int, message: bytes) -> None:
+        stdin = self._children[worker].stdin
+        assert stdin is not None
+        if stdin.closed:  # it has had every job it will get
+            return
+        try:
+            stdin.write(message)
+            stdin.flush()
+        except BrokenPipeError:  # it stopped: its reader thread reports how
+            pass
 
     def _end_input(self, worker: int) -> None:
         stdin = self._children[worker].stdin

@@ -237,8 +237,8 @@ def plan_copies(
     When a copy is big (PLAN_WORKERS_FROM rows or more by id), the id ranges of every copy go
     to one set of PLAN_WORKERS worker processes (``plan_worker.PlanWorkers``), which stay
     busy from one copy to the next; each copy's ranges are merged into its plan
-    (``diff.PlanMerger``, as they come in: the plan and digest one process would make). A small cloud, or an
-    instance-uuid scope, is planned in this process. ``workers`` overrides the count (1:
+    (``diff.PlanMerger``, as they come in: the plan and digest one process would make). A
+    small cloud, or an instance-uuid scope, is planned in this process. ``workers`` overrides the count (1:
     everything in this process). ``progress(rows, expected)`` follows the reading of the
     RequestSpecs when they are planned here, of every copy otherwise.
     """
