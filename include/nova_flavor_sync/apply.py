@@ -18,7 +18,7 @@ from itertools import islice
 
 from nova_flavor_sync.db import NovaDb, SpecWrite, retryable_reason
 from nova_flavor_sync.errors import ApplyAbortedError
-from nova_flavor_sync.plan import Plan, RowChange
+from nova_flavor_sync.plan import Plan, RowChange, SpecDiff
 from nova_flavor_sync.spec_json import (
     REQUEST_SPEC,
     CopyLayout,
@@ -94,7 +94,7 @@ def sync_targets(changes: Iterable[RowChange], layout: CopyLayout = REQUEST_SPEC
     for change in changes:
         writer = writers.get(id(change.diff))
         if writer is None:
-            writer = writers[id(change.diff)] = _extra_specs_writer(dict(change.diff.target_extra_specs), layout)
+            writer = writers[id(change.diff)] = _extra_specs_writer(change.diff, layout)
         yield RowTarget(change.id, change.old_sha256, change.new_sha256, writer, change.instance_uuid)
 
 
@@ -328,6 +328,10 @@ class _ReadAhead:
             self._reader.close()
 
 
-def _extra_specs_writer(target: dict[str, str], layout: CopyLayout) -> Callable[[str], str]:
-    new_specs_json = dumps_extra_specs(target)  # once for every row that gets this target
-    return lambda text: rewrite_extra_specs(text, new_specs_json=new_specs_json, layout=layout)
+def _extra_specs_writer(diff: SpecDiff, layout: CopyLayout) -> Callable[[str], str]:
+    """Rewrites a row with the diff's target extra specs, if its copy is the one the diff was
+    made from: the plan recognised most rows by their text, without parsing them."""
+    new_specs_json = dumps_extra_specs(dict(diff.target_extra_specs))  # once for every row that gets it
+    planned_from = (diff.flavor_id, diff.flavorid, diff.source_extra_specs())
+    return lambda text: rewrite_extra_specs(text, new_specs_json=new_specs_json, layout=layout,
+                                            planned_from=planned_from)

@@ -270,12 +270,19 @@ class PlanMerger:
 class RowPlanner:
     """Plans one row at a time; judges each distinct flavor copy once.
 
-    Most rows carry a flavor copy the planner has already seen: the same flavor object,
-    byte for byte, as in thousands of other specs. Such a row is recognised by finding that
-    text in it (two substring searches and a compare), and gets the verdict of the first row
-    that carried it, without parsing the spec. Every other row, and every row the planner
-    cannot recognise that way, is parsed in full. Apply parses and checks in full every row
-    it rewrites.
+    Most rows carry a flavor copy the planner has already seen: the same flavor object, byte
+    for byte up to the end of its extra_specs, as in thousands of other rows. Such a row is
+    recognised by finding that text in it (two substring searches and a compare), and gets
+    the verdict of the first row that carried it, without parsing it. Every other row, and
+    every row the planner cannot recognise that way, is parsed in full. Apply parses and
+    checks in full every row it rewrites, and that its flavor copy is the one planned.
+
+    What a verdict depends on, the copy's id, name, flavorid and extra specs, comes before
+    the end of its extra_specs in every flavor Nova writes: what follows differs between
+    copies of one flavor (a RequestSpec's keeps the flavor's description, an instance's has
+    it nulled), so recognising by that head judges them once for both tables
+    (``for_layout``). A copy whose text has them in another order is recognised by its
+    whole flavor object.
     """
 
     # A copy is looked up by the first characters of its flavor object (name, version, id,
@@ -288,9 +295,15 @@ class RowPlanner:
         self.scope = scope
         self.layout = layout
         self._flavors_by_flavorid = {f.flavorid: f for f in flavors.values()}
-        self._diffs: dict[tuple[int, tuple[tuple[str, str], ...]], SpecDiff] = {}
-        self._known: dict[str, list[tuple[FlavorText, _Verdict]]] = {}
-        self._known_count = 0
+        self._judged = _Judged()
+
+    def for_layout(self, layout: CopyLayout) -> RowPlanner:
+        """A planner of the same flavors and scope for the other kind of copy, sharing what this
+        one has judged: a copy judged in one table is recognised in the other (a plan worker
+        plans both; where flavors are many, judging each copy twice was a third of its work)."""
+        sibling = RowPlanner(self.flavors, self.scope, layout)
+        sibling._judged = self._judged
+        return sibling
 
     def plan_row(self, row: SpecRow) -> RowOutcome:
         """Return a RowChange, IN_SYNC, OUT_OF_SCOPE, or ``(plan list name, RowNote)``."""
@@ -326,7 +339,7 @@ class RowPlanner:
         return RowChange(row.id, row.instance_uuid, old_sha256, new_sha256, verdict.diff)
 
     def _recognise(self, spec: str, at: int) -> tuple[FlavorText, _Verdict] | None:
-        for flavor_text, verdict in self._known.get(spec[at : at + self.WINDOW], ()):
+        for flavor_text, verdict in self._judged.copies.get(spec[at : at + self.WINDOW], ()):
             if spec.startswith(flavor_text.text, at):
                 return flavor_text, verdict
         return None
@@ -336,9 +349,11 @@ class RowPlanner:
             flavor_text = flavor_text_at(spec, at, expected=copy, layout=self.layout)
         except SpecShapeError:
             return None  # readable but not in Nova's format: every such row is parsed
-        if self._known_count < self.MAX_KNOWN_COPIES:
-            self._known.setdefault(spec[at : at + self.WINDOW], []).append((flavor_text, verdict))
-            self._known_count += 1
+        judged = self._judged
+        if judged.count < self.MAX_KNOWN_COPIES:
+            head = flavor_text.head() if _judged_by_head(flavor_text) else flavor_text
+            judged.copies.setdefault(spec[at : at + self.WINDOW], []).append((head, verdict))
+            judged.count += 1
         return flavor_text
 
     def _judge(self, copy: EmbeddedFlavor) -> _Verdict:
@@ -380,7 +395,7 @@ class RowPlanner:
 
     def _diff(self, flavor: Flavor, copy: dict[str, str]) -> SpecDiff:
         cache_key = (flavor.id, tuple(sorted(copy.items())))
-        cached = self._diffs.get(cache_key)
+        cached = self._judged.diffs.get(cache_key)
         if cached is not None:
             return cached
         applied: list[KeyChange] = []
@@ -407,8 +422,31 @@ class RowPlanner:
             held_back=tuple(held_back),
             target_extra_specs=tuple(sorted(target.items())),
         )
-        self._diffs[cache_key] = diff
+        self._judged.diffs[cache_key] = diff
         return diff
+
+
+class _Judged:
+    """What a RowPlanner has judged (shared with the planners ``for_layout`` makes): each
+    flavor copy's text and verdict, by the window that starts it, and the SpecDiffs made."""
+
+    def __init__(self) -> None:
+        self.copies: dict[str, list[tuple[FlavorText, _Verdict]]] = {}
+        self.count = 0
+        self.diffs: dict[tuple[int, tuple[tuple[str, str], ...]], SpecDiff] = {}
+
+
+# The keys of a flavor's data a verdict depends on (RowPlanner._judge), besides extra_specs.
+_VERDICT_KEYS = ('"id": ', '"name": ', '"flavorid": ')
+
+
+def _judged_by_head(flavor_text: FlavorText) -> bool:
+    """Whether a copy can be recognised by its text up to the end of its extra_specs (the
+    head): the keys its verdict depends on all come before, once each, in the flavor's data."""
+    text, data_at = flavor_text.text, flavor_text.text.find('"nova_object.data": {')
+    return data_at >= 0 and all(
+        data_at < text.find(key) < flavor_text.specs_start and text.count(key) == 1 for key in _VERDICT_KEYS
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -455,7 +455,9 @@ def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], 
     layout = INSTANCE_FLAVOR if job.cell else REQUEST_SPEC
     planner = planners.get(job.cell)
     if planner is None:
-        planner = planners[job.cell] = RowPlanner(context.flavors, context.scope, layout)
+        other = planners.get(not job.cell)
+        planner = planners[job.cell] = (RowPlanner(context.flavors, context.scope, layout) if other is None
+                                        else other.for_layout(layout))
     with (NovaCellDb if job.cell else NovaApiDb)(job.params) as db:
         read = db.iter_flavor_rows if job.cell else db.iter_spec_rows
         # Read without the instances to leave alone (they may not have come yet): make_plan

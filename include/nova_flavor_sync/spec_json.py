@@ -112,8 +112,9 @@ class EmbeddedFlavor:
 class FlavorText:
     """Where a spec's flavor object, and its extra_specs value inside it, sit in the text.
 
-    ``text`` is the flavor object's exact bytes; ``specs_start``/``specs_end`` are offsets of
-    the extra_specs value within it. The same flavor copy has the same ``text`` in every spec
+    ``text`` is the flavor object's exact bytes (or its head: up to the end of its
+    extra_specs, ``head``); ``specs_start``/``specs_end`` are offsets of the extra_specs value
+    within it. The same flavor copy has the same ``text`` in every spec
     that carries it, which is what lets a planner recognise a copy it has already judged (it
     keeps one FlavorText for each of thousands of copies: nothing more is kept here).
     """
@@ -121,6 +122,10 @@ class FlavorText:
     text: str
     specs_start: int
     specs_end: int
+
+    def head(self) -> FlavorText:
+        """The flavor object's text up to the end of its extra_specs value (RowPlanner)."""
+        return FlavorText(self.text[: self.specs_end], self.specs_start, self.specs_end)
 
     def splice(self, spec_text: str, at: int, new_specs_json: str) -> str:
         """``spec_text`` (whose flavor object starts at ``at``) with a new extra_specs value."""
@@ -181,13 +186,18 @@ def locate_flavor(spec_text: str, layout: CopyLayout = REQUEST_SPEC) -> tuple[in
     Returns the flavor object's offset and its FlavorText, or raises SpecShapeError: with
     the reason the text is unreadable, or, for a readable text, why it cannot be rewritten.
     """
+    at, flavor_text, _ = _locate(spec_text, layout)
+    return at, flavor_text
+
+
+def _locate(spec_text: str, layout: CopyLayout) -> tuple[int, FlavorText, EmbeddedFlavor]:
     flavor = read_embedded_flavor(spec_text, layout)
     at = find_flavor_start(spec_text, layout)
     if at < 0 or not spec_text.isascii():
         raise SpecShapeError(
             f"{layout.what} is not in Nova's serialization format (json.dumps defaults); refusing to rewrite it"
         )
-    return at, flavor_text_at(spec_text, at, expected=flavor, layout=layout)
+    return at, flavor_text_at(spec_text, at, expected=flavor, layout=layout), flavor
 
 
 def flavor_text_at(
@@ -211,13 +221,12 @@ def flavor_text_at(
             f"{layout.what} is not in Nova's serialization format: cannot locate extra_specs in its flavor"
         )
     start = key_at + len(EXTRA_SPECS_KEY)
-    try:
-        old, stop = _decoder.raw_decode(text, start)
-    except ValueError:
-        old, stop = None, start
-    if old != flavor.extra_specs or json.dumps(old) != text[start:stop]:
+    # The value there must be the flavor's extra_specs, exactly as json.dumps writes them: a
+    # complete JSON object, so that this is the value, not the start of a longer one.
+    written = json.dumps(flavor.extra_specs)
+    if not text.startswith(written, start):
         raise SpecShapeError("extra_specs is not stored where and how Nova writes it; refusing to rewrite it")
-    return FlavorText(text, start, stop)
+    return FlavorText(text, start, start + len(written))
 
 
 def rewrite_extra_specs(
@@ -226,15 +235,23 @@ def rewrite_extra_specs(
     *,
     new_specs_json: str | None = None,
     layout: CopyLayout = REQUEST_SPEC,
+    planned_from: tuple[int, str, Mapping[str, str]] | None = None,
 ) -> str:
     """Return ``spec_text`` with the flavor's extra_specs replaced, ordered by key.
 
     Every byte outside the extra_specs value is the original text's. Give the new value as
     ``extra_specs``, or already serialised by ``dumps_extra_specs`` as ``new_specs_json``.
+    ``planned_from``: the copy the new value was planned for, as its flavor id, flavorid and
+    extra specs: a text whose copy, parsed in full, is another is refused.
     """
     if new_specs_json is None:
         new_specs_json = dumps_extra_specs(extra_specs or {})
-    at, flavor_text = locate_flavor(spec_text, layout)
+    at, flavor_text, flavor = _locate(spec_text, layout)
+    if planned_from is not None and (flavor.id, flavor.flavorid, flavor.extra_specs) != planned_from:
+        raise SpecShapeError(
+            f"its flavor copy (id {flavor.id}, flavorid {flavor.flavorid}) is not the one planned "
+            f"(id {planned_from[0]}, flavorid {planned_from[1]}, the same extra specs); refusing to rewrite it"
+        )
     return flavor_text.splice(spec_text, at, new_specs_json)
 
 

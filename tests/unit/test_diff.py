@@ -13,7 +13,15 @@ from nova_flavor_sync.diff import RowPlanner, make_plan
 from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.plan import SpecRow
 from nova_flavor_sync.scope import Scope
-from nova_flavor_sync.spec_json import SpecShapeError, read_embedded_flavor, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.apply import sync_targets
+from nova_flavor_sync.spec_json import (
+    INSTANCE_FLAVOR,
+    REQUEST_SPEC,
+    SpecShapeError,
+    read_embedded_flavor,
+    rewrite_extra_specs,
+    sha256_text,
+)
 
 # Row 20 of the real sample: flavor id 1, flavorid "24", name gp2.small.
 BASE = next(r for r in load_sample_specs() if r["id"] == 20)
@@ -248,6 +256,67 @@ def test_a_damaged_row_that_carries_a_known_stale_copy_is_planned_and_refused_wh
         rewrite_extra_specs(damaged, wanted)
     alone = make_plan(flavors(wanted), [SpecRow(2, "u2", damaged)], Scope())  # first of its copy: parsed
     assert alone.changes == [] and "not valid JSON" in alone.errors[0].reason
+
+
+# The sample's flavor data ends: ... "extra_specs": {...}, "description": null, ..., "deleted": false}
+FLAVOR_TAIL = '"deleted_at": null, "deleted": false}'
+
+
+def with_flavor_tail(spec: str, tail: str) -> str:
+    """``spec`` with ``tail`` in its flavor's data, after every key Nova writes there."""
+    assert spec.count(FLAVOR_TAIL) == 1
+    return spec.replace(FLAVOR_TAIL, FLAVOR_TAIL[:-1] + tail + "}")
+
+
+def instance_flavor_of(spec: str, description: str | None) -> str:
+    """The instance's own copy of a RequestSpec's flavor, as Instance._save_flavor writes it."""
+    flavor = json.loads(spec)["nova_object.data"]["flavor"]
+    flavor["nova_object.data"]["description"] = description
+    return json.dumps({"cur": flavor, "old": None, "new": None})
+
+
+def test_a_copy_judged_in_a_cell_is_recognised_in_the_request_specs_by_its_head():
+    # The instance's copy has the description nulled; the RequestSpec's keeps it: the texts
+    # differ after extra_specs only, and the RequestSpec's is not parsed again.
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    described = with_flavor_tail(BASE["spec"], "").replace('"description": null', '"description": "two vCPU"', 1)
+    cells = RowPlanner(flavors(wanted), Scope(), INSTANCE_FLAVOR)
+    instance = cells.plan_row(SpecRow(1, UUID, instance_flavor_of(BASE["spec"], None)))
+    assert instance.new_sha256 == sha256_text(
+        rewrite_extra_specs(instance_flavor_of(BASE["spec"], None), wanted, layout=INSTANCE_FLAVOR))
+    request_specs = cells.for_layout(REQUEST_SPEC)
+    damaged = described[:-1] + ", }"  # invalid JSON after the flavor: planned only if recognised
+    fresh = RowPlanner(flavors(wanted), Scope()).plan_row(SpecRow(2, UUID, described))
+    assert fresh.new_sha256 == sha256_text(rewrite_extra_specs(described, wanted))
+    recognised = request_specs.plan_row(SpecRow(2, UUID, damaged))  # the first RequestSpec: not parsed
+    assert recognised.diff == fresh.diff and recognised.old_sha256 == sha256_text(damaged)
+    assert recognised.new_sha256 == sha256_text(damaged.replace(  # the damage kept, byte for byte
+        json.dumps(COPY.extra_specs), json.dumps(dict(sorted(wanted.items()))), 1))
+    again = request_specs.plan_row(SpecRow(3, UUID, described))
+    assert (again.diff, again.old_sha256, again.new_sha256) == (fresh.diff, fresh.old_sha256, fresh.new_sha256)
+
+
+def test_a_copy_whose_id_follows_its_extra_specs_is_recognised_by_its_whole_flavor_only():
+    # Nova writes the id, name and flavorid before extra_specs; a text that repeats one
+    # after them is not recognised by its head, so another tail is parsed, not trusted.
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    repeated = with_flavor_tail(BASE["spec"], ', "id": 1')
+    damaged = with_flavor_tail(BASE["spec"], ', "id": 1, "swap": 0')[:-1] + ", }"
+    plan = make_plan(flavors(wanted), [SpecRow(1, "u1", repeated), SpecRow(2, "u2", damaged)], Scope())
+    assert [c.id for c in plan.changes] == [1] and "not valid JSON" in plan.errors[0].reason
+
+
+def test_a_row_recognised_by_its_head_is_not_rewritten_if_its_copy_is_another_flavor():
+    # A key repeated after extra_specs (never written by Nova) overrides the one in the head:
+    # the plan took the row for flavor 1's copy; apply parses it in full and refuses it.
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    other = with_flavor_tail(BASE["spec"], ', "id": 7')
+    plan = make_plan(flavors(wanted), [row(1), SpecRow(2, "u2", other)], Scope())
+    assert [c.id for c in plan.changes] == [1, 2]
+    rewrite = {target.id: target.build for target in sync_targets(plan.changes)}
+    assert sha256_text(rewrite[1](BASE["spec"])) == plan.changes[0].new_sha256
+    with pytest.raises(SpecShapeError, match=r"\(id 7, flavorid 24\) is not the one planned \(id 1"):
+        rewrite[2](other)
 
 
 def test_a_copy_in_a_text_not_in_novas_format_is_an_error_only_when_it_must_be_rewritten():
