@@ -7,13 +7,13 @@ import json
 import pytest
 
 from nova_flavor_sync import diff
+from nova_flavor_sync.apply import sync_targets
 from nova_flavor_sync.db import MISSING_INSTANCE_ROW, left_alone_reason
 from nova_flavor_sync.demo import load_sample_specs
 from nova_flavor_sync.diff import RowPlanner, make_plan
 from nova_flavor_sync.flavor import Flavor
 from nova_flavor_sync.plan import SpecRow
 from nova_flavor_sync.scope import Scope
-from nova_flavor_sync.apply import sync_targets
 from nova_flavor_sync.spec_json import (
     INSTANCE_FLAVOR,
     REQUEST_SPEC,
