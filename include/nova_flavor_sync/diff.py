@@ -150,6 +150,7 @@ def make_plan(
     layout: CopyLayout = REQUEST_SPEC,
     planner: RowPlanner | None = None,
     left_alone: LeftAloneLater | None = None,
+    with_digest: bool = True,
 ) -> Plan:
     """Compare every row with its flavor; rows must come in ascending id order.
 
@@ -161,13 +162,15 @@ def make_plan(
     are judged meanwhile (at most PENDING_ROWS; they wait in a file, PendingRows), and each
     one's outcome is decided when they come, as it would have been had they been there from
     the start. Without it, each row says itself why it is left alone (``SpecRow.left_alone``).
+    ``with_digest=False``: leave ``plan.digest`` empty (a plan worker's part of a plan: the
+    merge hashes every change again, in order).
     """
     plan = Plan(
         scope=scope, changes=ChangeList(spool_dir=spool_dir), held_back=NoteList(spool_dir=spool_dir),
         orphans=NoteList(spool_dir=spool_dir), errors=NoteList(spool_dir=spool_dir),
         left_alone=NoteList(spool_dir=spool_dir, count_reasons=True),
     )
-    digest = PlanDigest(scope)
+    digest = PlanDigest(scope) if with_digest else None
     if planner is None:
         planner = RowPlanner(flavors, scope, layout)
     elif planner.scope != scope or planner.layout != layout or planner.flavors is not flavors:
@@ -180,7 +183,8 @@ def make_plan(
             plan.out_of_scope += 1
         elif isinstance(outcome, RowChange):
             plan.changes.append(outcome)
-            digest.add(outcome.id, outcome.old_sha256, outcome.new_sha256)
+            if digest is not None:
+                digest.add(outcome.id, outcome.old_sha256, outcome.new_sha256)
         else:
             kind, note = outcome
             getattr(plan, kind).append(note)
@@ -213,7 +217,7 @@ def make_plan(
     if pending is not None:  # every row came before they did
         assert left_alone is not None
         decide_pending(left_alone.wait())
-    plan.digest = digest.hexdigest()
+    plan.digest = digest.hexdigest() if digest is not None else ""
     return plan
 
 

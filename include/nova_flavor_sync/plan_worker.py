@@ -471,7 +471,7 @@ def _work(context: PlanContext, job: PlanJob, planners: dict[bool, RowPlanner], 
                     _send(out, PROGRESS, pickle.dumps(count))
 
         plan = make_plan(context.flavors, counted(), context.scope, spool_dir=context.spool_dir, layout=layout,
-                         planner=planner, left_alone=inbox.for_job(job))
+                         planner=planner, left_alone=inbox.for_job(job), with_digest=False)
     _send(out, RESULT, encode_result(plan, sent))
 
 
