@@ -502,9 +502,9 @@ class NovaApiDb(NovaDb):
 
     def queued_for_delete(self) -> frozenset[str]:
         """Instance uuids whose mapping says the instance is queued for delete."""
-        with self.conn.cursor() as cur:
+        with self.conn.cursor(pymysql.cursors.SSCursor) as cur:  # streamed: see busy_instances
             cur.execute("SELECT instance_uuid FROM instance_mappings WHERE queued_for_delete = 1")
-            return frozenset(uuid for (uuid,) in cur.fetchall())
+            return frozenset(uuid for (uuid,) in cur)
 
     def instances_without_a_cell(self) -> dict[str, str]:
         """RequestSpecs' instances that are in no cell Nova could write them to, with the reason.
@@ -633,14 +633,19 @@ class NovaCellDb(NovaDb):
         if uuids is not None and not uuids:
             return found
         among, params = ("", ()) if uuids is None else (" AND {} IN %s", (tuple(uuids),))
-        with self.conn.cursor() as cur:
+        # Streamed (unbuffered), as below: a buffered result stays with the connection until its
+        # next query, rows and all; this cell's connection has none until the plan is made
+        # (at a million instances, 25,000 rows a cell: 9 MB held by the planner throughout).
+        with self.conn.cursor(pymysql.cursors.SSCursor) as cur:
             cur.execute(
                 "SELECT uuid, deleted, vm_state, task_state FROM instances "
                 "WHERE (deleted != 0 OR vm_state = 'resized' OR task_state IS NOT NULL)" + among.format("uuid"),
                 params,
             )
-            for uuid, deleted, vm_state, task_state in cur.fetchall():
-                found[uuid] = instance_state_reason(bool(deleted), vm_state, task_state, None)
+            reasons: dict[str, str] = {}  # one string per distinct reason (see iter_flavor_rows)
+            for uuid, deleted, vm_state, task_state in cur:
+                reason = instance_state_reason(bool(deleted), vm_state, task_state, None)
+                found[uuid] = reasons.setdefault(reason, reason)
         if not in_flux:
             return found
         # old or new set: Nova writes '..., "old": null, "new": null}' when neither is. The
