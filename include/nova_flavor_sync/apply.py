@@ -332,6 +332,6 @@ def _extra_specs_writer(diff: SpecDiff, layout: CopyLayout) -> Callable[[str], s
     """Rewrites a row with the diff's target extra specs, if its copy is the one the diff was
     made from: the plan recognised most rows by their text, without parsing them."""
     new_specs_json = dumps_extra_specs(dict(diff.target_extra_specs))  # once for every row that gets it
-    planned_from = (diff.flavor_id, diff.flavorid, diff.source_extra_specs())
+    planned_from = diff.planned_from()
     return lambda text: rewrite_extra_specs(text, new_specs_json=new_specs_json, layout=layout,
                                             planned_from=planned_from)

@@ -75,15 +75,16 @@ class SpecDiff:
     held_back: tuple[KeyChange, ...]  # risky, left as they are (see --all-keys)
     target_extra_specs: tuple[tuple[str, str], ...]  # the copy after the applied changes
 
-    def source_extra_specs(self) -> dict[str, str]:
-        """The copy's extra specs this diff was made from: the target with the applied changes undone."""
+    def planned_from(self) -> tuple[int, str, dict[str, str]]:
+        """The copy this diff was made from, as ``spec_json.rewrite_extra_specs`` checks it: its
+        flavor id, flavorid and extra specs (the target with the applied changes undone)."""
         specs = dict(self.target_extra_specs)
         for change in self.applied:
             if change.old is None:
                 specs.pop(change.key, None)
             else:
                 specs[change.key] = change.old
-        return specs
+        return self.flavor_id, self.flavorid, specs
 
 
 @dataclass(frozen=True, slots=True)

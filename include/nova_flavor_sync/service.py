@@ -589,7 +589,8 @@ def _approved_rewrite(planner: RowPlanner, row: PlannedRow) -> Callable[[str], s
         fresh = planner.plan_row(SpecRow(row.id, row.instance_uuid, text))
         if not isinstance(fresh, RowChange) or fresh.new_sha256 != row.new_sha256:
             return None  # the flavor (or the row's scope) changed since the approval
-        return rewrite_extra_specs(text, dict(fresh.diff.target_extra_specs), layout=planner.layout)
+        return rewrite_extra_specs(text, dict(fresh.diff.target_extra_specs), layout=planner.layout,
+                                   planned_from=fresh.diff.planned_from())
 
     return rewrite
 

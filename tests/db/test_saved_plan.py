@@ -10,6 +10,7 @@ from dbtools import connect
 from nova_flavor_sync import service
 from nova_flavor_sync.errors import BackupError
 from nova_flavor_sync.plan_file import load_plan, save_plan
+from nova_flavor_sync.spec_json import find_flavor_start, flavor_text_at
 
 pytestmark = pytest.mark.db
 
@@ -111,3 +112,30 @@ def test_a_plan_file_that_is_not_the_approved_one_is_refused(demo_db, tmp_path):
         load_plan(path, expected_digest="0" * 64)
     with pytest.raises(BackupError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
+
+
+def test_a_row_whose_flavor_repeats_its_id_after_extra_specs_is_never_written(demo_db, tmp_path):
+    # Nova never writes a key twice. The planner recognises a copy by its text up to the end
+    # of its extra_specs, so it takes such a row for the copy that text names; both ways of
+    # applying (the command line's, the Airflow tasks') parse it in full and refuse it.
+    plan, _ = planned(demo_db, tmp_path)
+    first, crafted = next(pair for pair in zip(plan.changes, plan.changes[1:], strict=False)
+                          if pair[0].diff is pair[1].diff)
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT spec FROM request_specs WHERE id = %s", (crafted.id,))
+        (spec,) = cur.fetchone()
+        at = find_flavor_start(spec)
+        tail_at = spec.index('"deleted": false}', at + flavor_text_at(spec, at).specs_end)
+        spec = spec[:tail_at] + '"deleted": false, "id": 99999}' + spec[tail_at + len('"deleted": false}'):]
+        cur.execute("UPDATE request_specs SET spec = %s WHERE id = %s", (spec, crafted.id))
+    plan, path = planned(demo_db, tmp_path)
+    assert crafted.id in {c.id for c in plan.changes}  # recognised, not parsed
+    refused = "its flavor copy (id 99999, flavorid"
+    with service.connect(demo_db) as db:
+        task = service.apply_saved_plan(db, load_plan(path), first_id=first.id, last_id=crafted.id)
+        assert list(task.updated) == [first.id] and refused in task.errors[crafted.id]
+        command_line = service.apply_plan(db, plan)
+    assert refused in command_line.errors[crafted.id] and first.id in command_line.already
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT spec FROM request_specs WHERE id = %s", (crafted.id,))
+        assert cur.fetchone()[0] == spec
