@@ -71,6 +71,14 @@ def cli_args(params, workdir: Path, *args: str) -> list[str]:
             "--log-file", str(workdir / "log"), "--backup-dir", str(workdir / "backups")]
 
 
+def killed_cli_env(workdir: Path) -> dict[str, str]:
+    """The environment of a CLI run that is killed: its temporary files go under ``workdir``
+    (killed while it plans, it leaves its plan's spool directory behind)."""
+    tmp = workdir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
 def run_cli(params, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cli_args(params, workdir, *args), capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
@@ -202,7 +210,7 @@ class Lane:
         """Start the CLI apply; SIGKILL it ``delay`` s after ``trigger``. False: it ended first."""
         workdir.mkdir(parents=True)
         with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
-            proc = subprocess.Popen(self.apply_command(workdir), stdout=out, stderr=err)
+            proc = subprocess.Popen(self.apply_command(workdir), stdout=out, stderr=err, env=killed_cli_env(workdir))
         start = time.monotonic()
         kill_at = None
         try:
