@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +55,7 @@ from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.server_load import ReplicaDb
 from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.spool import spool_directory
 from nova_flavor_sync.storage import StoragePath, as_path
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
 from nova_flavor_sync.throttle import Pacer, PaceSettings
@@ -285,7 +285,7 @@ def plan_copies(
                 planned[index] = plan_here(index, find_left_alone())
         return instances_in_flux(planned[i] for i in cells_first if targets[i][1]) if flux_from_cells else {}
 
-    with (tempfile.TemporaryDirectory(prefix="nova-flavor-sync-plan-") as spool_dir,
+    with (spool_directory() as spool_dir,
           PlanWorkers(count if bounds_of else 0) as pool):
         # Once workers run, every copy goes to them, small ones too: planned here it would
         # wait for the workers' copies, or they for it. The cells' ranges come first.

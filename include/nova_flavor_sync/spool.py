@@ -8,15 +8,20 @@ time; what a record means is its list's business.
 A record is a fixed-size head (a ``struct``) whose last field is the length of the bytes
 that follow the head. The file is unlinked (under ``$TMPDIR``) unless it is given a
 directory: then it has a name there, so that a plan worker's list can be pickled as that
-name and adopted by the parent process (see plan_worker).
+name and adopted by the parent process (see plan_worker). That directory is one plan's
+(``spool_directory``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # A chunk of records read back: the bytes, and each whole record in them as
@@ -112,3 +117,56 @@ class SpoolFile:
         else:
             self._file = tempfile.TemporaryFile(prefix=f"nova-flavor-sync-{self.name}-")
             self._file.write(state["records"])
+
+
+# A plan's spool directory (``spool_directory``): ``nova-flavor-sync-plan-<host>.<pid>-<random>``.
+PLAN_DIRECTORY_PREFIX = "nova-flavor-sync-plan-"
+# A directory a run left behind is removed only once untouched this long (as well as its
+# process gone): a plan writes into its directory as it goes.
+LEFT_BEHIND_AFTER_S = 3600
+
+
+@contextmanager
+def spool_directory() -> Iterator[str]:
+    """A temporary directory for one plan's spooled lists (plan workers' files, by name),
+    removed after; named after this host and process.
+
+    A run killed while it plans (SIGKILL, the OOM killer, a task's timeout) cannot remove its
+    directory, and its workers' files there can be hundreds of MB: the directories of this
+    host's runs whose process is gone and that are untouched for LEFT_BEHIND_AFTER_S are
+    removed first (``remove_left_behind``).
+    """
+    base = tempfile.gettempdir()
+    remove_left_behind(base)
+    with tempfile.TemporaryDirectory(prefix=f"{PLAN_DIRECTORY_PREFIX}{socket.gethostname()}.{os.getpid()}-",
+                                     dir=base) as path:
+        yield path
+
+
+def remove_left_behind(base: str) -> list[str]:
+    """Remove the plan directories in ``base`` that runs of this user on this host left behind
+    (their process is gone, nothing written for LEFT_BEHIND_AFTER_S); return their paths."""
+    mine = f"{PLAN_DIRECTORY_PREFIX}{socket.gethostname()}."
+    removed = []
+    for entry in os.scandir(base):
+        pid = entry.name[len(mine):].split("-", 1)[0] if entry.name.startswith(mine) else ""
+        try:
+            stat = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if (not pid.isdigit() or not entry.is_dir(follow_symlinks=False) or stat.st_uid != os.getuid()
+                or time.time() - stat.st_mtime < LEFT_BEHIND_AFTER_S or _running(int(pid))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

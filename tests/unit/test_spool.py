@@ -1,9 +1,15 @@
 """spool.SpoolFile: records wait in memory only briefly, then on disk, and read back in order."""
 
 import os
+import socket
 import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-from nova_flavor_sync.spool import SpoolFile
+from nova_flavor_sync.spool import PLAN_DIRECTORY_PREFIX, SpoolFile, spool_directory
 
 HEAD = struct.Struct("<I")  # a record: its length, then its bytes
 
@@ -42,3 +48,30 @@ def test_many_small_records_are_written_a_batch_at_a_time_and_read_back_in_order
             for buffer, records in spool.chunks() for at, length in records]
     assert read == [str(i).encode() for i in range(SpoolFile.WRITE_EVERY - 1)] + [b"last"]
     spool.close()
+
+
+def test_a_plan_directory_a_killed_run_left_behind_is_removed_when_the_next_plan_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host, now = socket.gethostname(), time.time()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+
+    def left(name: str, untouched_s: float) -> Path:
+        directory = tmp_path / (PLAN_DIRECTORY_PREFIX + name)
+        directory.mkdir()
+        (directory / "changes-1234").write_bytes(b"x" * 1000)  # a worker's list
+        os.utime(directory, (now - untouched_s, now - untouched_s))
+        return directory
+
+    killed = left(f"{host}.{dead}-a1", 2 * 3600)
+    kept = [
+        left(f"{host}.{dead}-b2", 60),  # its process is gone, but it was written a minute ago
+        left(f"{host}.{os.getpid()}-c3", 2 * 3600),  # its process runs
+        left(f"other-host.{dead}-d4", 2 * 3600),  # another host's (a shared TMPDIR)
+        left("e5", 2 * 3600),  # named before directories named their process
+    ]
+    with spool_directory() as path:
+        assert Path(path).parent == tmp_path
+        assert Path(path).name.startswith(f"{PLAN_DIRECTORY_PREFIX}{host}.{os.getpid()}-")
+        assert not killed.exists() and all(directory.exists() for directory in kept)
+    assert not Path(path).exists()
