@@ -360,6 +360,11 @@ class RowPlanner:
             judged.count += 1
         return flavor_text
 
+    def diff_of(self, flavor_id: int, extra_specs: dict[str, str]) -> SpecDiff:
+        """The SpecDiff of a copy of flavor ``flavor_id`` (one of this planner's flavors) with
+        these extra specs, as a plan of such a copy has it (``SpecDiff.planned_from``'s inverse)."""
+        return self._diff(self.flavors[flavor_id], extra_specs)
+
     def _judge(self, copy: EmbeddedFlavor) -> _Verdict:
         """What to do with every row that carries this flavor copy."""
         scope = self.scope

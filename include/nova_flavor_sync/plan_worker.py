@@ -138,9 +138,7 @@ class PlanWorkers:
         self._children: list[subprocess.Popen] = []
         self._readers: list[threading.Thread] = []
         self._messages: queue.Queue[tuple[int, bytes, Any]] = queue.Queue()
-        # One SpecDiff object per value over every worker's plans: equal diffs come from each
-        # worker and each copy (thousands where flavors are many); the merges keep one of each.
-        self._shared_diffs: dict[SpecDiff, SpecDiff] = {}
+        self._spec_diffs = _SpecDiffs()
         self._failed = False
         try:
             for _ in range(count):
@@ -168,7 +166,7 @@ class PlanWorkers:
         self._children.append(child)
         assert child.stdout is not None
         reader = threading.Thread(target=_read_frames, daemon=True,
-                                  args=(len(self._children) - 1, child.stdout, self._messages, self._shared_diffs))
+                                  args=(len(self._children) - 1, child.stdout, self._messages, self._spec_diffs))
         reader.start()
         self._readers.append(reader)
 
@@ -208,6 +206,7 @@ class PlanWorkers:
             current[worker] = index
             self._write_to(worker, pickle.dumps(jobs[index], protocol=pickle.HIGHEST_PROTOCOL))
 
+        self._spec_diffs.planner = RowPlanner(context.flavors, context.scope)
         try:
             shared = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)  # once: thousands of flavors
             for worker in range(len(self._children)):
@@ -286,7 +285,7 @@ class PlanWorkers:
         self._children, self._readers = [], []
 
 
-def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue, shared_diffs: dict[SpecDiff, SpecDiff]) -> None:
+def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue, spec_diffs: _SpecDiffs) -> None:
     """A thread per worker: turn its frames into messages; anything else is an error message.
 
     A worker's output ends after the result of its last job: the end of the stream is an
@@ -308,7 +307,7 @@ def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue, shared_di
                     messages.put((worker, ERROR, payload.decode("utf-8", "replace")))
                     return
                 if kind == RESULT:
-                    messages.put((worker, kind, decode_result(payload, diffs, shared_diffs)))
+                    messages.put((worker, kind, decode_result(payload, diffs, spec_diffs)))
                 else:
                     messages.put((worker, kind, pickle.loads(payload)))
     except Exception as exc:  # noqa: BLE001 (reported to the parent's loop, which raises it)
@@ -317,8 +316,26 @@ def _read_frames(worker: int, stream: BinaryIO, messages: queue.Queue, shared_di
 
 
 # A result frame: the length of the first part, the SpecDiffs the parent has not had from
-# this worker (a pickled list), then the Plan pickled with every SpecDiff as its number.
+# this worker (a pickled list of what each was made from), then the Plan pickled with every
+# SpecDiff as its number.
 _RESULT_HEAD = struct.Struct("<I")
+
+
+class _SpecDiffs:
+    """The parent's SpecDiffs, made again from what each was made from (``encode_result``):
+    pickling a SpecDiff (and its KeyChanges) took as long as judging its copy, twice (once
+    each way) for each of thousands of diffs where flavors are many; and both workers send
+    equal diffs, made once here (the planner's cache), so that the plans share one object
+    per value. ``planner``: of the plan's flavors and scope (set by ``PlanWorkers.run``)."""
+
+    def __init__(self) -> None:
+        self.planner: RowPlanner | None = None
+        self._lock = threading.Lock()  # one reader thread per worker
+
+    def made_from(self, flavor_id: int, extra_specs: dict[str, str]) -> SpecDiff:
+        assert self.planner is not None, "a result before PlanWorkers.run"
+        with self._lock:
+            return self.planner.diff_of(flavor_id, extra_specs)
 
 
 class _DiffsByNumber(pickle.Pickler):
@@ -358,19 +375,21 @@ class SentDiffs:
 
 def encode_result(plan: Plan, sent: SentDiffs) -> bytes:
     """A Plan for the parent: a plan worker's many ranges share thousands of SpecDiffs (one
-    per distinct flavor copy that changes), each pickled and sent once, then named by number."""
-    new = pickle.dumps(sent.add_new(plan.spec_diffs()), protocol=pickle.HIGHEST_PROTOCOL)
+    per distinct flavor copy that changes), each sent once, as what it was made from (its
+    flavor's id and the copy's extra specs: ``_SpecDiffs``), then named by number."""
+    made_from = [(diff.flavor_id, diff.planned_from()[2]) for diff in sent.add_new(plan.spec_diffs())]
+    new = pickle.dumps(made_from, protocol=pickle.HIGHEST_PROTOCOL)
     body = io.BytesIO()
     _DiffsByNumber(body, sent.numbers).dump(plan)
     return _RESULT_HEAD.pack(len(new)) + new + body.getvalue()
 
 
-def decode_result(payload: bytes, diffs: list[SpecDiff], shared: dict[SpecDiff, SpecDiff]) -> Plan:
+def decode_result(payload: bytes, diffs: list[SpecDiff], spec_diffs: _SpecDiffs) -> Plan:
     """``encode_result``'s Plan: ``diffs`` are the worker's SpecDiffs so far (the new ones are
-    added), each the object of ``shared`` that equals it."""
+    added, made by ``spec_diffs``)."""
     (length,) = _RESULT_HEAD.unpack_from(payload)
     start = _RESULT_HEAD.size
-    diffs.extend(shared.setdefault(diff, diff) for diff in pickle.loads(payload[start:start + length]))
+    diffs.extend(spec_diffs.made_from(*made_from) for made_from in pickle.loads(payload[start:start + length]))
     return _NumberedDiffs(io.BytesIO(payload[start + length:]), diffs).load()
 
 
