@@ -22,10 +22,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import nova_flavor_sync_plan_view as plan_view
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from nova_flavor_sync_backups import NO_STORE, may_read_dag
 from nova_flavor_sync_reports import DRIFT_DAG_ID, DRIFT_HISTORY, DRIFT_PAGE_ROUTE
 
@@ -41,8 +41,6 @@ COPY_COLUMNS = [
     ("Stale (to update)", "to_update"), ("In sync", "in_sync"), ("Held back (risky keys only)", "held_back_only"),
     ("Orphans", "orphans"), ("Unreadable", "errors"), ("Left alone", "left_alone"), ("Rows read", "rows_read"),
 ]
-
-templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
 
 app = FastAPI(
     title="nova-flavor-sync drift",
@@ -99,10 +97,23 @@ def history_json() -> JSONResponse:
 
 @app.get("/history", response_class=HTMLResponse)
 def history_page() -> HTMLResponse:
-    data = history()
-    page = templates.get_template("nova_flavor_sync_drift.html").render(
-        data=data, chart={"nights": data["nights"]}, copy_columns=COPY_COLUMNS)
-    return HTMLResponse(page, headers=NO_STORE)
+    return HTMLResponse(render_page(history()), headers=NO_STORE)
+
+
+def render_page(data: dict[str, Any]) -> str:
+    """The page of ``history()``'s data, rendered as the other pages are (``plan_view.templates``:
+    a name the template asks for and the data lack is an error, not a blank). The last check's
+    record is completed first: one written by an earlier version of the DAG may lack a count
+    (a copy's ``left_alone``, the instances that ``disagree``) or its connection, which the
+    page leaves out."""
+    last = data["last"]
+    if last is not None:
+        summary = {"to_update": 0, "disagreeing": None, "by_flavor": {}, "by_key": {}, **last["summary"]}
+        summary["copies"] = {where: {key: copy.get(key, "") for _, key in COPY_COLUMNS}
+                             for where, copy in summary["copies"].items()}
+        last = {"conn_id": "", "database": "", "all_keys": False, **last, "summary": summary}
+    return plan_view.templates.get_template("nova_flavor_sync_drift.html").render(
+        data={**data, "last": last}, chart={"nights": data["nights"]}, copy_columns=COPY_COLUMNS)
 
 
 @app.get("/static/{name}")

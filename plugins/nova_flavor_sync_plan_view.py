@@ -59,6 +59,8 @@ COUNTS = [("read", "rows_read"), ("to update", "to_update"), ("in sync", "in_syn
           ("unreadable", "errors")]
 
 router = APIRouter()  # included by the backups plugin's app, with the sync DAG's read check
+# Every page of these plugins (the plan view, the backups page, the drift page) renders with
+# this environment: a name a template asks for and its data lack is an error, not a blank.
 templates = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
     autoescape=True,  # every value from the plan (flavor names, keys, values, reasons) is text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -166,21 +167,34 @@ def test_each_drift_check_keeps_its_summary_and_the_page_shows_them(nova_env, tw
 
 def test_a_flavor_name_cannot_inject_markup(airflow_db):
     """Names come from Nova's database: they are escaped in the page and in its JSON island."""
-    from nova_flavor_sync_drift import templates
+    from nova_flavor_sync_drift import render_page
 
     nasty = '</script><img src=x onerror=alert(1)>{{7*7}}'
     summary = {"to_update": 1, "disagreeing": 0, "by_flavor": {nasty: 1}, "by_key": {nasty: 1},
                "copies": {nasty: {"to_update": 1}}}
     night = {"label": "2026-01-01 02:30", "by_flavor": {nasty: 1}, "by_copy": {nasty: 1}}
-    page = templates.get_template("nova_flavor_sync_drift.html").render(
-        data={"dag_id": DRIFT, "nights": [night], "ignored_events": 0,
-              "last": {"at": "2026-01-01T02:30:00", "run_id": nasty, "conn_id": nasty, "database": nasty,
-                       "all_keys": False, "summary": summary}},
-        chart={"nights": [night]}, copy_columns=[("Stale", "to_update")])
+    page = render_page({"dag_id": DRIFT, "nights": [night], "ignored_events": 0,
+                        "last": {"at": "2026-01-01T02:30:00", "run_id": nasty, "conn_id": nasty, "database": nasty,
+                                 "all_keys": False, "summary": summary}})
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert page.count("<script") == page.count("</script>") == 3  # the JSON island stays closed
     assert "\\u003c/script\\u003e\\u003cimg" in page  # in it the name is JSON with <, > escaped
     assert "{{7*7}}" in page  # text, never evaluated
+
+
+def test_a_check_recorded_by_an_earlier_version_shows_what_it_has_and_leaves_the_rest_blank(airflow_db):
+    """An event's summary may lack counts added since (a copy's left alone rows, the instances
+    whose copies disagree), and the event its connection and database."""
+    from nova_flavor_sync_drift import render_page
+
+    summary = {"to_update": 7, "by_flavor": {"m1.small": 7}, "copies": {"nova_api": {"to_update": 7, "in_sync": 3}}}
+    page = render_page({"dag_id": DRIFT, "nights": [], "ignored_events": 0,
+                        "last": {"at": "2026-01-01T02:30:00", "run_id": "scheduled__1", "summary": summary}})
+    run = '<a href="../dags/nova_flavor_drift_check/runs/scheduled__1" target="_top"><code>scheduled__1</code></a>'
+    assert f'(run {run}), found\n<span class="stale">7 stale flavor copies</span>.' in page
+    (row,) = re.findall(r"<tr><td>nova_api</td>(.*?)</tr>", page)
+    assert re.findall(r'<td class="num">(.*?)</td>', row) == ["7", "3", "", "", "", "", ""]
+    assert "<code>m1.small</code>" in page and "Key changes by key</h2>\n<p>None.</p>" in page
 
 
 def test_the_plugin_is_registered_with_its_nav_entry(client):
