@@ -14,7 +14,9 @@ allowed to read the ``nova_flavor_sync`` DAG):
 
 What it reads: the run's ``combine_plans`` XCom, through Airflow's own models (each copy's
 changes file, which its ``make_plan`` task wrote next to its plan file, and its counts), then
-those files, on every request, streaming. As for the backups page, the API server must see
+those files, streaming: the plan's lines and first untouched rows once while the files stay
+as they are (``plan_summary``), a line's or a kind's rows on each request for them. As for
+the backups page, the API server must see
 ``$NOVA_FLAVOR_SYNC_DIR`` (or ``$NOVA_FLAVOR_SYNC_STORAGE``) as the workers do; a file outside
 its ``plans`` directory is never read.
 Rendered by Jinja2 with autoescaping (``templates/nova_flavor_sync_plan_view.html``).
@@ -22,6 +24,7 @@ Rendered by Jinja2 with autoescaping (``templates/nova_flavor_sync_plan_view.htm
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,10 +128,12 @@ def plan_context(combined: dict[str, Any], *, line: int | None, rows: str | None
     """What the template shows of a plan: its copies, its lines, and the page asked for."""
     copies = combined["copies"]
     files, problems = changes_files(copies)
-    untouched = {status: Listing(title, page if status == rows else 1) for status, title in UNTOUCHED.items()}
     wheres = [copy["where"] for copy in copies]
-    grouped = group_records(_untouched_counted(_records(files), untouched, keep=PREVIEW if rows is None else None))
-    groups = grouped.groups()
+    if rows is None:
+        groups, untouched = plan_summary(files)
+    else:  # every untouched row of that kind is counted, and its page kept
+        untouched = {status: Listing(title, page if status == rows else 1) for status, title in UNTOUCHED.items()}
+        groups = group_records(_untouched_counted(_records(files), untouched, keep=None)).groups()
     listing = untouched[rows] if rows else None
     if line is not None:
         if line > len(groups):
@@ -146,6 +151,50 @@ def plan_context(combined: dict[str, Any], *, line: int | None, rows: str | None
         "selected": groups[line - 1] if line is not None else None,
         "untouched": untouched,
     }
+
+
+# The summaries of the plans viewed last (plan_summary), by their files' identities.
+SUMMARIES_KEPT = 8
+_summaries: dict[tuple, tuple[list[ValueGroup], dict[str, Listing]]] = {}
+_summaries_lock = threading.Lock()  # FastAPI runs these handlers in threads
+
+
+def plan_summary(files: list[StoragePath]) -> tuple[list[ValueGroup], dict[str, Listing]]:
+    """A plan's lines (``ValueGroup``) and the first PREVIEW rows of each kind it leaves
+    untouched, with their counts: one read of its changes files.
+
+    At a million instances those are millions of lines, seconds to read: what a read gives is
+    kept for the next requests (the SUMMARIES_KEPT plans viewed last) as long as every file is
+    local and has the same size and time of change. The files of a plan are written once.
+    """
+    identity = _identity(files)
+    with _summaries_lock:
+        kept = _summaries.get(identity) if identity is not None else None
+    if kept is not None:
+        return kept
+    untouched = {status: Listing(title, 1) for status, title in UNTOUCHED.items()}
+    summary = group_records(_untouched_counted(_records(files), untouched, keep=PREVIEW)).groups(), untouched
+    if identity is not None:
+        with _summaries_lock:
+            _summaries[identity] = summary
+            while len(_summaries) > SUMMARIES_KEPT:
+                del _summaries[next(iter(_summaries))]
+    return summary
+
+
+def _identity(files: list[StoragePath]) -> tuple | None:
+    """The files' paths, sizes and times of change; None if one is not local (object storage)."""
+    identity = []
+    for path in files:
+        local = local_path(path)
+        if local is None:
+            return None
+        try:
+            stat = local.stat()
+        except OSError:
+            return None
+        identity.append((str(local), stat.st_size, stat.st_mtime_ns))
+    return tuple(identity)
 
 
 def changes_files(copies: list[dict[str, Any]]) -> tuple[list[StoragePath], list[str]]:

@@ -10,6 +10,7 @@ screenshot (docs/images/plan-view.png with NFS_UPDATE_SCREENSHOT=1, a temporary 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from nova_flavor_sync_airflow import approval_body
 
 from approval_answer import run_with_answer
 from dbtools import connect
+from nova_flavor_sync import value_changes
 from ui_tokens import as_ui, token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,6 +135,32 @@ def flavor_gains_a_nasty_value(params) -> None:
 
 
 @pytest.mark.timeout(300)
+def changes_line(status: str, row: int, **fields) -> str:
+    record = {"instance": f"uuid-{row}", "copy": "nova_api", "row": row, "flavor": "m1.small", "key": None,
+              "old": None, "new": None, "risk": None, "status": status, "reason": None, **fields}
+    return json.dumps(record) + "\n"
+
+
+def test_a_plans_lines_are_read_once_while_its_changes_file_stays_as_it_is(tmp_path, monkeypatch):
+    # A million-instance plan's changes files are millions of lines: seconds for each view.
+    import nova_flavor_sync_plan_view as plan_view
+
+    reads = []
+    monkeypatch.setattr(plan_view, "read_changes", lambda path: reads.append(path) or real_read(path))
+    real_read = value_changes.read_changes
+    path = tmp_path / "changes_0_nova_api.jsonl"
+    change = {"key": "quota:cpu_shares", "old": "1024", "new": "2048", "risk": "guest"}
+    path.write_text("".join(changes_line("change", row, **change) for row in (1, 2))
+                    + changes_line("left_alone", 3, reason="instance is deleted"))
+    first = plan_view.plan_summary([path])
+    assert plan_view.plan_summary([path]) is first and len(reads) == 1
+    (line,) = first[0]
+    assert (line.change.key, line.total, first[1]["left_alone"].total) == ("quota:cpu_shares", 2, 1)
+    path.write_text(path.read_text() + changes_line("change", 4, **change))  # another plan under the same name
+    (line,) = plan_view.plan_summary([path])[0]
+    assert line.total == 3 and len(reads) == 2
+
+
 def test_the_plan_view_of_a_real_run(api_app, nova_env, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
