@@ -94,7 +94,7 @@ def sync_targets(changes: Iterable[RowChange], layout: CopyLayout = REQUEST_SPEC
     for change in changes:
         writer = writers.get(id(change.diff))
         if writer is None:
-            writer = writers[id(change.diff)] = _extra_specs_writer(change.diff, layout)
+            writer = writers[id(change.diff)] = target_writer(change.diff, layout)
         yield RowTarget(change.id, change.old_sha256, change.new_sha256, writer, change.instance_uuid)
 
 
@@ -328,9 +328,10 @@ class _ReadAhead:
             self._reader.close()
 
 
-def _extra_specs_writer(diff: SpecDiff, layout: CopyLayout) -> Callable[[str], str]:
+def target_writer(diff: SpecDiff, layout: CopyLayout) -> Callable[[str], str]:
     """Rewrites a row with the diff's target extra specs, if its copy is the one the diff was
-    made from: the plan recognised most rows by their text, without parsing them."""
+    made from: the plan recognised most rows by their text, without parsing them. Both ways
+    of applying use it: a sync plan's (``sync_targets``), the Airflow tasks' (``service``)."""
     new_specs_json = dumps_extra_specs(dict(diff.target_extra_specs))  # once for every row that gets it
     planned_from = diff.planned_from()
     return lambda text: rewrite_extra_specs(text, new_specs_json=new_specs_json, layout=layout,

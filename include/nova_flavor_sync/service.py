@@ -54,7 +54,7 @@ from nova_flavor_sync.progress import Progress
 from nova_flavor_sync.restore import restore_targets
 from nova_flavor_sync.scope import Scope, build_scope
 from nova_flavor_sync.server_load import ReplicaDb
-from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, rewrite_extra_specs, sha256_text
+from nova_flavor_sync.spec_json import INSTANCE_FLAVOR, sha256_text
 from nova_flavor_sync.spool import spool_directory
 from nova_flavor_sync.storage import StoragePath, as_path
 from nova_flavor_sync.throttle import MAX_BATCH_SIZE as MAX_BATCH_SIZE  # rows per batch, at most
@@ -589,8 +589,7 @@ def _approved_rewrite(planner: RowPlanner, row: PlannedRow) -> Callable[[str], s
         fresh = planner.plan_row(SpecRow(row.id, row.instance_uuid, text))
         if not isinstance(fresh, RowChange) or fresh.new_sha256 != row.new_sha256:
             return None  # the flavor (or the row's scope) changed since the approval
-        return rewrite_extra_specs(text, dict(fresh.diff.target_extra_specs), layout=planner.layout,
-                                   planned_from=fresh.diff.planned_from())
+        return apply_mod.target_writer(fresh.diff, planner.layout)(text)
 
     return rewrite
 
