@@ -148,13 +148,15 @@ def remove_left_behind(base: str) -> list[str]:
     (their process is gone, nothing written for LEFT_BEHIND_AFTER_S); return their paths."""
     mine = f"{PLAN_DIRECTORY_PREFIX}{socket.gethostname()}."
     removed = []
-    for entry in os.scandir(base):
+    for entry in os.scandir(base):  # $TMPDIR: mostly other programs' files, not looked at
         pid = entry.name[len(mine):].split("-", 1)[0] if entry.name.startswith(mine) else ""
+        if not pid.isdigit():
+            continue
         try:
             stat = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if (not pid.isdigit() or not entry.is_dir(follow_symlinks=False) or stat.st_uid != os.getuid()
+        if (not entry.is_dir(follow_symlinks=False) or stat.st_uid != os.getuid()
                 or time.time() - stat.st_mtime < LEFT_BEHIND_AFTER_S or _running(int(pid))):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
