@@ -129,11 +129,7 @@ def plan_context(combined: dict[str, Any], *, line: int | None, rows: str | None
     copies = combined["copies"]
     files, problems = changes_files(copies)
     wheres = [copy["where"] for copy in copies]
-    if rows is None:
-        groups, untouched = plan_summary(files)
-    else:  # every untouched row of that kind is counted, and its page kept
-        untouched = {status: Listing(title, page if status == rows else 1) for status, title in UNTOUCHED.items()}
-        groups = group_records(_untouched_counted(_records(files), untouched, keep=None)).groups()
+    groups, untouched = plan_summary(files) if rows is None else _read_plan(files, rows, page)
     listing = untouched[rows] if rows else None
     if line is not None:
         if line > len(groups):
@@ -172,14 +168,21 @@ def plan_summary(files: list[StoragePath]) -> tuple[list[ValueGroup], dict[str, 
         kept = _summaries.get(identity) if identity is not None else None
     if kept is not None:
         return kept
-    untouched = {status: Listing(title, 1) for status, title in UNTOUCHED.items()}
-    summary = group_records(_untouched_counted(_records(files), untouched, keep=PREVIEW)).groups(), untouched
+    summary = _read_plan(files, None, 1)
     if identity is not None:
         with _summaries_lock:
             _summaries[identity] = summary
             while len(_summaries) > SUMMARIES_KEPT:
                 del _summaries[next(iter(_summaries))]
     return summary
+
+
+def _read_plan(files: list[StoragePath], rows: str | None, page: int) -> tuple[list[ValueGroup], dict[str, Listing]]:
+    """The plan's lines and its untouched rows: of the kind ``rows`` all counted and page
+    ``page`` kept; of the others (every kind without ``rows``) the first PREVIEW."""
+    untouched = {status: Listing(title, page if status == rows else 1) for status, title in UNTOUCHED.items()}
+    grouped = group_records(_untouched_counted(_records(files), untouched, keep=PREVIEW if rows is None else None))
+    return grouped.groups(), untouched
 
 
 def _identity(files: list[StoragePath]) -> tuple | None:
