@@ -10,7 +10,7 @@ import pytest
 from dbtools import connect
 from nova_flavor_sync import service
 from nova_flavor_sync.backup import API_DATABASE
-from nova_flavor_sync.db import NovaApiDb
+from nova_flavor_sync.db import NovaApiDb, _aggregated_extra_specs, _extra_specs_by_rows
 from nova_flavor_sync.dburl import parse_db_url
 from nova_flavor_sync.diff import merge_plans
 from nova_flavor_sync.errors import DatabaseUnavailableError, ExitCode, SchemaError
@@ -122,6 +122,31 @@ def test_flavors_are_loaded_with_their_extra_specs(demo_db):
     assert len(flavors) == 22
     assert sum(len(f.extra_specs) for f in flavors.values()) == 156
     assert identity["schema"] == demo_db.database and identity["server_hostname"]
+
+
+# Extra specs a JSON aggregate must escape: quotes, backslashes, control characters, text
+# that looks like a JSON escape, non-ASCII, empty and NULL values.
+AWKWARD_SPECS = {
+    'a"quote': 'say "hi"', "back\\slash": "C:\\path\\", "tab\tkey": "new\nline", "ctl": "\x01\x1f",
+    "looks:escaped": "\\u0041 \\n", "zürich": "zürich-1 中", "empty": "", "no:value": None,
+}
+
+
+def test_flavors_are_loaded_with_extra_specs_exactly_as_their_rows_hold_them(nova_db):
+    with connect(nova_db) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO flavors (id, name, memory_mb, vcpus, swap, flavorid, rxtx_factor, root_gb, "
+                        "ephemeral_gb, disabled, is_public) VALUES (%s, %s, 512, 1, 0, %s, 1, 1, 0, 0, 1)",
+                        [(1, "awkward", "f-1"), (2, "bare", "f-2"), (3, "plain", "f-3")])
+        cur.executemany("INSERT INTO flavor_extra_specs (flavor_id, `key`, value) VALUES (%s, %s, %s)",
+                        [(1, key, value) for key, value in AWKWARD_SPECS.items()] + [(3, "hw:cpu_policy", "shared")])
+    with service.connect(nova_db) as db:
+        flavors = db.load_flavors()
+        with db.conn.cursor() as cur:
+            by_rows = _extra_specs_by_rows(cur)
+            aggregated = _aggregated_extra_specs(cur)
+    assert flavors[1].extra_specs == AWKWARD_SPECS and list(flavors[1].extra_specs) == sorted(AWKWARD_SPECS)
+    assert flavors[2].extra_specs == {} and flavors[3].extra_specs == {"hw:cpu_policy": "shared"}
+    assert aggregated == by_rows == {1: AWKWARD_SPECS, 3: {"hw:cpu_policy": "shared"}}
 
 
 def test_a_url_asking_for_tls_is_refused_by_a_server_without_it(nova_db):
