@@ -35,6 +35,7 @@ from nova_flavor_sync.spec_json import (
     SpecShapeError,
     dumps_extra_specs,
     find_flavor_start,
+    flavor_head_at,
     flavor_text_at,
     locate_flavor,
     read_embedded_flavor,
@@ -349,21 +350,25 @@ class RowPlanner:
         return None
 
     def _remember(self, spec: str, at: int, copy: EmbeddedFlavor, verdict: _Verdict) -> FlavorText | None:
-        try:
-            flavor_text = flavor_text_at(spec, at, expected=copy, layout=self.layout)
-        except SpecShapeError:
-            return None  # readable but not in Nova's format: every such row is parsed
+        """The copy's FlavorText, kept with its verdict for the rows that carry it: its head when
+        that says what the verdict depends on (``flavor_head_at``), else its whole flavor object;
+        None for a text not in Nova's format (every such row is parsed)."""
         judged = self._judged
+        flavor_text = flavor_head_at(spec, at, copy, judged.identities, self.layout)
+        if flavor_text is None:
+            try:
+                flavor_text = flavor_text_at(spec, at, expected=copy, layout=self.layout)
+            except SpecShapeError:
+                return None
         if judged.count < self.MAX_KNOWN_COPIES:
-            head = flavor_text.head() if _judged_by_head(flavor_text) else flavor_text
-            judged.copies.setdefault(spec[at : at + self.WINDOW], []).append((head, verdict))
+            judged.copies.setdefault(spec[at : at + self.WINDOW], []).append((flavor_text, verdict))
             judged.count += 1
         return flavor_text
 
     def diff_of(self, flavor_id: int, extra_specs: dict[str, str]) -> SpecDiff:
         """The SpecDiff of a copy of flavor ``flavor_id`` (one of this planner's flavors) with
         these extra specs, as a plan of such a copy has it (``SpecDiff.planned_from``'s inverse)."""
-        return self._diff(self.flavors[flavor_id], extra_specs)
+        return self._diff(self.flavors[flavor_id], extra_specs)[0]
 
     def _judge(self, copy: EmbeddedFlavor) -> _Verdict:
         """What to do with every row that carries this flavor copy."""
@@ -384,10 +389,10 @@ class RowPlanner:
         if null_keys:
             reason = f"flavor {flavor.name} has no value (NULL) for {', '.join(null_keys)}; fix the flavor first"
             return _Verdict(label, ("errors", reason))
-        diff = self._diff(flavor, copy.extra_specs)
+        diff, target_json = self._diff(flavor, copy.extra_specs)
         if not diff.applied:
             return _Verdict(label, ("held_back", "only risky keys differ"), diff)
-        return _Verdict(label, None, diff, dumps_extra_specs(dict(diff.target_extra_specs)).encode("ascii"))
+        return _Verdict(label, None, diff, target_json)
 
     def _orphan_reason(self, flavor_id: int, flavorid: str, flavor: Flavor | None) -> str:
         if flavor is None:
@@ -402,16 +407,35 @@ class RowPlanner:
             return f"flavor id {flavor_id} now has flavorid {flavor.flavorid}, not {flavorid}"
         return ""
 
-    def _diff(self, flavor: Flavor, copy: dict[str, str]) -> SpecDiff:
-        cache_key = (flavor.id, tuple(sorted(copy.items())))
-        cached = self._judged.diffs.get(cache_key)
-        if cached is not None:
-            return cached
+    def _diff(self, flavor: Flavor, copy: dict[str, str]) -> tuple[SpecDiff, bytes]:
+        """The SpecDiff of this copy of ``flavor`` and its target extra specs as written (ASCII).
+
+        Made once per flavor and copy. What changes in which key is worked out once per pair
+        of extra specs: flavors often share theirs (a family differing in size only), and a
+        property set on many flavors at once leaves the same stale copies in all of them.
+        """
+        judged = self._judged
+        copy_items = tuple(sorted(copy.items()))
+        made = judged.diffs.get((flavor.id, copy_items))
+        if made is not None:
+            return made
+        flavor_items = judged.flavor_items.get(flavor.id)
+        if flavor_items is None:
+            flavor_items = judged.flavor_items[flavor.id] = tuple(sorted(flavor.extra_specs.items()))
+        keys = judged.key_changes.get((flavor_items, copy_items))
+        if keys is None:
+            keys = judged.key_changes[(flavor_items, copy_items)] = self._key_changes(flavor.extra_specs, copy)
+        applied, held_back, target, target_json = keys
+        diff = SpecDiff(flavor.id, flavor.flavorid, flavor.name, applied, held_back, target)
+        made = judged.diffs[(flavor.id, copy_items)] = (diff, target_json)
+        return made
+
+    def _key_changes(self, wanted: Mapping[str, str | None], copy: dict[str, str]) -> _KeyChanges:
         applied: list[KeyChange] = []
         held_back: list[KeyChange] = []
         target = dict(copy)
-        for key in sorted(set(copy) | set(flavor.extra_specs)):
-            old, new = copy.get(key), flavor.extra_specs.get(key)
+        for key in sorted(set(copy) | set(wanted)):
+            old, new = copy.get(key), wanted.get(key)
             if old == new or not self.scope.includes_key(key):
                 continue
             change = KeyChange(key, old, new, classify_key(key))
@@ -423,16 +447,12 @@ class RowPlanner:
                     target[key] = new
             else:
                 held_back.append(change)
-        diff = SpecDiff(
-            flavor_id=flavor.id,
-            flavorid=flavor.flavorid,
-            flavor_name=flavor.name,
-            applied=tuple(applied),
-            held_back=tuple(held_back),
-            target_extra_specs=tuple(sorted(target.items())),
-        )
-        self._judged.diffs[cache_key] = diff
-        return diff
+        return (tuple(applied), tuple(held_back), tuple(sorted(target.items())),
+                dumps_extra_specs(target).encode("ascii"))
+
+
+# A SpecDiff's applied and held-back changes, its target extra specs, and those as written.
+_KeyChanges = tuple[tuple[KeyChange, ...], tuple[KeyChange, ...], tuple[tuple[str, str], ...], bytes]
 
 
 class _Judged:
@@ -442,20 +462,10 @@ class _Judged:
     def __init__(self) -> None:
         self.copies: dict[str, list[tuple[FlavorText, _Verdict]]] = {}
         self.count = 0
-        self.diffs: dict[tuple[int, tuple[tuple[str, str], ...]], SpecDiff] = {}
-
-
-# The keys of a flavor's data a verdict depends on (RowPlanner._judge), besides extra_specs.
-_VERDICT_KEYS = ('"id": ', '"name": ', '"flavorid": ')
-
-
-def _judged_by_head(flavor_text: FlavorText) -> bool:
-    """Whether a copy can be recognised by its text up to the end of its extra_specs (the
-    head): the keys its verdict depends on all come before, once each, in the flavor's data."""
-    text, data_at = flavor_text.text, flavor_text.text.find('"nova_object.data": {')
-    return data_at >= 0 and all(
-        data_at < text.find(key) < flavor_text.specs_start and text.count(key) == 1 for key in _VERDICT_KEYS
-    )
+        self.identities: dict[str, tuple[int, str, str] | None] = {}  # spec_json.flavor_head_at's
+        self.diffs: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[SpecDiff, bytes]] = {}
+        self.flavor_items: dict[int, tuple[tuple[str, str | None], ...]] = {}
+        self.key_changes: dict[tuple[tuple[tuple[str, str | None], ...], tuple[tuple[str, str], ...]], _KeyChanges] = {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -296,14 +296,17 @@ def test_a_copy_judged_in_a_cell_is_recognised_in_the_request_specs_by_its_head(
     assert (again.diff, again.old_sha256, again.new_sha256) == (fresh.diff, fresh.old_sha256, fresh.new_sha256)
 
 
-def test_a_copy_whose_id_follows_its_extra_specs_is_recognised_by_its_whole_flavor_only():
-    # Nova writes the id, name and flavorid before extra_specs; a text that repeats one
-    # after them is not recognised by its head, so another tail is parsed, not trusted.
+def test_a_copy_whose_id_after_its_extra_specs_is_another_is_recognised_by_its_whole_flavor_only():
+    # Nova writes the id, name and flavorid before extra_specs; a text that repeats one after
+    # them with another value is another flavor's copy than its head says, so it is not
+    # recognised by its head: a text with that head and another tail is parsed, not trusted.
     wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
-    repeated = with_flavor_tail(BASE["spec"], ', "id": 1')
-    damaged = with_flavor_tail(BASE["spec"], ', "id": 1, "swap": 0')[:-1] + ", }"
-    plan = make_plan(flavors(wanted), [SpecRow(1, "u1", repeated), SpecRow(2, "u2", damaged)], Scope())
-    assert [c.id for c in plan.changes] == [1] and "not valid JSON" in plan.errors[0].reason
+    repeated = with_flavor_tail(BASE["spec"], ', "id": 7')
+    damaged = with_flavor_tail(BASE["spec"], ', "id": 7, "swap": 0')[:-1] + ", }"
+    both = {**flavors(wanted), 7: Flavor(7, COPY.flavorid, COPY.name, wanted)}
+    plan = make_plan(both, [SpecRow(1, "u1", repeated), SpecRow(2, "u2", damaged)], Scope())
+    assert [(c.id, c.diff.flavor_id) for c in plan.changes] == [(1, 7)]
+    assert "not valid JSON" in plan.errors[0].reason
 
 
 def test_a_row_recognised_by_its_head_is_not_rewritten_if_its_copy_is_another_flavor():

@@ -9,9 +9,11 @@ import pytest
 
 from nova_flavor_sync.demo import load_sample_specs
 from nova_flavor_sync.spec_json import (
+    FlavorText,
     SpecShapeError,
     dumps_extra_specs,
     find_flavor_start,
+    flavor_head_at,
     locate_flavor,
     read_embedded_flavor,
     rewrite_extra_specs,
@@ -169,6 +171,49 @@ def test_splice_hashes_are_the_hashes_of_the_old_and_the_new_text(row):
         sha256_text(spec),
         sha256_text(rewrite_extra_specs(spec, {"a": "b"})),
     )
+
+
+@pytest.mark.parametrize("row", SAMPLES, ids=SAMPLE_IDS)
+def test_the_head_of_every_real_copy_is_its_text_up_to_the_end_of_its_extra_specs(row):
+    spec = row["spec"]
+    at, flavor_text = locate_flavor(spec)
+    copy = read_embedded_flavor(spec)
+    identities: dict = {}
+    head = flavor_head_at(spec, at, copy, identities)
+    assert head == FlavorText(flavor_text.text[: flavor_text.specs_end], flavor_text.specs_start,
+                              flavor_text.specs_end)
+    assert list(identities.values()) == [(copy.id, copy.flavorid, copy.name)]
+
+
+def _flavor_data_changed(spec: str, change) -> str:
+    document = json.loads(spec)
+    flavor = document["nova_object.data"]["flavor"]
+    flavor["nova_object.data"] = change(flavor["nova_object.data"])
+    return json.dumps(document)
+
+
+def _id_moved_after_extra_specs(spec: str) -> str:
+    return _flavor_data_changed(spec, lambda data: {**{k: v for k, v in data.items() if k != "id"}, "id": data["id"]})
+
+
+def _extra_specs_key_deeper_before(spec: str) -> str:
+    return _flavor_data_changed(spec, lambda data: {"projects": {"extra_specs": {}}, **data})
+
+
+def _id_repeated_after_extra_specs(spec: str) -> str:
+    """The flavor's data with ``"id": 999`` at its end: a second id, which a parse takes."""
+    at, flavor_text = locate_flavor(spec)
+    data_end = spec.index("}", spec.index('"deleted": ', at + flavor_text.specs_end))
+    return spec[:data_end] + ', "id": 999' + spec[data_end:]
+
+
+@pytest.mark.parametrize("changed", [_id_moved_after_extra_specs, _extra_specs_key_deeper_before,
+                                     _id_repeated_after_extra_specs])
+def test_a_copy_whose_head_does_not_say_which_copy_it_is_has_no_head(changed):
+    # The planner then recognises the copy by its whole flavor object, if at all.
+    spec = changed(SAMPLES[0]["spec"])
+    at = find_flavor_start(spec)
+    assert at >= 0 and flavor_head_at(spec, at, read_embedded_flavor(spec), {}) is None
 
 
 def _with_hint(name: str, value) -> str:
