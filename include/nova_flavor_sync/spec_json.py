@@ -266,9 +266,9 @@ def _head_identity(before: str, layout: CopyLayout) -> tuple[int, str, str] | No
     ``before``, when that text is the start of a Flavor object whose ``nova_object.data`` ends
     there: closing it parses, and the closed object's last key is that extra_specs."""
     try:
-        value = json.loads(before + EXTRA_SPECS_KEY + "{}}}")
+        value = _parse(before + EXTRA_SPECS_KEY + "{}}}", layout)
         flavor = _checked_flavor(value, layout)
-    except (ValueError, SpecShapeError):  # SpecShapeError is a ValueError: named for the reader
+    except SpecShapeError:
         return None
     data = value["nova_object.data"]
     if list(value)[-1] != "nova_object.data" or list(data)[-1] != "extra_specs":
