@@ -178,14 +178,15 @@ def make_plan(
         raise ValueError("a RowPlanner of other flavors, scope or copies")
 
     def record(outcome: RowOutcome) -> None:
-        if outcome == IN_SYNC:
-            plan.in_sync += 1
-        elif outcome == OUT_OF_SCOPE:
-            plan.out_of_scope += 1
-        elif isinstance(outcome, RowChange):
+        # A change first: comparing one with a string calls the dataclass's __eq__, twice.
+        if isinstance(outcome, RowChange):
             plan.changes.append(outcome)
             if digest is not None:
                 digest.add(outcome.id, outcome.old_sha256, outcome.new_sha256)
+        elif outcome == IN_SYNC:
+            plan.in_sync += 1
+        elif outcome == OUT_OF_SCOPE:
+            plan.out_of_scope += 1
         else:
             kind, note = outcome
             getattr(plan, kind).append(note)

@@ -169,6 +169,21 @@ def test_rows_with_the_same_copy_share_one_diff():
     assert plan.changes[0].diff is plan.changes[1].diff
 
 
+def test_flavors_with_the_same_extra_specs_each_get_their_own_diff():
+    # Two flavors of one family share their extra specs, and so their copies' key changes;
+    # each copy is still planned against its own flavor.
+    wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
+    document = json.loads(BASE["spec"])
+    document["nova_object.data"]["flavor"]["nova_object.data"].update(id=2, flavorid="25", name="gp2.medium")
+    twin_spec = json.dumps(document)
+    both = {**flavors(wanted), 2: Flavor(2, "25", "gp2.medium", dict(wanted))}
+    plan = make_plan(both, [row(1), SpecRow(2, "u2", twin_spec)], Scope())
+    first, twin = plan.changes
+    assert (first.diff.flavor_id, first.diff.flavorid, twin.diff.flavor_id, twin.diff.flavorid) == (1, "24", 2, "25")
+    assert first.diff.applied == twin.diff.applied and twin.diff.flavor_name == "gp2.medium"
+    assert twin.new_sha256 == sha256_text(rewrite_extra_specs(twin_spec, wanted))
+
+
 def test_the_digest_binds_rows_bytes_and_scope():
     wanted = {**COPY.extra_specs, "aggregate_instance_extra_specs:storage_type": "ceph"}
     base = make_plan(flavors(wanted), [row(1), row(2)], Scope()).digest
