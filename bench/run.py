@@ -46,6 +46,7 @@ copies once in this process under cProfile and prints the top functions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -133,6 +134,29 @@ def server_status(conn) -> dict[str, int]:
 
 def load() -> str:
     return "load %.2f %.2f %.2f" % os.getloadavg()
+
+
+def machine() -> dict[str, Any]:
+    """What says how this machine compares with the one an earlier figure came from.
+
+    The plan is mostly Python (PyMySQL decoding, planning); half the floor is the server's
+    work. A machine whose Python is slower for its server's speed gives higher ratios with the
+    same code: ``python_loop_s`` (a fixed pure-Python loop, best of 3) and the floor's client
+    and server CPU seconds tell machines apart.
+    """
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+
+    def loop() -> float:
+        t0 = time.process_time()
+        total = 0
+        for i in range(5_000_000):
+            total += i
+        return time.process_time() - t0
+
+    return {"cpu": model, "cpus": os.cpu_count(), "python": sys.version.split()[0],
+            "python_loop_s": round(min(loop() for _ in range(3)), 3)}
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -947,11 +971,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(args.db_url[0], args.top)
         return 0
-    print(f"nova-flavor-sync benchmark, both copies: {os.cpu_count()} CPUs, {load()}, Python "
-          f"{sys.version.split()[0]}, page size {DEFAULT_PAGE_SIZE}, batch size {args.batch_size}")
+    host = machine()
+    print(f"nova-flavor-sync benchmark, both copies: {host['cpus']} CPUs ({host['cpu'] or 'model unknown'}), "
+          f"{load()}, Python {host['python']} (a 5M-step loop in {host['python_loop_s']:.3f} s), "
+          f"page size {DEFAULT_PAGE_SIZE}, batch size {args.batch_size}")
     results = []
     for index, url in enumerate(args.db_url):
         results.append(bench_database(url, args, apply=not args.no_apply and (index == 0 or not args.apply_first_only)))
+        results[-1]["machine"] = host
         if args.json:  # after each database, so a long run keeps what it measured
             args.json.write_text(json.dumps(results, indent=1, default=str))
     print_summary(results)
