@@ -14,7 +14,9 @@ one by one, the same way, in AIRFLOW_HOME with a SQLite metadata DB:
 
 Each runs in its own session (process group), detached from the caller: no terminal, its
 output appended to ``<log_dir>/<component>.log``. Their pids (and start times, so that a
-recycled pid is never mistaken for ours) are recorded in ``<home>/pids.json`` as they start,
+recycled pid is never mistaken for ours: counted from boot, which a step of the wall clock,
+as after a virtual machine is paused, does not move) are recorded in ``<home>/pids.json`` as
+they start,
 so :meth:`Airflow.stop` can stop them from another process too (``make stop``): SIGTERM to
 each component, then SIGKILL to every process left in their process groups (LocalExecutor
 workers, task supervisors, API server workers). Every wait is bounded.
@@ -292,14 +294,16 @@ class Airflow:
         except psutil.Error:
             create_time = 0.0
         self.processes[name] = process
-        self.records[name] = {"pid": process.pid, "create_time": create_time}
+        self.records[name] = {"pid": process.pid, "create_time": create_time,
+                              "started": _started_since_boot(process.pid)}
         self._save_state()
 
     def _load_records(self) -> None:
         state = self.recorded()
         for name, record in (state or {}).get("components", {}).items():
             if isinstance(record, dict) and isinstance(record.get("pid"), int):
-                self.records.setdefault(name, {"pid": record["pid"], "create_time": record.get("create_time", 0.0)})
+                self.records.setdefault(name, {"pid": record["pid"], "create_time": record.get("create_time", 0.0),
+                                               "started": record.get("started")})
 
     def status(self) -> tuple[bool, str]:
         """(True, how long it has run) if the Airflow recorded in ``home`` can be reused; else (False, why not)."""
@@ -479,13 +483,14 @@ class Airflow:
         A process counts only if it started no earlier than the group's leader did, so a
         recycled pid that now leads an unrelated group is left alone.
         """
-        groups = {int(r["pid"]): float(r.get("create_time") or 0.0) for r in self.records.values()}
+        groups = {int(r["pid"]): float(r.get("started") or 0.0) for r in self.records.values()}
         groups.update({p.pid: groups.get(p.pid, 0.0) for p in self.processes.values()})
         members = []
-        for proc in psutil.process_iter(["create_time"]):
+        for proc in psutil.process_iter():
             try:
                 pgid = os.getpgid(proc.pid)
-                if pgid in groups and proc.info["create_time"] >= groups[pgid] - 1 and _is_alive(proc):
+                started = _started_since_boot(proc.pid)
+                if pgid in groups and started is not None and started >= groups[pgid] - 1 and _is_alive(proc):
                     members.append(proc)
             except (ProcessLookupError, psutil.Error):
                 pass
@@ -554,11 +559,36 @@ def _is_alive(proc: psutil.Process) -> bool:
         return False
 
 
+def _started_since_boot(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds since boot, or None if it is gone.
+
+    From ``/proc/<pid>/stat`` (its 22nd field, in clock ticks). psutil's ``create_time()`` is
+    this plus the boot time, which is worked out from the wall clock: when that is stepped (a
+    virtual machine paused and resumed, NTP), every process seems to have started at another
+    time, and a running component was taken for a recycled pid, then for dead.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_recorded(record: Mapping[str, Any], proc: psutil.Process) -> bool:
+    """Whether ``proc`` (of the recorded pid) is the process recorded: the same start time."""
+    if record.get("started") is not None:
+        started = _started_since_boot(proc.pid)
+        return started is not None and abs(started - float(record["started"])) <= 0.05
+    # A record of an earlier version of this launcher has the wall-clock start time only.
+    return not record.get("create_time") or abs(proc.create_time() - float(record["create_time"])) <= 0.05
+
+
 def _live_process(record: Mapping[str, Any]) -> psutil.Process | None:
     """The recorded process if it still runs and is the one recorded (same start time)."""
     try:
         proc = psutil.Process(int(record["pid"]))
-        if record.get("create_time") and abs(proc.create_time() - float(record["create_time"])) > 0.05:
+        if not _is_recorded(record, proc):
             return None  # the pid was recycled
     except (psutil.Error, ValueError, KeyError):
         return None
@@ -568,8 +598,7 @@ def _live_process(record: Mapping[str, Any]) -> psutil.Process | None:
 def _exists(record: Mapping[str, Any]) -> bool:
     """Whether the recorded process is still in the process table (a zombie too)."""
     try:
-        proc = psutil.Process(int(record["pid"]))
-        return not record.get("create_time") or abs(proc.create_time() - float(record["create_time"])) <= 0.05
+        return _is_recorded(record, psutil.Process(int(record["pid"])))
     except (psutil.Error, ValueError, KeyError):
         return False
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import local_airflow
 import psutil
 import pytest
 from demo_airflow import SYNC, USERNAME, demo_airflow
@@ -330,3 +331,14 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path, args, messag
 def test_stop_with_nothing_running(tmp_path):
     result = script("stop", "--home", str(tmp_path / "airflow"))
     assert result.returncode == 0 and result.stdout.startswith("Nothing to stop"), shown(result)
+
+
+def test_a_recorded_component_is_known_by_its_start_since_boot_not_by_the_wall_clock():
+    # psutil's create_time() is worked out from the wall clock, which a paused and resumed
+    # virtual machine steps: a running component was taken for a recycled pid, and for dead.
+    me = psutil.Process()
+    started = local_airflow._started_since_boot(me.pid)
+    record = {"pid": me.pid, "create_time": me.create_time() - 10, "started": started}
+    assert local_airflow._live_process(record) is not None and local_airflow._exists(record)
+    recycled = {**record, "started": started - 10}  # another process that had this pid
+    assert local_airflow._live_process(recycled) is None and not local_airflow._exists(recycled)
