@@ -235,7 +235,8 @@ def flavor_head_at(
     (``flavor_text_at``).
 
     Cheaper than ``flavor_text_at``: the text before extra_specs is the same in every copy of a
-    flavor, so what it says is read once per such text and kept in ``identities``.
+    flavor, so what it says is read once per such text and kept in ``identities``. Only a plan
+    recognises copies by their heads; a rewrite always reads the whole text (``_locate``).
     """
     key_at = spec_text.find(EXTRA_SPECS_KEY, at)
     if key_at < 0:
@@ -257,7 +258,8 @@ def flavor_head_at(
     return FlavorText(spec_text[at:end], start - at, end - at)
 
 
-# How many texts before extra_specs ``flavor_head_at``'s caller keeps (one per flavor, mostly).
+# At most this many texts before extra_specs are kept in ``flavor_head_at``'s ``identities`` (about one
+# per flavor): past it, each new one is parsed again.
 MAX_KNOWN_HEADS = 10_000
 
 
