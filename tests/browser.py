@@ -10,6 +10,8 @@ screenshot and the page's text next to chromedriver's log, for the failure repor
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,17 +74,24 @@ def headless_chromium(log_file: Path, *, width: int = 1440, height: int = 1000) 
     options.binary_location = CHROMIUM
     for flag in [*FLAGS, f"--window-size={width},{height}"]:
         options.add_argument(flag)
-    service = Service(CHROMEDRIVER, log_output=str(log_file), service_args=["--log-level=WARNING"])
-    driver = webdriver.Chrome(service=service, options=options)
+    # Chromium leaves a directory for its singleton socket in $TMPDIR when it is stopped: give
+    # it a $TMPDIR of its own, removed after. A short path: a socket's may not pass 107 bytes.
+    tmpdir = tempfile.mkdtemp(prefix="nfs-chromium-")
     try:
-        set_viewport(driver, width, height)
+        service = Service(CHROMEDRIVER, log_output=str(log_file), service_args=["--log-level=WARNING"],
+                          env={**os.environ, "TMPDIR": tmpdir})
+        driver = webdriver.Chrome(service=service, options=options)
         try:
-            yield driver
-        except BaseException:
-            keep_page(driver, log_file)
-            raise
+            set_viewport(driver, width, height)
+            try:
+                yield driver
+            except BaseException:
+                keep_page(driver, log_file)
+                raise
+        finally:
+            driver.quit()
     finally:
-        driver.quit()
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def keep_page(driver: webdriver.Chrome, log_file: Path) -> None:
