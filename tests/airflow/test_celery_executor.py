@@ -30,6 +30,8 @@ import datetime
 import math
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -159,6 +161,9 @@ def airflow(celery_provider, demo_db, tmp_path, metadata_db, broker_prefix) -> I
                    filter(None, [str(REPO / "tests" / "hosts"), os.environ.get("PYTHONPATH")]))}
         for name in WORKERS
     }
+    # The components' $TMPDIR, removed after: Celery's pool (billiard) makes pymp-* directories
+    # there, which a worker stopped mid-task leaves behind. A short path, for their sockets.
+    env["TMPDIR"] = tmpdir = tempfile.mkdtemp(prefix="nfs-airflow-")
     running = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env,
                       workers=workers, worker_env=worker_env)
     try:
@@ -173,6 +178,7 @@ def airflow(celery_provider, demo_db, tmp_path, metadata_db, broker_prefix) -> I
         yield running
     finally:
         survivors = running.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
         print(f"\nairflow stopped in {running.timings['stop_s']:.1f} s")
     assert not survivors, f"still running after stop(): {survivors}"
 
