@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +94,28 @@ def headless_chromium(log_file: Path, *, width: int = 1440, height: int = 1000) 
             driver.quit()
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """``app`` (an ASGI app) on a real HTTP server (uvicorn, in a thread) on a free port of
+    127.0.0.1, for a browser to open: its base URL."""
+    import uvicorn
+    from local_airflow import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
 
 
 def keep_page(driver: webdriver.Chrome, log_file: Path) -> None:

@@ -14,17 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from local_airflow import free_port
 
 from approval_answer import REPO
+from browser import headless_chromium, serving
 from dbtools import connect, sync_both_copies
 from ui_tokens import as_admin_api, as_ui, token
 
@@ -37,8 +33,6 @@ STATIC_README = REPO / "plugins" / "static" / "README.md"  # the vendored file's
 SCREENSHOT = REPO / "docs" / "images" / "drift-history.png"
 CHANGED_FLAVOR = "c5.medium"
 CHANGED_KEY, CHANGED_VALUE = "quota:cpu_shares", "4096"  # a guest key: synced by default
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM = "/usr/lib/chromium/chromium"  # the real binary: /usr/bin/chromium is a wrapper script
 WIDTH, HEIGHT = 1440, 1250
 
 
@@ -211,45 +205,6 @@ def test_the_plugin_is_registered_with_its_nav_entry(client):
 # -- the page in a browser ---------------------------------------------------------------------
 
 
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """The app on a real HTTP server (uvicorn, a thread) on a free port of 127.0.0.1: its base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
-
-@contextmanager
-def chromium() -> Iterator:
-    """Headless Chromium driven by Selenium through Debian's chromedriver; always quit."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-extensions", "--no-first-run", "--hide-scrollbars", "--force-device-scale-factor=1",
-                 "--lang=en-US", f"--window-size={WIDTH},{HEIGHT}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 # What Chart.js drew: each chart's datasets (its public Chart.getChart), and how many of the
 # canvas's pixels are painted.
 CHARTS_SCRIPT = """
@@ -274,7 +229,8 @@ def test_the_page_draws_the_charts_in_a_browser_and_its_screenshot_is_taken(nova
     third = run_drift_check()  # a clean night
     assert third["state"] == "success" and third["summary"]["to_update"] == 0
     target = SCREENSHOT if os.environ.get("NFS_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
-    with serving(api_app) as base, chromium() as browser:
+    log_file = tmp_path / "chromedriver.log"
+    with serving(api_app) as base, headless_chromium(log_file, width=WIDTH, height=HEIGHT) as browser:
         browser.get(base + PAGE)
         assert "Not authenticated" in browser.page_source  # no cookie yet: 401
         browser.add_cookie({"name": "_token", "value": token("viewer"), "path": "/"})

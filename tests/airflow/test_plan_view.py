@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import struct
-import threading
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote
@@ -25,6 +22,7 @@ import pytest
 from nova_flavor_sync_airflow import approval_body
 
 from approval_answer import run_with_answer
+from browser import headless_chromium, serving, set_viewport
 from dbtools import connect
 from nova_flavor_sync import value_changes
 from ui_tokens import as_ui, token
@@ -234,56 +232,19 @@ def test_the_plan_view_of_a_real_run(api_app, nova_env, tmp_path, monkeypatch):
     assert png[12:16] == b"IHDR" and width == WIDTH and height > 800, (width, height)
 
 
-# -- a small Selenium helper (tests/chromium.py's flags) -------------------------------------
-
-
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-default-apps",
-                  "--disable-extensions", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                  "--force-device-scale-factor=1", "--lang=en-US"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# -- the screenshot -----------------------------------------------------------------------------
 
 
 def screenshot(app, path: str, session_token: str, tmp_path: Path) -> bytes:
-    """Serve ``app`` on 127.0.0.1 (uvicorn, in a thread), open ``path`` logged in, save a PNG of the whole page."""
-    import uvicorn
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.1)
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/lib/chromium/chromium"
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={WIDTH},1000"]:
-        options.add_argument(flag)
-    service = Service("/usr/bin/chromedriver", log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
-    try:
-        base = f"http://127.0.0.1:{port}"
+    """Serve ``app``, open ``path`` logged in, in headless Chromium, and save a PNG of the whole page."""
+    with serving(app) as base, headless_chromium(tmp_path / "chromedriver.log", width=WIDTH) as driver:
         driver.get(f"{base}{path}")  # 401 without the cookie: the cookie needs the origin open
         driver.add_cookie({"name": "_token", "value": session_token, "path": "/"})
         driver.get(f"{base}{path}")
         assert "What changes, by value" in driver.find_element("tag name", "body").text
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        set_viewport(driver, WIDTH, driver.execute_script("return document.documentElement.scrollHeight"))
         target = SCREENSHOT if os.environ.get("NFS_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
         png = driver.get_screenshot_as_png()
         target.write_bytes(png)
         print(f"\nwrote {target}: {len(png)} bytes")
         return png
-    finally:
-        driver.quit()
-        server.should_exit = True
-        thread.join(10)
