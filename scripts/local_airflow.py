@@ -483,14 +483,16 @@ class Airflow:
         A process counts only if it started no earlier than the group's leader did, so a
         recycled pid that now leads an unrelated group is left alone.
         """
-        groups = {int(r["pid"]): float(r.get("started") or 0.0) for r in self.records.values()}
+        groups = {int(r["pid"]): _recorded_start(r) for r in self.records.values()}
         groups.update({p.pid: groups.get(p.pid, 0.0) for p in self.processes.values()})
         members = []
         for proc in psutil.process_iter():
             try:
                 pgid = os.getpgid(proc.pid)
+                if pgid not in groups:  # most of the machine's processes: /proc/<pid>/stat not read
+                    continue
                 started = _started_since_boot(proc.pid)
-                if pgid in groups and started is not None and started >= groups[pgid] - 1 and _is_alive(proc):
+                if started is not None and started >= groups[pgid] - 1 and _is_alive(proc):
                     members.append(proc)
             except (ProcessLookupError, psutil.Error):
                 pass
@@ -575,13 +577,22 @@ def _started_since_boot(pid: int) -> float | None:
         return None
 
 
+def _recorded_start(record: Mapping[str, Any]) -> float:
+    """The recorded process's start in seconds since boot; from its wall-clock start time for a
+    record of an earlier version of this launcher; 0.0 if neither was recorded."""
+    if record.get("started") is not None:
+        return float(record["started"])
+    if record.get("create_time"):
+        return float(record["create_time"]) - psutil.boot_time()
+    return 0.0
+
+
 def _is_recorded(record: Mapping[str, Any], proc: psutil.Process) -> bool:
     """Whether ``proc`` (of the recorded pid) is the process recorded: the same start time."""
-    if record.get("started") is not None:
-        started = _started_since_boot(proc.pid)
-        return started is not None and abs(started - float(record["started"])) <= 0.05
-    # A record of an earlier version of this launcher has the wall-clock start time only.
-    return not record.get("create_time") or abs(proc.create_time() - float(record["create_time"])) <= 0.05
+    if record.get("started") is None and not record.get("create_time"):
+        return True  # no start time recorded to tell them apart
+    started = _started_since_boot(proc.pid)
+    return started is not None and abs(started - _recorded_start(record)) <= 0.05
 
 
 def _live_process(record: Mapping[str, Any]) -> psutil.Process | None:
