@@ -10,7 +10,6 @@ screenshot and the page's text next to chromedriver's log, for the failure repor
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -78,8 +77,7 @@ def headless_chromium(log_file: Path, *, width: int = 1440, height: int = 1000) 
         options.add_argument(flag)
     # Chromium leaves a directory for its singleton socket in $TMPDIR when it is stopped: give
     # it a $TMPDIR of its own, removed after. A short path: a socket's may not pass 107 bytes.
-    tmpdir = tempfile.mkdtemp(prefix="nfs-chromium-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="nfs-chromium-", ignore_cleanup_errors=True) as tmpdir:
         service = Service(CHROMEDRIVER, log_output=str(log_file), service_args=["--log-level=WARNING"],
                           env={**os.environ, "TMPDIR": tmpdir})
         driver = webdriver.Chrome(service=service, options=options)
@@ -92,8 +90,6 @@ def headless_chromium(log_file: Path, *, width: int = 1440, height: int = 1000) 
                 raise
         finally:
             driver.quit()
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 @contextmanager

@@ -30,7 +30,6 @@ import datetime
 import math
 import os
 import secrets
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -163,23 +162,23 @@ def airflow(celery_provider, demo_db, tmp_path, metadata_db, broker_prefix) -> I
     }
     # The components' $TMPDIR, removed after: Celery's pool (billiard) makes pymp-* directories
     # there, which a worker stopped mid-task leaves behind. A short path, for their sockets.
-    env["TMPDIR"] = tmpdir = tempfile.mkdtemp(prefix="nfs-airflow-")
-    running = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env,
-                      workers=workers, worker_env=worker_env)
-    try:
+    with tempfile.TemporaryDirectory(prefix="nfs-airflow-", ignore_cleanup_errors=True) as tmpdir:
+        env["TMPDIR"] = tmpdir
+        running = Airflow(tmp_path / "airflow-home", tmp_path / "airflow-logs", env=env,
+                          workers=workers, worker_env=worker_env)
         try:
-            running.start(timeout=240)
-            for name in WORKERS:
-                wait_for(f"{name} to be ready", lambda name=name: "ready." in running.output(name) or None,
-                         timeout=120)
-        except BaseException:
-            print("\n" + running.diagnostics())
-            raise
-        yield running
-    finally:
-        survivors = running.stop()
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        print(f"\nairflow stopped in {running.timings['stop_s']:.1f} s")
+            try:
+                running.start(timeout=240)
+                for name in WORKERS:
+                    wait_for(f"{name} to be ready", lambda name=name: "ready." in running.output(name) or None,
+                             timeout=120)
+            except BaseException:
+                print("\n" + running.diagnostics())
+                raise
+            yield running
+        finally:
+            survivors = running.stop()
+            print(f"\nairflow stopped in {running.timings['stop_s']:.1f} s")
     assert not survivors, f"still running after stop(): {survivors}"
 
 
