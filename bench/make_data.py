@@ -127,7 +127,7 @@ class Cut:
 
     def render(self, values: dict[str, str]) -> str:
         out = [self.pieces[0]]
-        for slot, piece in zip(self.slots, self.pieces[1:]):
+        for slot, piece in zip(self.slots, self.pieces[1:], strict=True):
             out.append(values[slot])
             out.append(piece)
         return "".join(out)
@@ -215,7 +215,7 @@ def instance_flavor_cut(flavor: str, instance_uuid: str) -> tuple[list[str], lis
 def row_cut(columns: Sequence[str], row: Sequence[Any], instance_uuid: str, flavor_column: str | None) -> Cut:
     """An ``(...)`` VALUES tuple of a cell row with slots: uuid, the row id (``cid``), the flavor."""
     parts: list[Any] = ["("]
-    for index, (column, value) in enumerate(zip(columns, row)):
+    for index, (column, value) in enumerate(zip(columns, row, strict=True)):
         if index:
             parts.append(",")
         if column == "id":
@@ -265,7 +265,7 @@ def load_templates(api_db: NovaApiDb, cell_conns: dict[str, pymysql.connections.
     templates: list[Template] = []
     skipped: dict[str, int] = {}
     columns: dict[str, list[str]] = {}
-    for cell, conn in cell_conns.items():
+    for conn in cell_conns.values():
         with conn.cursor() as cur:
             cur.execute("SELECT * FROM instances ORDER BY id")
             columns["instances"] = [d[0] for d in cur.description]
@@ -303,7 +303,8 @@ def load_templates(api_db: NovaApiDb, cell_conns: dict[str, pymysql.connections.
             spec_data = json.loads(spec)["nova_object.data"]["flavor"]["nova_object.data"]
             spec_values = {"fid": str(spec_data["id"]), "fname": spec_data["name"], "fflavorid": spec_data["flavorid"]}
             if spec_values != values and not busy:
-                skipped["active, copies of different flavors"] = skipped.get("active, copies of different flavors", 0) + 1
+                reason = "active, copies of different flavors"
+                skipped[reason] = skipped.get(reason, 0) + 1
                 continue
             if instance[icol["instance_type_id"]] != cur_data["id"]:
                 skipped["instance_type_id differs"] = skipped.get("instance_type_id differs", 0) + 1
@@ -561,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/make_data.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--db-url", required=True, help="the API database: mysql+pymysql://root@127.0.0.1:3306/nfs_bench")
     parser.add_argument("--rows", type=int, help="instances to create (a RequestSpec and an instance copy each)")
-    parser.add_argument("--mix", choices=sorted(MIXES), default="clone", help="what the cloud looks like (default clone)")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="clone",
+                        help="what the cloud looks like (default clone)")
     parser.add_argument("--stale-fraction", type=float, help="share of stale instances (default: the mix's)")
     parser.add_argument("--busy-fraction", type=float, help="share of deleted or busy instances (default: the mix's)")
     parser.add_argument("--flavors", type=int, help="clones of the demo's flavors to spread instances over")
@@ -610,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{params.database}: demo loaded in {time.monotonic() - started:.1f} s; templates: "
           + ", ".join(f"{v} {k}" for k, v in counts.items())
           + f"; left out: {', '.join(f'{v} {k}' for k, v in skipped.items()) or 'none'}")
-    for cell, database in cells.items():
+    for database in cells.values():
         create_nova_cell_database(kwargs, database, demo_cell=None, replace=True)
     if (mix.stale and not counts["stale"]) or (mix.busy and not counts["busy"]) or not counts["sync"]:
         print("Error: the demo has no template of a kind this mix needs", file=sys.stderr)

@@ -134,7 +134,8 @@ def server_status(conn) -> dict[str, int]:
 
 
 def load() -> str:
-    return "load %.2f %.2f %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def machine() -> dict[str, Any]:
@@ -689,7 +690,7 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
     out["plan_cpu_s"] = {"planner": best_plan["cpu_s"], "workers": best_plan["workers_cpu_s"],
                          "server": best_plan["server_cpu_s"]}
     out["plan_ratio"] = out["plan_s"] / out["floor_s"]
-    out["plan_ratios"] = [p["seconds"] / f["seconds"] for p, f in zip(plans, floors)]
+    out["plan_ratios"] = [p["seconds"] / f["seconds"] for p, f in zip(plans, floors, strict=True)]
     out["peak_rss_mb"] = max(p["vmhwm_kb"] for p in plans) / 1024
     out["rss_at_start_mb"] = plans[0]["rss_before_kb"] / 1024
     out["plan_copies"] = plans[-1]["copies"]
@@ -710,7 +711,7 @@ def bench_database(url: str, args: argparse.Namespace, *, apply: bool) -> dict[s
          "updates": s.updates, "note": s.note}
         for s in steps
     ]
-    for label, conn in conns.items():
+    for conn in conns.values():
         if conn is not monitor:
             conn.close()
     monitor.close()
