@@ -289,13 +289,9 @@ class Airflow:
         )
 
     def _record(self, name: str, process: subprocess.Popen[bytes]) -> None:
-        try:
-            create_time = psutil.Process(process.pid).create_time()
-        except psutil.Error:
-            create_time = 0.0
         self.processes[name] = process
-        self.records[name] = {"pid": process.pid, "create_time": create_time,
-                              "started": _started_since_boot(process.pid)}
+        # Only the start since boot: "create_time" is read from records of earlier launchers.
+        self.records[name] = {"pid": process.pid, "started": _started_since_boot(process.pid)}
         self._save_state()
 
     def _load_records(self) -> None:
