@@ -366,8 +366,9 @@ def sync_outcome(
         outcome, line = "in_sync", "NOTHING TO DO: both copies of every instance in scope are in sync"
     elif backed_up is None:
         outcome, line = "backup_failed", "FAILED: the backup could not be written; nothing was written"
-    elif answer is None:
-        outcome, line = "not_approved", "FAILED: the approval ended without an answer; nothing was written"
+    elif answer is None:  # approve failed or was marked by hand (a timeout answers with its default)
+        outcome, line = "not_approved", (
+            "FAILED: the approve task ended without passing on an answer (see its log); nothing was written")
     elif answer["choice"] != "Approve":
         outcome, line = "rejected", f"REJECTED by {answer['by']} at {answer['at']}: nothing was written"
     elif verified is None:

@@ -43,13 +43,21 @@ def end_active_runs(rest: Rest) -> None:
             rest.fail_run(dag_id, run.dag_run_id)
 
 
-def wait_for_input(rest: Rest, dag_id: str, run_id: str, task_id: str = "approve", *, settle: float = 0,
-                   timeout: float = 180) -> client.TaskInstanceResponse:
-    """Until ``task_id`` awaits input, and has for ``settle`` s in a row; fails at once if the run ends first.
+# How long an approval must have been awaiting input before a test answers it. Airflow 3.3.2
+# can fail a task answered too soon after it parks: the LocalExecutor worker that parked it may
+# take one heartbeat interval ([workers] min_heartbeat_interval, 5 s) to report that it exited,
+# and a report that comes after the answer has queued the task again is taken for a task that
+# ended behind the scheduler's back ("Executor reported ... finished with state success, but the
+# task instance's state attribute is queued"; upstream: apache/airflow#72716, #71580). Seen in
+# `make test` on 2026-12-05: the worker reported 5.18 s after parking, the browser answered
+# after 5.16 s, and the approve task failed. A person answers later; a test waits this long.
+ANSWER_SETTLE_S = 6
 
-    Answering the very moment the task parks was seen to fail it under LocalExecutor (the
-    worker that parked it lingers a few seconds), hence ``settle``.
-    """
+
+def wait_for_input(rest: Rest, dag_id: str, run_id: str, task_id: str = "approve", *,
+                   settle: float = ANSWER_SETTLE_S, timeout: float = 180) -> client.TaskInstanceResponse:
+    """Until ``task_id`` awaits input, and has for ``settle`` s in a row (ANSWER_SETTLE_S: to be
+    answered); fails at once if the run ends first. ``settle=0`` for a test that does not answer."""
     since: list[float] = []
 
     def waiting() -> client.TaskInstanceResponse | None:

@@ -110,8 +110,7 @@ def run_to_the_approval(airflow: Airflow, cloud) -> tuple[str, list[str], int]:
     both = stale_copies(cloud, all_keys=False)  # the DAG's default scope
     assert request_specs > 0 and both > request_specs, "the demo cloud should start with stale copies"
     run_id = airflow.rest.trigger(SYNC, {"dry_run": False})
-    # No settle time: the browser takes seconds to get to the button (see test_e2e_standalone's SETTLE_S).
-    wait_for_input(airflow.rest, SYNC, run_id, TASK, timeout=240)
+    wait_for_input(airflow.rest, SYNC, run_id, TASK, timeout=240)  # and settled: see ANSWER_SETTLE_S
     plan = airflow.rest.xcom(SYNC, run_id, "combine_plans")
     lines = approval_lines(plan, request_specs=request_specs, instance_copies=both - request_specs)
     return run_id, lines, both
@@ -164,10 +163,10 @@ def test_pressed_in_the_page(airflow_on_demo_db, demo_db, tmp_path, option, chec
 
         run = airflow.rest.wait_for_run(SYNC, run_id, timeout=600)
         states = airflow.rest.task_states(SYNC, run_id)
+        assert run.state == "success", states  # a rejected run too: it ends as its doc says
     except BaseException:
-        print("\n" + airflow.diagnostics(run_id=run_id))
+        print("\n" + airflow.diagnostics(run_id=run_id))  # the failed task's log says why
         raise
-    assert run.state == "success", states  # a rejected run too: it ends as its doc says
     check_answer(airflow, run_id, option)
     check_outcome(airflow, cloud, run_id, states, stale, before)
     print(f"\n{option} pressed in the browser; test body {time.monotonic() - started:.0f} s")

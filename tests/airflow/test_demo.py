@@ -186,7 +186,7 @@ def test_the_approval_page_in_headless_chromium(demo, tmp_path):
     ok, why = airflow.status()  # logs in
     assert ok, why
     run_id = airflow.rest.trigger(SYNC, {"dry_run": False})
-    wait_for_input(airflow.rest, SYNC, run_id)
+    wait_for_input(airflow.rest, SYNC, run_id, settle=0)  # looked at, not answered
     subject = hitl_detail(airflow.rest, SYNC, run_id).subject
     assert subject.startswith("Rewrite ") and "flavor copies? (plan " in subject, subject
 

@@ -19,21 +19,16 @@ import pytest
 from local_airflow import Airflow
 
 from dbtools import copies_hash, stale_copies
-from operator_rest import answer, data_dir, printed_on_failure, wait_for_input
+from operator_rest import ANSWER_SETTLE_S, answer, data_dir, printed_on_failure, wait_for_input
 
 SYNC, RESTORE = "nova_flavor_sync", "nova_flavor_restore"
-# Answer only after the approve task has been seen awaiting input this long: answering the
-# moment it parks was reported to fail the task under LocalExecutor (the worker that parked
-# it lingers about 5 s). Not reproduced on 3.3.2 (3 runs at 0 s passed, and the browser
-# tests answer at once); cheap insurance, kept a little over those 5 s.
-SETTLE_S = 6
 
 
 def run_approved(airflow: Airflow, dag_id: str, conf: dict) -> tuple[str, object, dict[str, str | None]]:
     """Trigger, approve through the REST API, wait for the end: (run_id, the answer, task states)."""
     rest = airflow.rest
     run_id = rest.trigger(dag_id, conf)
-    wait_for_input(rest, dag_id, run_id, settle=SETTLE_S)
+    wait_for_input(rest, dag_id, run_id)
     response = answer(rest, dag_id, run_id, "Approve")
     run = rest.wait_for_run(dag_id, run_id)
     states = rest.task_states(dag_id, run_id)
@@ -92,7 +87,7 @@ def test_sync_then_restore_through_a_running_airflow(airflow_on_demo_db, demo_db
 
     print(
         f"\ne2e timings: test body {time.monotonic() - started:.1f} s, sync run {sync_s:.1f} s, "
-        f"restore run {restore_s:.1f} s (each with {SETTLE_S} s of settle)"
+        f"restore run {restore_s:.1f} s (each with {ANSWER_SETTLE_S} s of settle)"
     )
 
 

@@ -45,7 +45,7 @@ def test_runs_that_end_green(kwargs, expected):
         ({"backed_up": None, "answer": None, "applied": None, "verified": None},
          "FAILED: the backup could not be written; nothing was written"),
         ({"answer": None, "applied": None, "verified": None},
-         "FAILED: the approval ended without an answer; nothing was written"),
+         "FAILED: the approve task ended without passing on an answer (see its log); nothing was written"),
         ({"applied": APPLIED[:1], "verified": None}, "FAILED: approved by alice at 2026-12-02T10:00:00Z, "
          "but applying or verifying failed: 3 flavor copies written"),
         ({"verified": None}, "but applying or verifying failed: 5 flavor copies written"),
