@@ -99,12 +99,11 @@ class BackupRecord:
         row_id: int,
         instance_uuid: str,
         spec: str,
-        updated_at: datetime | None,
+        updated_at: str | None,
         new_sha256: str | None,
         database: str = API_DATABASE,
     ) -> BackupRecord:
-        stamp = updated_at.strftime("%Y-%m-%d %H:%M:%S") if updated_at else None
-        return cls(row_id, instance_uuid, spec, stamp, sha256_text(spec), new_sha256, database)
+        return cls(row_id, instance_uuid, spec, updated_at, sha256_text(spec), new_sha256, database)
 
     def to_json(self) -> bytes:
         """The record as one JSON object, laid out as json.dumps lays it out.

@@ -21,7 +21,6 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from itertools import chain, islice
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -46,7 +45,7 @@ class SpecRow:
     id: int
     instance_uuid: str
     spec: str
-    updated_at: datetime | None = None
+    updated_at: str | None = None  # as the server writes it (db.UPDATED_AT_TEXT), when read
     left_alone: str = ""
 
 

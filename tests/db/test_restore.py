@@ -27,6 +27,14 @@ def specs(params):
         return dict(cur.fetchall())
 
 
+def stamps(params):
+    """Each RequestSpec's updated_at as a backup must record it: "YYYY-mm-dd HH:MM:SS" (UTC, as
+    stored), or None for a row Nova never updated."""
+    with connect(params) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, updated_at FROM request_specs")
+        return {row_id: None if at is None else at.strftime("%Y-%m-%d %H:%M:%S") for row_id, at in cur.fetchall()}
+
+
 def test_restore_brings_back_every_original_byte(demo_db, tmp_path):
     original = table_hash(demo_db, columns="id, instance_uuid, spec")
     plan, backup = sync_with_backup(demo_db, tmp_path)
@@ -44,17 +52,21 @@ def test_restore_brings_back_every_original_byte(demo_db, tmp_path):
 
 
 def test_the_backup_holds_exactly_the_rows_the_plan_changes(demo_db, tmp_path):
-    before = specs(demo_db)
+    before, stamped = specs(demo_db), stamps(demo_db)
     plan, backup = sync_with_backup(demo_db, tmp_path)
     loaded = load_backup(backup.info.path)
     assert loaded.info.plan_digest == plan.digest and backup.diverged == []
     assert {r.id: r.spec for r in loaded.records} == {c.id: before[c.id] for c in plan.changes}
     assert all(r.new_sha256 == c.new_sha256 for r, c in zip(loaded.records, plan.changes, strict=True))
+    assert {r.id: r.updated_at for r in loaded.records} == {c.id: stamped[c.id] for c in plan.changes}
+    assert {r.updated_at is None for r in loaded.records} == {True, False}  # the demo has both
 
 
 def test_backup_all_saves_every_row_and_restore_skips_the_unchanged_ones(demo_db, tmp_path):
+    stamped = stamps(demo_db)
     plan, backup = sync_with_backup(demo_db, tmp_path, backup_all=True)
     assert backup.info.record_count == 1500
+    assert {r.id: r.updated_at for r in load_backup(backup.info.path).records} == stamped
     with service.connect(demo_db) as db:
         done = service.restore(db, backup.info.path, run=True)
     assert len(done.restored) == len(plan.changes)
@@ -106,3 +118,17 @@ def test_a_deleted_row_and_a_row_of_another_instance_are_never_restored_even_for
                                         f"not {reused.instance_uuid}; not written"}
     assert specs(demo_db)[reused.id] == before[reused.id]
     assert len(forced.restored) == len(plan.changes) - 2
+
+
+def test_a_zero_updated_at_is_backed_up_as_stored(demo_db, tmp_path):
+    # A server without NO_ZERO_DATE in its sql_mode keeps '0000-00-00 00:00:00', which no
+    # Python datetime can hold: the backup records the text, as for every other date.
+    with service.connect(demo_db) as db:
+        flavors, scope = service.resolve_scope(db, all_keys=True)
+        changed = service.make_plan(db, scope, flavors=flavors).changes[0].id
+    with connect(demo_db) as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION sql_mode = ''")
+        cur.execute("UPDATE request_specs SET updated_at = '0000-00-00 00:00:00' WHERE id = %s", (changed,))
+    _, backup = sync_with_backup(demo_db, tmp_path)
+    records = {r.id: r for r in load_backup(backup.info.path).records}
+    assert records[changed].updated_at == "0000-00-00 00:00:00"

@@ -58,7 +58,7 @@ SPEC_RAW = '{"name": "café ☃ 😀", "note": "line\\nbreak \\ud83d\\ude00 \\\\
 
 
 def record(
-    row_id: int, spec: str, updated_at: datetime | None = None, new_spec: str | None = None
+    row_id: int, spec: str, updated_at: str | None = None, new_spec: str | None = None
 ) -> BackupRecord:
     new_sha256 = sha256_text(new_spec) if new_spec else None
     return BackupRecord.of_row(row_id, f"uuid-{row_id}", spec, updated_at, new_sha256)
@@ -66,7 +66,7 @@ def record(
 
 RECORDS = [
     record(7, SPEC_ESCAPED, None, new_spec="the spec the sync writes"),
-    record(9, SPEC_RAW, datetime(2025, 12, 31, 23, 59, 58), new_spec=None),
+    record(9, SPEC_RAW, "2025-12-31 23:59:58", new_spec=None),
 ]
 
 
