@@ -309,7 +309,7 @@ class ChangeList(_SpooledRows[RowChange]):
             for spool, _ in other._spooled_parts():
                 for keys in self._keys_of(spool):
                     digest.add_keys(keys)
-            for change in other._rows if other._file is None else ():
+            for change in other._rows:  # rows still in memory (a list that has spooled has none)
                 digest.add(change.id, change.old_sha256, change.new_sha256)
         self._adopt(other)
 
@@ -317,21 +317,23 @@ class ChangeList(_SpooledRows[RowChange]):
         """Each change of a spool file as PlanDigest hashes it (CHANGE_KEY), in order,
         concatenated a block at a time.
 
-        A file whose instance uuids all have 36 characters, as every uuid Nova makes, is
-        records of one length: sliced where they start, without reading each record's head
-        (a fifth of the time). The uuid lengths, every record's last head byte, say whether
-        it is such a file.
+        Where every instance uuid has 36 characters, as every uuid Nova makes, the records
+        have one length: they are sliced where they start, without reading each record's head
+        (a fifth of the time). The uuid lengths, every record's last head byte, say whether a
+        block is such records; from the first block that is not, each head is read.
         """
         size, key = self._HEAD.size + _UUID_CHARACTERS, CHANGE_KEY.size
-        lengths = slice(self._HEAD.size - 1, None, size)
-        block_size = size * 8192
-        if all(len(block) % size == 0 and block[lengths] == bytes([_UUID_CHARACTERS]) * (len(block) // size)
-               for block in spool.blocks(block_size)):
-            for block in spool.blocks(block_size):
-                yield b"".join([block[at : at + key] for at in range(0, len(block), size)])
+        lengths, nova_lengths = slice(self._HEAD.size - 1, None, size), bytes([_UUID_CHARACTERS])
+        done = 0  # bytes sliced: whole records, so the next one starts there
+        for block in spool.blocks(size * 8192):
+            if len(block) % size or block[lengths] != nova_lengths * (len(block) // size):
+                break
+            yield b"".join([block[at : at + key] for at in range(0, len(block), size)])
+            done += len(block)
         else:
-            for buffer, records in spool.chunks():
-                yield b"".join([buffer[record[0] : record[0] + key] for record in records])
+            return
+        for buffer, records in spool.chunks(done):
+            yield b"".join([buffer[record[0] : record[0] + key] for record in records])
 
 
 class NoteList(_SpooledRows[RowNote]):

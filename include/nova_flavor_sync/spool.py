@@ -64,17 +64,11 @@ class SpoolFile:
         if len(self._pending) >= self.WRITE_EVERY or self._pending_bytes >= self.WRITE_BYTES:
             self._flush()
 
-    def chunks(self) -> Iterator[Chunk]:
-        """Every record so far, in order, a chunk of the file at a time (see ``Chunk``)."""
-        self._flush()
-        self._file.flush()
-        fd, offset, buffer = self._file.fileno(), 0, b""
-        head = self.head
-        while True:
-            chunk = os.pread(fd, self.READ_SIZE, offset)
-            if not chunk:
-                break
-            offset += len(chunk)
+    def chunks(self, start: int = 0) -> Iterator[Chunk]:
+        """Every record so far, in order, a chunk of the file at a time (see ``Chunk``); from
+        byte ``start`` on, which must be where a record starts."""
+        buffer, head = b"", self.head
+        for chunk in self.blocks(self.READ_SIZE, start):
             buffer += chunk
             at, records = 0, []
             while at + head.size <= len(buffer):
@@ -87,12 +81,13 @@ class SpoolFile:
             yield buffer, records
             buffer = buffer[at:]
 
-    def blocks(self, size: int) -> Iterator[bytes]:
-        """The file's bytes so far, in order, ``size`` at a time (a block may be shorter), for a
-        reader that knows where its records start without reading each head."""
+    def blocks(self, size: int, start: int = 0) -> Iterator[bytes]:
+        """The file's bytes so far from byte ``start`` on, in order, ``size`` at a time (a block
+        may be shorter), for a reader that knows where its records start without reading each
+        head (``chunks`` reads them)."""
         self._flush()
         self._file.flush()
-        fd, offset = self._file.fileno(), 0
+        fd, offset = self._file.fileno(), start
         while block := os.pread(fd, size, offset):
             offset += len(block)
             yield block
