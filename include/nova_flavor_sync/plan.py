@@ -186,7 +186,7 @@ class _SpooledRows(Generic[R]):
             for row in other._rows:
                 self.append(row)
         else:
-            self._diff_indexes_of(other)  # per_diff
+            self._count_diffs_of(other)
             self._adopting(other)
             for rows in (self, other):  # every row in a file, in order: this list's, then other's
                 if rows._file is None and rows._rows:
@@ -216,9 +216,10 @@ class _SpooledRows(Generic[R]):
         self._per_diff[index] += rows
         return index
 
-    def _diff_indexes_of(self, other: _SpooledRows[R]) -> list[int]:
-        """Take ``other``'s SpecDiffs and their counts: what each of its diff indexes is in this list."""
-        return [self._index_of(diff, count) for diff, count in zip(other._diffs, other._per_diff, strict=True)]
+    def _count_diffs_of(self, other: _SpooledRows[R]) -> None:
+        """Count ``other``'s SpecDiffs, and how many of its rows share each, in this list's ``per_diff``."""
+        for diff, count in zip(other._diffs, other._per_diff, strict=True):
+            self._index_of(diff, count)
 
     def _open_spool(self) -> None:
         """From now on the rows are in a file: those in memory first."""
